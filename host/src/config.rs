@@ -1,0 +1,367 @@
+//! Configuration: defaults, the TOML file, environment variables and command-line flags, in
+//! that order of precedence (a flag beats the environment, which beats the file), plus the
+//! connect secret and admin token that are generated and kept in the data dir when unset.
+//!
+//! Every limit is named here with its default and the reason for it (docs/limits.md lists
+//! them for users).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+/// Cinder: a Phoenix Channels server whose channel logic runs in WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "cinder", version, about)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Print a connect token (JWT, HS256) signed with the configured secret.
+    Token(TokenArgs),
+}
+
+/// Options of `cinder serve`; each also settable in the config file and most by environment.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "CINDER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:4000].
+    #[arg(long, env = "CINDER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HS256 secret for connect tokens [default: generated, kept in the data dir].
+    #[arg(long, env = "CINDER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Bearer token of the HTTP API [default: generated, kept in the data dir].
+    #[arg(long, env = "CINDER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Directory for Cinder's own files [default: ./cinder-data].
+    #[arg(long, env = "CINDER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory of plugins to serve: `<name>.wasm` beside `<name>.toml`.
+    #[arg(long, env = "CINDER_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Socket mount path; the WebSocket is at `<mount>/websocket` [default: /socket].
+    #[arg(long)]
+    pub mount: Option<String>,
+    /// Close a socket that sent nothing for this many seconds [default: 60].
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Channels one socket may join [default: 100].
+    #[arg(long)]
+    pub max_channels_per_socket: Option<usize>,
+    /// Largest WebSocket message accepted, in bytes [default: 1048576].
+    #[arg(long)]
+    pub max_frame_bytes: Option<usize>,
+    /// Bytes queued for one socket before it is disconnected as too slow [default: 1048576].
+    #[arg(long)]
+    pub outbound_queue_bytes: Option<usize>,
+    /// Messages waiting for one room before senders wait [default: 1024].
+    #[arg(long)]
+    pub room_mailbox: Option<usize>,
+    /// Live rooms (plugin instances) on this node [default: 1000].
+    #[arg(long)]
+    pub max_rooms: Option<u32>,
+    /// Linear memory of one plugin instance, in bytes [default: 33554432].
+    #[arg(long)]
+    pub plugin_memory_bytes: Option<usize>,
+    /// Time one plugin call may run, in milliseconds [default: 10].
+    #[arg(long)]
+    pub plugin_call_ms: Option<u64>,
+}
+
+/// Options of `cinder token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The `user_id` claim.
+    #[arg(long)]
+    pub user_id: String,
+    /// Lifetime of the token in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl_secs: u64,
+    /// Where the secret comes from, as for `serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Limits that protect the server from clients and plugins.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// The JS client heartbeats every 30 s; twice that without a frame means the peer is gone.
+    pub idle_timeout_secs: u64,
+    /// Phoenix's default; bounds per-socket state and join work.
+    pub max_channels_per_socket: usize,
+    /// 1 MiB: far above chat or game messages, small enough that a hostile frame is cheap.
+    pub max_frame_bytes: usize,
+    /// 1 MiB of pending frames per socket; a reader that falls further behind is cut off
+    /// rather than letting memory grow.
+    pub outbound_queue_bytes: usize,
+    /// Bounded room mailbox: senders wait (backpressure) instead of memory growing.
+    pub room_mailbox: usize,
+    /// Live plugin instances per node; sized so the pooling allocator's reservation and
+    /// the kernel's map count stay well within bounds (see DESIGN).
+    pub max_rooms: u32,
+    /// 32 MiB per room instance: generous for room state, bounded for hostile plugins.
+    pub plugin_memory_bytes: usize,
+    /// 10 ms per call: a room handles a message in microseconds; ten milliseconds is a bug.
+    pub plugin_call_ms: u64,
+    /// Pushes and broadcasts one plugin call may make, so a loop cannot flood the host.
+    pub max_messages_per_call: usize,
+    /// Largest payload a plugin may push or broadcast, in bytes.
+    pub max_plugin_payload_bytes: usize,
+    /// Pending `send-after` timers per channel.
+    pub max_timers_per_channel: usize,
+    /// Longest `send-after` delay, in milliseconds (one day).
+    pub max_timer_delay_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle_timeout_secs: 60,
+            max_channels_per_socket: 100,
+            max_frame_bytes: 1 << 20,
+            outbound_queue_bytes: 1 << 20,
+            room_mailbox: 1024,
+            max_rooms: 1000,
+            plugin_memory_bytes: 32 << 20,
+            plugin_call_ms: 10,
+            max_messages_per_call: 1024,
+            max_plugin_payload_bytes: 1 << 20,
+            max_timers_per_channel: 64,
+            max_timer_delay_ms: 86_400_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// The per-call time limit as a duration.
+    pub fn plugin_call_time(&self) -> Duration {
+        Duration::from_millis(self.plugin_call_ms)
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Socket mount path.
+    pub mount: String,
+    /// HS256 connect secret; generated when unset.
+    pub jwt_secret: Option<String>,
+    /// HTTP API bearer token; generated when unset.
+    pub admin_token: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Plugins directory.
+    pub plugins_dir: Option<PathBuf>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            mount: "/socket".into(),
+            jwt_secret: None,
+            admin_token: None,
+            data_dir: PathBuf::from("cinder-data"),
+            plugins_dir: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the config file named by `args` (if any), then `args` (flags and
+    /// environment).
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, a: &ServeArgs) {
+        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *slot = v.clone();
+            }
+        }
+        fn set_opt<T: Clone>(slot: &mut Option<T>, v: &Option<T>) {
+            if v.is_some() {
+                slot.clone_from(v);
+            }
+        }
+        set(&mut self.listen, &a.listen);
+        set(&mut self.mount, &a.mount);
+        set_opt(&mut self.jwt_secret, &a.jwt_secret);
+        set_opt(&mut self.admin_token, &a.admin_token);
+        set(&mut self.data_dir, &a.data_dir);
+        set_opt(&mut self.plugins_dir, &a.plugins_dir);
+        let l = &mut self.limits;
+        set(&mut l.idle_timeout_secs, &a.idle_timeout_secs);
+        set(&mut l.max_channels_per_socket, &a.max_channels_per_socket);
+        set(&mut l.max_frame_bytes, &a.max_frame_bytes);
+        set(&mut l.outbound_queue_bytes, &a.outbound_queue_bytes);
+        set(&mut l.room_mailbox, &a.room_mailbox);
+        set(&mut l.max_rooms, &a.max_rooms);
+        set(&mut l.plugin_memory_bytes, &a.plugin_memory_bytes);
+        set(&mut l.plugin_call_ms, &a.plugin_call_ms);
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.mount.starts_with('/') && !self.mount.ends_with('/'),
+            "mount must start with / and not end with one, got {:?}",
+            self.mount
+        );
+        let l = &self.limits;
+        anyhow::ensure!(l.idle_timeout_secs > 0, "idle_timeout_secs must be positive");
+        anyhow::ensure!(l.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024");
+        anyhow::ensure!(l.room_mailbox > 0, "room_mailbox must be positive");
+        anyhow::ensure!(l.max_rooms > 0, "max_rooms must be positive");
+        anyhow::ensure!(l.plugin_call_ms > 0, "plugin_call_ms must be positive");
+        anyhow::ensure!(l.plugin_memory_bytes >= 1 << 20, "plugin_memory_bytes must be at least 1 MiB");
+        Ok(())
+    }
+}
+
+/// The connect secret and admin token in force.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Secrets {
+    /// HS256 secret of connect tokens.
+    pub jwt_secret: String,
+    /// HTTP API bearer token.
+    pub admin_token: String,
+}
+
+/// File in the data dir holding generated secrets.
+const SECRETS_FILE: &str = "secrets.toml";
+
+impl Secrets {
+    /// The configured secrets; what is unset comes from the data dir, generated and saved
+    /// there (mode 0600) on first use. Returns whether anything was generated now.
+    pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, bool)> {
+        if let (Some(jwt_secret), Some(admin_token)) = (&config.jwt_secret, &config.admin_token) {
+            return Ok((Secrets { jwt_secret: jwt_secret.clone(), admin_token: admin_token.clone() }, false));
+        }
+        let path = config.data_dir.join(SECRETS_FILE);
+        let (stored, generated) = match std::fs::read_to_string(&path) {
+            Ok(text) => (toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let fresh = Secrets { jwt_secret: random_token(), admin_token: random_token() };
+                write_private(&path, &toml::to_string(&fresh)?)?;
+                (fresh, true)
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok((
+            Secrets {
+                jwt_secret: config.jwt_secret.clone().unwrap_or(stored.jwt_secret),
+                admin_token: config.admin_token.clone().unwrap_or(stored.admin_token),
+            },
+            generated,
+        ))
+    }
+}
+
+fn random_token() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("cinder-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:5000\"\nmount = \"/ws\"\n[limits]\nmax_rooms = 7\nplugin_call_ms = 3\n")
+            .expect("write");
+        let args = ServeArgs { config: Some(file), plugin_call_ms: Some(5), ..ServeArgs::default() };
+        let c = Config::load(&args).expect("loads");
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.mount, "/ws");
+        assert_eq!(c.limits.max_rooms, 7);
+        assert_eq!(c.limits.plugin_call_ms, 5);
+        assert_eq!(c.limits.max_channels_per_socket, 100);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = std::env::temp_dir().join(format!("cinder-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "lissten = \"x\"\n").expect("write");
+        let err = Config::load(&ServeArgs { config: Some(file.clone()), ..ServeArgs::default() }).expect_err("refused");
+        assert!(format!("{err:#}").contains("lissten"), "{err:#}");
+        std::fs::write(&file, "mount = \"socket/\"\n").expect("write");
+        assert!(Config::load(&ServeArgs { config: Some(file), ..ServeArgs::default() }).is_err());
+    }
+
+    #[test]
+    fn generated_secrets_are_kept_in_the_data_dir() {
+        let dir = std::env::temp_dir().join(format!("cinder-secrets-{}-{}", std::process::id(), rand::random::<u32>()));
+        let config = Config { data_dir: dir.clone(), ..Config::default() };
+        let (first, generated) = Secrets::resolve(&config).expect("generates");
+        assert!(generated);
+        let (again, generated) = Secrets::resolve(&config).expect("reads");
+        assert!(!generated);
+        assert_eq!(first, again);
+        let config = Config { jwt_secret: Some("s".into()), ..config };
+        let (mixed, _) = Secrets::resolve(&config).expect("reads");
+        assert_eq!((mixed.jwt_secret.as_str(), &mixed.admin_token), ("s", &first.admin_token));
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+}

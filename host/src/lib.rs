@@ -1,0 +1,109 @@
+//! Cinder: a real-time channel server that speaks the Phoenix Channels protocol and runs
+//! channel logic in sandboxed WebAssembly components.
+//!
+//! # Layout
+//! - [`protocol`]: Phoenix frames in and out (V1 JSON, V2 JSON, V2 binary). Pure.
+//! - [`auth`]: connect tokens (JWT HS256).
+//! - [`transport`]: the WebSocket endpoint and one task per socket.
+//! - [`channel`]: the per-socket session and the room actor (one plugin instance per topic).
+//! - [`pubsub`]: topic fan-out, encoded once per serializer.
+//! - [`runtime`]: wasmtime, the `cinder:channel` world, plugin loading and routing.
+//! - [`api`]: the HTTP API (server push).
+//! - [`config`]: defaults, file, environment and flags; every limit.
+//!
+//! The binary only parses arguments and calls [`serve`], so tests start a server on port 0
+//! in-process.
+
+pub mod api;
+pub mod auth;
+pub mod channel;
+pub mod config;
+pub mod protocol;
+pub mod pubsub;
+pub mod runtime;
+pub mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::channel::Hub;
+use crate::config::{Config, Secrets};
+use crate::pubsub::LocalPubSub;
+use crate::runtime::{Plugins, Runtime};
+
+/// How long shutdown waits for sockets to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What every request handler shares.
+pub struct AppState {
+    hub: Arc<Hub>,
+    verifier: auth::Verifier,
+    admin_token: String,
+    mount: String,
+    plugin_summary: serde_json::Value,
+    shutdown: watch::Sender<bool>,
+    live_sockets: AtomicUsize,
+}
+
+/// Runs Cinder on `listener` until `shutdown` resolves, then closes every socket with
+/// 1012 (so clients reconnect) and returns once they are closed or after a grace period.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    secrets: Secrets,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let runtime = Runtime::new(&config.limits)?;
+    let plugins = match &config.plugins_dir {
+        Some(dir) => Plugins::load_dir(&runtime, dir)?,
+        None => {
+            tracing::warn!("no plugins dir configured: every join will be refused as unmatched");
+            Plugins::empty()
+        }
+    };
+    let plugin_summary = plugins
+        .iter()
+        .map(|p| {
+            let m = p.manifest();
+            serde_json::json!({ "name": m.name, "version": m.version, "topics": m.topics, "description": m.description })
+        })
+        .collect();
+    let hub = Hub::new(Arc::new(plugins), Arc::new(LocalPubSub::new()), config.limits.clone());
+    let app = Arc::new(AppState {
+        hub,
+        verifier: auth::Verifier::hs256(&secrets.jwt_secret),
+        admin_token: secrets.admin_token,
+        mount: config.mount.clone(),
+        plugin_summary,
+        shutdown: watch::Sender::new(false),
+        live_sockets: AtomicUsize::new(0),
+    });
+    let router = axum::Router::new()
+        .route("/", get(api::index))
+        .route(&format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), get(transport::websocket))
+        .route("/api/broadcast", post(api::broadcast))
+        .layer(DefaultBodyLimit::max(config.limits.max_frame_bytes))
+        .with_state(app.clone());
+    tracing::info!(addr = %listener.local_addr()?, socket = %format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), "cinder listening");
+    let stop = app.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets with 1012");
+            stop.shutdown.send_replace(true);
+        })
+        .await?;
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while app.live_sockets.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(runtime);
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! The `cinder` command: parse arguments, build the configuration, call [`cinder::serve`].
+
+use clap::Parser as _;
+use cinder::config::{Cli, Command, Config, Secrets, ServeArgs};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(args)) => {
+            let config = Config::load(&args.serve)?;
+            let (secrets, _) = Secrets::resolve(&config)?;
+            println!("{}", cinder::auth::mint(&secrets.jwt_secret, &args.user_id, args.ttl_secs)?);
+            Ok(())
+        }
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::load(&args)?;
+    let (secrets, generated) = Secrets::resolve(&config)?;
+    if config.jwt_secret.is_none() || config.admin_token.is_none() {
+        let sample = cinder::auth::mint(&secrets.jwt_secret, "42", 86_400)?;
+        let origin = if generated { "generated now" } else { "generated earlier" };
+        println!("No CINDER_JWT_SECRET / CINDER_ADMIN_TOKEN set: using secrets {origin}, kept in {}", config.data_dir.display());
+        println!("  CINDER_JWT_SECRET={}", secrets.jwt_secret);
+        println!("  CINDER_ADMIN_TOKEN={}", secrets.admin_token);
+        println!("  sample connect token (user_id 42, 24 h): {sample}");
+        println!("  try: ws://{}{}/websocket?vsn=2.0.0&token={sample}", config.listen, config.mount);
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        // Scripts and tests read the bound address from this line (the port may be 0).
+        println!("cinder listening on http://{}", listener.local_addr()?);
+        cinder::serve(listener, config, secrets, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,798 @@
+//! Phoenix Channels wire protocol: frames in and out for the V1 JSON, V2 JSON and V2 binary
+//! serializers, and every reserved topic, event, reason and status string.
+//!
+//! Pure: no I/O, no tokio, no axum, no wasmtime. Decoding never panics: invalid input of any
+//! kind is a [`ProtocolError`]. No other module spells a protocol string; they use the
+//! constants and encoders here.
+
+use std::fmt::{self, Write as _};
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The topic of socket-level messages (heartbeats).
+pub const PHOENIX_TOPIC: &str = "phoenix";
+/// The query parameter naming the serializer version.
+pub const VSN_PARAM: &str = "vsn";
+/// The query parameter carrying the connect token.
+pub const TOKEN_PARAM: &str = "token";
+/// The WebSocket subprotocol the server answers with when the client offers it.
+pub const SUBPROTOCOL: &str = "phoenix";
+/// Prefix of the subprotocol that carries the connect token (base64 without padding).
+pub const AUTH_SUBPROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
+/// Path of the WebSocket transport under the socket mount.
+pub const WEBSOCKET_PATH: &str = "/websocket";
+
+/// Reserved event names.
+pub mod event {
+    /// Client keep-alive on the `phoenix` topic.
+    pub const HEARTBEAT: &str = "heartbeat";
+    /// Join a topic.
+    pub const JOIN: &str = "phx_join";
+    /// Leave a topic.
+    pub const LEAVE: &str = "phx_leave";
+    /// A reply to a client message.
+    pub const REPLY: &str = "phx_reply";
+    /// The server closed the channel.
+    pub const CLOSE: &str = "phx_close";
+    /// The channel crashed.
+    pub const ERROR: &str = "phx_error";
+    /// Broadcast on a socket id topic: close every socket with that id.
+    pub const DISCONNECT: &str = "disconnect";
+
+    /// Whether `event` is reserved by the protocol (clients may not send it as a custom
+    /// event, plugins may not broadcast it).
+    pub fn is_reserved(event: &str) -> bool {
+        matches!(event, HEARTBEAT | JOIN | LEAVE | REPLY | CLOSE | ERROR)
+    }
+}
+
+/// Reasons the server gives in error replies and `phx_error` payloads.
+pub mod reason {
+    /// A message to a topic without a channel, or a join no plugin serves.
+    pub const UNMATCHED_TOPIC: &str = "unmatched topic";
+    /// The plugin failed while handling a join.
+    pub const JOIN_CRASHED: &str = "join crashed";
+    /// The socket already has the maximum number of channels.
+    pub const TOO_MANY_CHANNELS: &str = "too many channels joined";
+    /// Payload of `phx_error`.
+    pub const CHANNEL_CRASH: &str = "channel_crash";
+    /// The plugin serving the topic cannot take the join now (no instance could be made).
+    pub const PLUGIN_UNAVAILABLE: &str = "plugin unavailable";
+    /// This node runs as many rooms as it may; a new room cannot start.
+    pub const AT_CAPACITY: &str = "too many rooms";
+    /// Terminate reason: the client left.
+    pub const LEFT: &str = "left";
+    /// Terminate reason: the socket closed.
+    pub const CLOSED: &str = "closed";
+}
+
+/// Serializer version chosen by the `vsn` connect parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Vsn {
+    /// `1.0.0`: JSON objects, no binary frames.
+    V1,
+    /// `2.0.0`: JSON arrays and binary frames.
+    V2,
+}
+
+impl Vsn {
+    /// The version named by the `vsn` parameter; missing means `1.0.0`.
+    pub fn from_param(vsn: Option<&str>) -> Result<Self, ProtocolError> {
+        match vsn {
+            None | Some("1.0.0") => Ok(Vsn::V1),
+            Some("2.0.0") => Ok(Vsn::V2),
+            Some(other) => Err(ProtocolError::UnknownVsn(other.chars().take(32).collect())),
+        }
+    }
+
+    /// Index for per-serializer caches.
+    pub fn index(self) -> usize {
+        match self {
+            Vsn::V1 => 0,
+            Vsn::V2 => 1,
+        }
+    }
+}
+
+/// Why input could not be decoded or output encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The `vsn` parameter names no serializer this server has.
+    #[error("unknown serializer version {0:?}")]
+    UnknownVsn(String),
+    /// The text frame is not the JSON the serializer expects.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A binary frame is shorter than its header says.
+    #[error("binary frame truncated")]
+    Truncated,
+    /// A binary frame kind the client may not send.
+    #[error("unexpected binary frame kind {0}")]
+    BinaryKind(u8),
+    /// A string field of a binary frame is not UTF-8.
+    #[error("binary frame field {0} is not UTF-8")]
+    InvalidUtf8(&'static str),
+    /// A string field is too long for a binary frame (255 bytes at most).
+    #[error("field {0} longer than 255 bytes")]
+    FieldTooLong(&'static str),
+    /// The V1 serializer has no binary frames.
+    #[error("binary frames need the V2 serializer")]
+    BinaryUnsupported,
+}
+
+/// A message body: JSON text or raw bytes.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// Valid JSON text.
+    Json(Box<RawValue>),
+    /// Raw bytes (V2 binary frames).
+    Binary(Bytes),
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Payload::Json(a), Payload::Json(b)) => a.get() == b.get(),
+            (Payload::Binary(a), Payload::Binary(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Payload {}
+
+impl Payload {
+    /// The empty JSON object.
+    pub fn empty() -> Self {
+        Payload::Json(empty_object())
+    }
+
+    /// JSON payload from text, checking that it is valid JSON.
+    pub fn json(text: String) -> Result<Self, ProtocolError> {
+        RawValue::from_string(text)
+            .map(Payload::Json)
+            .map_err(|e| ProtocolError::Malformed(format!("invalid JSON payload: {e}")))
+    }
+
+    /// Size in bytes, for queue accounting and limits.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(raw) => raw.get().len(),
+            Payload::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether the payload has no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `{}` as raw JSON.
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).unwrap_or_else(|_| unreachable!("{{}} is JSON"))
+}
+
+/// `{"reason": <reason>}` as a JSON payload.
+pub fn reason_payload(reason: &str) -> Payload {
+    let mut text = String::with_capacity(reason.len() + 14);
+    text.push_str("{\"reason\":");
+    push_json_str(&mut text, reason);
+    text.push('}');
+    Payload::json(text).unwrap_or_else(|_| unreachable!("escaped string is JSON"))
+}
+
+/// A message from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The join reference of the channel the message is for (V1 clients may omit it).
+    pub join_ref: Option<String>,
+    /// The message reference a reply must echo; none for fire-and-forget.
+    pub msg_ref: Option<String>,
+    /// Topic, e.g. `room:lobby`.
+    pub topic: String,
+    /// Event, e.g. `phx_join` or `new_message`.
+    pub event: String,
+    /// Body.
+    pub payload: Payload,
+}
+
+/// Reply status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// `"ok"`
+    Ok,
+    /// `"error"`
+    Error,
+}
+
+impl Status {
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// An encoded frame, ready for the socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A text frame (always UTF-8).
+    Text(Bytes),
+    /// A binary frame.
+    Binary(Bytes),
+}
+
+impl Frame {
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(b) | Frame::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the frame is empty (never, for frames this module makes).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------------------
+
+/// Decodes a text frame with the given serializer.
+pub fn decode_text(vsn: Vsn, text: &str) -> Result<Message, ProtocolError> {
+    match vsn {
+        Vsn::V2 => decode_v2_text(text),
+        Vsn::V1 => decode_v1_text(text),
+    }
+}
+
+/// Decodes a binary frame (V2 only): a client push, kind 0.
+pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
+    if vsn == Vsn::V1 {
+        return Err(ProtocolError::BinaryUnsupported);
+    }
+    let (&kind, rest) = data.split_first().ok_or(ProtocolError::Truncated)?;
+    if kind != 0 {
+        return Err(ProtocolError::BinaryKind(kind));
+    }
+    let [jr_len, ref_len, topic_len, event_len] = match rest.get(..4) {
+        Some(&[a, b, c, d]) => [a, b, c, d].map(usize::from),
+        _ => return Err(ProtocolError::Truncated),
+    };
+    let mut cursor = &rest[4..];
+    let mut take = |len: usize, field: &'static str| -> Result<String, ProtocolError> {
+        if cursor.len() < len {
+            return Err(ProtocolError::Truncated);
+        }
+        let (head, tail) = cursor.split_at(len);
+        cursor = tail;
+        std::str::from_utf8(head)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::InvalidUtf8(field))
+    };
+    let join_ref = take(jr_len, "join_ref")?;
+    let msg_ref = take(ref_len, "ref")?;
+    let topic = take(topic_len, "topic")?;
+    let event = take(event_len, "event")?;
+    Ok(Message {
+        join_ref: non_empty(join_ref),
+        msg_ref: non_empty(msg_ref),
+        topic,
+        event,
+        payload: Payload::Binary(Bytes::copy_from_slice(cursor)),
+    })
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn malformed(e: serde_json::Error) -> ProtocolError {
+    ProtocolError::Malformed(e.to_string())
+}
+
+/// A reference: JSON string or null. Numbers are accepted and kept as their text, since
+/// some clients count with integers.
+struct Ref(Option<String>);
+
+impl<'de> Deserialize<'de> for Ref {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RefVisitor;
+        impl Visitor<'_> for RefVisitor {
+            type Value = Ref;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, an integer or null")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Ref, E> {
+                Ok(Ref(Some(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Ref, E> {
+                Ok(Ref(Some(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ref, E> {
+                Ok(Ref(Some(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ref, E> {
+                Ok(Ref(Some(v.to_string())))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Ref, E> {
+                Ok(Ref(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Ref, E> {
+                Ok(Ref(None))
+            }
+        }
+        d.deserialize_any(RefVisitor)
+    }
+}
+
+/// `[join_ref, ref, topic, event, payload, ...ignored]`
+struct V2Frame(Message);
+
+impl<'de> Deserialize<'de> for V2Frame {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V2Visitor;
+        impl<'de> Visitor<'de> for V2Visitor {
+            type Value = V2Frame;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array [join_ref, ref, topic, event, payload]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V2Frame, A::Error> {
+                let missing = |n| de::Error::invalid_length(n, &self);
+                let join_ref: Ref = seq.next_element()?.ok_or_else(|| missing(0))?;
+                let msg_ref: Ref = seq.next_element()?.ok_or_else(|| missing(1))?;
+                let topic: String = seq.next_element()?.ok_or_else(|| missing(2))?;
+                let event: String = seq.next_element()?.ok_or_else(|| missing(3))?;
+                let payload: Box<RawValue> = seq.next_element()?.ok_or_else(|| missing(4))?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(V2Frame(Message {
+                    join_ref: join_ref.0,
+                    msg_ref: msg_ref.0,
+                    topic,
+                    event,
+                    payload: Payload::Json(payload),
+                }))
+            }
+        }
+        d.deserialize_seq(V2Visitor)
+    }
+}
+
+fn decode_v2_text(text: &str) -> Result<Message, ProtocolError> {
+    serde_json::from_str::<V2Frame>(text)
+        .map(|f| f.0)
+        .map_err(malformed)
+}
+
+#[derive(Deserialize)]
+struct V1Frame {
+    topic: String,
+    event: String,
+    payload: Box<RawValue>,
+    #[serde(rename = "ref", default)]
+    msg_ref: Option<Ref>,
+    #[serde(default)]
+    join_ref: Option<Ref>,
+}
+
+fn decode_v1_text(text: &str) -> Result<Message, ProtocolError> {
+    let f: V1Frame = serde_json::from_str(text).map_err(malformed)?;
+    Ok(Message {
+        join_ref: f.join_ref.and_then(|r| r.0),
+        msg_ref: f.msg_ref.and_then(|r| r.0),
+        topic: f.topic,
+        event: f.event,
+        payload: Payload::Json(f.payload),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------------
+
+/// Appends `s` as a JSON string literal.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn push_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// What a server frame is; the pieces every serializer needs.
+struct Out<'a> {
+    join_ref: Option<&'a str>,
+    msg_ref: Option<&'a str>,
+    topic: &'a str,
+    event: &'a str,
+    body: Body<'a>,
+}
+
+enum Body<'a> {
+    /// A JSON payload as is.
+    Json(&'a RawValue),
+    /// `{"status":..,"response":..}` with a JSON response.
+    Reply(Status, &'a RawValue),
+    /// Raw bytes.
+    Binary(&'a [u8]),
+    /// A reply whose response is raw bytes.
+    BinaryReply(Status, &'a [u8]),
+}
+
+fn body_for(payload: &Payload, reply: Option<Status>) -> Body<'_> {
+    match (payload, reply) {
+        (Payload::Json(raw), None) => Body::Json(raw),
+        (Payload::Json(raw), Some(status)) => Body::Reply(status, raw),
+        (Payload::Binary(b), None) => Body::Binary(b),
+        (Payload::Binary(b), Some(status)) => Body::BinaryReply(status, b),
+    }
+}
+
+fn encode(vsn: Vsn, out: Out<'_>) -> Result<Frame, ProtocolError> {
+    match (&out.body, vsn) {
+        (Body::Json(_) | Body::Reply(..), Vsn::V2) => Ok(encode_v2_text(&out)),
+        (Body::Json(_) | Body::Reply(..), Vsn::V1) => Ok(encode_v1_text(&out)),
+        (Body::Binary(_) | Body::BinaryReply(..), Vsn::V2) => encode_v2_binary(&out),
+        (Body::Binary(_) | Body::BinaryReply(..), Vsn::V1) => Err(ProtocolError::BinaryUnsupported),
+    }
+}
+
+fn push_json_body(buf: &mut String, body: &Body<'_>) {
+    match body {
+        Body::Json(raw) => buf.push_str(raw.get()),
+        Body::Reply(status, raw) => {
+            buf.push_str("{\"status\":\"");
+            buf.push_str(status.as_str());
+            buf.push_str("\",\"response\":");
+            buf.push_str(raw.get());
+            buf.push('}');
+        }
+        Body::Binary(_) | Body::BinaryReply(..) => unreachable!("binary bodies are not JSON"),
+    }
+}
+
+fn body_len(body: &Body<'_>) -> usize {
+    match body {
+        Body::Json(raw) | Body::Reply(_, raw) => raw.get().len() + 32,
+        Body::Binary(b) | Body::BinaryReply(_, b) => b.len(),
+    }
+}
+
+fn encode_v2_text(out: &Out<'_>) -> Frame {
+    let mut buf = String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 32);
+    buf.push('[');
+    push_opt_str(&mut buf, out.join_ref);
+    buf.push(',');
+    push_opt_str(&mut buf, out.msg_ref);
+    buf.push(',');
+    push_json_str(&mut buf, out.topic);
+    buf.push(',');
+    push_json_str(&mut buf, out.event);
+    buf.push(',');
+    push_json_body(&mut buf, &out.body);
+    buf.push(']');
+    Frame::Text(Bytes::from(buf))
+}
+
+fn encode_v1_text(out: &Out<'_>) -> Frame {
+    let mut buf = String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 48);
+    buf.push_str("{\"topic\":");
+    push_json_str(&mut buf, out.topic);
+    buf.push_str(",\"event\":");
+    push_json_str(&mut buf, out.event);
+    buf.push_str(",\"payload\":");
+    push_json_body(&mut buf, &out.body);
+    buf.push_str(",\"ref\":");
+    push_opt_str(&mut buf, out.msg_ref);
+    buf.push('}');
+    Frame::Text(Bytes::from(buf))
+}
+
+fn field_len(s: &str, field: &'static str) -> Result<u8, ProtocolError> {
+    u8::try_from(s.len()).map_err(|_| ProtocolError::FieldTooLong(field))
+}
+
+fn encode_v2_binary(out: &Out<'_>) -> Result<Frame, ProtocolError> {
+    let join_ref = out.join_ref.unwrap_or("");
+    let msg_ref = out.msg_ref.unwrap_or("");
+    let topic_len = field_len(out.topic, "topic")?;
+    let jr_len = field_len(join_ref, "join_ref")?;
+    let mut buf = Vec::with_capacity(8 + join_ref.len() + msg_ref.len() + out.topic.len() + out.event.len() + body_len(&out.body));
+    match out.body {
+        Body::BinaryReply(status, data) => {
+            let status = status.as_str();
+            buf.extend_from_slice(&[1, jr_len, field_len(msg_ref, "ref")?, topic_len, field_len(status, "status")?]);
+            for part in [join_ref, msg_ref, out.topic, status] {
+                buf.extend_from_slice(part.as_bytes());
+            }
+            buf.extend_from_slice(data);
+        }
+        Body::Binary(data) if out.join_ref.is_none() && out.msg_ref.is_none() => {
+            buf.extend_from_slice(&[2, topic_len, field_len(out.event, "event")?]);
+            buf.extend_from_slice(out.topic.as_bytes());
+            buf.extend_from_slice(out.event.as_bytes());
+            buf.extend_from_slice(data);
+        }
+        Body::Binary(data) => {
+            buf.extend_from_slice(&[0, jr_len, topic_len, field_len(out.event, "event")?]);
+            for part in [join_ref, out.topic, out.event] {
+                buf.extend_from_slice(part.as_bytes());
+            }
+            buf.extend_from_slice(data);
+        }
+        Body::Json(_) | Body::Reply(..) => unreachable!("JSON bodies are text frames"),
+    }
+    Ok(Frame::Binary(Bytes::from(buf)))
+}
+
+/// A reply to a client message: `[join_ref, ref, topic, "phx_reply", {"status", "response"}]`.
+pub fn encode_reply(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    status: Status,
+    response: &Payload,
+) -> Result<Frame, ProtocolError> {
+    encode(
+        vsn,
+        Out { join_ref, msg_ref, topic, event: event::REPLY, body: body_for(response, Some(status)) },
+    )
+}
+
+/// A push to one channel: `[join_ref, null, topic, event, payload]`.
+pub fn encode_push(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &Payload,
+) -> Result<Frame, ProtocolError> {
+    encode(vsn, Out { join_ref, msg_ref: None, topic, event, body: body_for(payload, None) })
+}
+
+/// A broadcast, the same bytes for every subscriber: `[null, null, topic, event, payload]`.
+pub fn encode_broadcast(vsn: Vsn, topic: &str, event: &str, payload: &Payload) -> Result<Frame, ProtocolError> {
+    encode(vsn, Out { join_ref: None, msg_ref: None, topic, event, body: body_for(payload, None) })
+}
+
+/// The server closed a channel: `[join_ref, join_ref, topic, "phx_close", {}]`.
+pub fn encode_close(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
+    let empty = empty_object();
+    let out = Out { join_ref, msg_ref: join_ref, topic, event: event::CLOSE, body: Body::Json(&empty) };
+    match vsn {
+        Vsn::V2 => encode_v2_text(&out),
+        Vsn::V1 => encode_v1_text(&out),
+    }
+}
+
+/// A channel crashed: `[join_ref, join_ref, topic, "phx_error", {"reason":"channel_crash"}]`.
+pub fn encode_crash(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
+    let Payload::Json(reason) = reason_payload(reason::CHANNEL_CRASH) else {
+        unreachable!("reason payloads are JSON")
+    };
+    let out = Out { join_ref, msg_ref: join_ref, topic, event: event::ERROR, body: Body::Json(&reason) };
+    match vsn {
+        Vsn::V2 => encode_v2_text(&out),
+        Vsn::V1 => encode_v1_text(&out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> Payload {
+        Payload::json(text.to_owned()).expect("valid JSON")
+    }
+
+    fn text(frame: Frame) -> String {
+        match frame {
+            Frame::Text(b) => String::from_utf8(b.to_vec()).expect("utf8"),
+            Frame::Binary(_) => panic!("expected a text frame"),
+        }
+    }
+
+    fn binary(frame: Frame) -> Vec<u8> {
+        match frame {
+            Frame::Binary(b) => b.to_vec(),
+            Frame::Text(_) => panic!("expected a binary frame"),
+        }
+    }
+
+    #[test]
+    fn decodes_v2_join() {
+        let m = decode_text(Vsn::V2, r#"["1","1","room:lobby","phx_join",{"a":1}]"#).expect("decodes");
+        assert_eq!(m.join_ref.as_deref(), Some("1"));
+        assert_eq!(m.msg_ref.as_deref(), Some("1"));
+        assert_eq!(m.topic, "room:lobby");
+        assert_eq!(m.event, "phx_join");
+        assert_eq!(m.payload, json(r#"{"a":1}"#));
+    }
+
+    #[test]
+    fn decodes_v2_heartbeat_with_null_join_ref_and_ignores_extra_elements() {
+        let m = decode_text(Vsn::V2, r#"[null,"7","phoenix","heartbeat",{},"extra",[1,2]]"#).expect("decodes");
+        assert_eq!(m.join_ref, None);
+        assert_eq!(m.msg_ref.as_deref(), Some("7"));
+        assert_eq!(m.topic, PHOENIX_TOPIC);
+        assert_eq!(m.event, event::HEARTBEAT);
+    }
+
+    #[test]
+    fn keeps_payload_text_byte_for_byte() {
+        let m = decode_text(Vsn::V2, r#"[null,null,"t","e", {"b" : "x\u00e9" , "n":1.50}]"#).expect("decodes");
+        let Payload::Json(raw) = m.payload else { panic!("json") };
+        assert_eq!(raw.get(), r#"{"b" : "x\u00e9" , "n":1.50}"#);
+    }
+
+    #[test]
+    fn integer_refs_are_kept_as_text() {
+        let m = decode_text(Vsn::V2, r#"[3,4,"t","e",{}]"#).expect("decodes");
+        assert_eq!((m.join_ref.as_deref(), m.msg_ref.as_deref()), (Some("3"), Some("4")));
+    }
+
+    #[test]
+    fn rejects_malformed_v2_frames() {
+        let bad = [
+            "",
+            "not json",
+            "{}",
+            "[]",
+            r#"["1","1","t","e"]"#,
+            r#"["1","1","t"]"#,
+            r#"["1","1",5,"e",{}]"#,
+            r#"["1","1","t",null,{}]"#,
+            r#"[{},"1","t","e",{}]"#,
+            r#"[true,"1","t","e",{}]"#,
+            r#"["1","1","t","e",{}"#,
+            r#"["1","1","t","e",{}] trailing"#,
+            "[\"1\",\"1\",\"t\",\"e\",{\"a\":\"\u{0}\"}]",
+        ];
+        for input in bad {
+            assert!(decode_text(Vsn::V2, input).is_err(), "accepted {input:?}");
+        }
+    }
+
+    #[test]
+    fn decodes_v1_frames_with_and_without_join_ref() {
+        let m = decode_text(Vsn::V1, r#"{"topic":"room:lobby","event":"new_message","payload":{"body":"hi"},"ref":"2"}"#)
+            .expect("decodes");
+        assert_eq!((m.join_ref, m.msg_ref.as_deref()), (None, Some("2")));
+        assert_eq!(m.payload, json(r#"{"body":"hi"}"#));
+        let m = decode_text(Vsn::V1, r#"{"topic":"t","event":"e","payload":{},"ref":null,"join_ref":"1"}"#)
+            .expect("decodes");
+        assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("1"), None));
+        assert!(decode_text(Vsn::V1, r#"{"topic":"t","event":"e"}"#).is_err());
+        assert!(decode_text(Vsn::V1, r#"["1","1","t","e",{}]"#).is_err());
+    }
+
+    #[test]
+    fn encodes_v2_reply_golden() {
+        let f = encode_reply(Vsn::V2, Some("1"), Some("2"), "room:lobby", Status::Ok, &Payload::empty()).expect("encodes");
+        assert_eq!(text(f), r#"["1","2","room:lobby","phx_reply",{"status":"ok","response":{}}]"#);
+        let f = encode_reply(Vsn::V2, None, Some("5"), "phoenix", Status::Ok, &Payload::empty()).expect("encodes");
+        assert_eq!(text(f), r#"[null,"5","phoenix","phx_reply",{"status":"ok","response":{}}]"#);
+        let f = encode_reply(Vsn::V2, Some("3"), Some("3"), "room:secret", Status::Error, &reason_payload("unauthorized"))
+            .expect("encodes");
+        assert_eq!(text(f), r#"["3","3","room:secret","phx_reply",{"status":"error","response":{"reason":"unauthorized"}}]"#);
+    }
+
+    #[test]
+    fn encodes_v2_push_broadcast_close_and_crash_golden() {
+        let p = json(r#"{"body":"hi"}"#);
+        let f = encode_push(Vsn::V2, Some("1"), "room:lobby", "new_message", &p).expect("encodes");
+        assert_eq!(text(f), r#"["1",null,"room:lobby","new_message",{"body":"hi"}]"#);
+        let f = encode_broadcast(Vsn::V2, "room:lobby", "new_message", &p).expect("encodes");
+        assert_eq!(text(f), r#"[null,null,"room:lobby","new_message",{"body":"hi"}]"#);
+        assert_eq!(text(encode_close(Vsn::V2, Some("4"), "room:lobby")), r#"["4","4","room:lobby","phx_close",{}]"#);
+        assert_eq!(
+            text(encode_crash(Vsn::V2, Some("4"), "room:lobby")),
+            r#"["4","4","room:lobby","phx_error",{"reason":"channel_crash"}]"#
+        );
+    }
+
+    #[test]
+    fn encodes_v1_golden() {
+        let f = encode_reply(Vsn::V1, Some("1"), Some("2"), "room:lobby", Status::Ok, &Payload::empty()).expect("encodes");
+        assert_eq!(text(f), r#"{"topic":"room:lobby","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"2"}"#);
+        let f = encode_broadcast(Vsn::V1, "t", "e", &json("[1]")).expect("encodes");
+        assert_eq!(text(f), r#"{"topic":"t","event":"e","payload":[1],"ref":null}"#);
+        assert_eq!(text(encode_close(Vsn::V1, Some("9"), "t")), r#"{"topic":"t","event":"phx_close","payload":{},"ref":"9"}"#);
+        let bin = Payload::Binary(Bytes::from_static(b"\x00\x01"));
+        assert_eq!(encode_broadcast(Vsn::V1, "t", "e", &bin), Err(ProtocolError::BinaryUnsupported));
+    }
+
+    #[test]
+    fn escapes_strings() {
+        let f = encode_broadcast(Vsn::V2, "a\"b\\c\n\u{1}é", "e", &Payload::empty()).expect("encodes");
+        let s = text(f);
+        assert_eq!(s, "[null,null,\"a\\\"b\\\\c\\n\\u0001é\",\"e\",{}]");
+        let back: serde_json::Value = serde_json::from_str(&s).expect("valid JSON");
+        assert_eq!(back[2], "a\"b\\c\n\u{1}é");
+    }
+
+    #[test]
+    fn decodes_binary_push_golden() {
+        let mut data = vec![0, 2, 1, 10, 3];
+        data.extend_from_slice(b"12");
+        data.extend_from_slice(b"3");
+        data.extend_from_slice(b"room:lobby");
+        data.extend_from_slice(b"img");
+        data.extend_from_slice(&[0xff, 0x00, 0x10]);
+        let m = decode_binary(Vsn::V2, &data).expect("decodes");
+        assert_eq!(m.join_ref.as_deref(), Some("12"));
+        assert_eq!(m.msg_ref.as_deref(), Some("3"));
+        assert_eq!(m.topic, "room:lobby");
+        assert_eq!(m.event, "img");
+        assert_eq!(m.payload, Payload::Binary(Bytes::from_static(&[0xff, 0x00, 0x10])));
+    }
+
+    #[test]
+    fn rejects_bad_binary_frames() {
+        assert_eq!(decode_binary(Vsn::V2, &[]), Err(ProtocolError::Truncated));
+        assert_eq!(decode_binary(Vsn::V2, &[0, 1, 1]), Err(ProtocolError::Truncated));
+        assert_eq!(decode_binary(Vsn::V2, &[0, 200, 0, 0, 0, b'x']), Err(ProtocolError::Truncated));
+        assert_eq!(decode_binary(Vsn::V2, &[2, 0, 0]), Err(ProtocolError::BinaryKind(2)));
+        assert_eq!(decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]), Err(ProtocolError::InvalidUtf8("join_ref")));
+        assert_eq!(decode_binary(Vsn::V1, &[0, 0, 0, 0, 0]), Err(ProtocolError::BinaryUnsupported));
+    }
+
+    #[test]
+    fn encodes_binary_frames_golden() {
+        let data = Payload::Binary(Bytes::from_static(&[9, 8]));
+        let f = encode_push(Vsn::V2, Some("1"), "t", "ev", &data).expect("encodes");
+        assert_eq!(binary(f), [&[0u8, 1, 1, 2][..], b"1", b"t", b"ev", &[9, 8]].concat());
+        let f = encode_reply(Vsn::V2, Some("1"), Some("22"), "t", Status::Ok, &data).expect("encodes");
+        assert_eq!(binary(f), [&[1u8, 1, 2, 1, 2][..], b"1", b"22", b"t", b"ok", &[9, 8]].concat());
+        let f = encode_broadcast(Vsn::V2, "t", "ev", &data).expect("encodes");
+        assert_eq!(binary(f), [&[2u8, 1, 2][..], b"t", b"ev", &[9, 8]].concat());
+        let long = "x".repeat(256);
+        assert_eq!(encode_broadcast(Vsn::V2, &long, "e", &data), Err(ProtocolError::FieldTooLong("topic")));
+    }
+
+    #[test]
+    fn vsn_param() {
+        assert_eq!(Vsn::from_param(None), Ok(Vsn::V1));
+        assert_eq!(Vsn::from_param(Some("1.0.0")), Ok(Vsn::V1));
+        assert_eq!(Vsn::from_param(Some("2.0.0")), Ok(Vsn::V2));
+        assert!(Vsn::from_param(Some("3.0.0")).is_err());
+    }
+
+    #[test]
+    fn reason_payload_escapes() {
+        assert_eq!(reason_payload("a\"b"), json(r#"{"reason":"a\"b"}"#));
+    }
+}

@@ -1,0 +1,653 @@
+//! The WebAssembly runtime: the wasmtime engine and its limits (epoch deadline per call,
+//! memory cap per instance, pooling allocator), the only `bindgen!` of the `cinder:channel`
+//! world, the host imports, plugin loading (component + manifest) and topic routing.
+//!
+//! It implements the channel module's [`RoomLogic`], [`LogicFactory`] and [`Router`] traits
+//! and knows nothing of sockets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::channel::{
+    BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome, JoinOutcome, LogicFactory,
+    RoomLogic, Route, Router,
+};
+use crate::config::Limits;
+use crate::protocol::{self, Payload, Status};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "channel",
+        exports: { default: async },
+    });
+}
+
+use bindings::cinder::channel::types as wit;
+use bindings::{Channel, ChannelPre};
+
+/// How often the epoch advances; the granularity of the per-call time limit.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Core instances one component may have (Python components have 14).
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
+/// Memories and tables one component may have.
+const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Longest log line a plugin may write; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// The wasmtime engine with Cinder's configuration and its epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    limits: Limits,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// An engine sized from `limits`: pooling allocator slots for `max_rooms` instances,
+    /// memories capped at `plugin_memory_bytes`, epoch interruption every millisecond.
+    pub fn new(limits: &Limits) -> anyhow::Result<Self> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        // Component-model async is not used; its bookkeeping costs every call.
+        config.concurrency_support(false);
+        config.max_wasm_stack(512 << 10);
+        let rooms = limits.max_rooms;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(rooms)
+            .total_core_instances(rooms.saturating_mul(4))
+            .total_memories(rooms.saturating_mul(2))
+            .total_tables(rooms.saturating_mul(2))
+            .total_stacks(rooms)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_memory_size(limits.plugin_memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("cinder-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .context("starting the epoch ticker")?;
+        Ok(Runtime { engine, limits: limits.clone(), ticker_stop })
+    }
+
+    /// Compiles a component and links it against the host; fails with a clear message when
+    /// the bytes are not a component or do not fit the `cinder:channel` world.
+    pub fn load(&self, manifest: Manifest, wasm: &[u8]) -> anyhow::Result<Plugin> {
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| anyhow::anyhow!("plugin {}: not a loadable component: {e}", manifest.name))?;
+        let mut linker: Linker<RoomData> = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+        Channel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d).map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("plugin {}: imports do not match the host: {e}", manifest.name))?;
+        let pre = ChannelPre::new(pre)
+            .map_err(|e| anyhow::anyhow!("plugin {}: exports do not match cinder:channel/handler: {e}", manifest.name))?;
+        Ok(Plugin {
+            name: manifest.name.as_str().into(),
+            version: manifest.version.clone(),
+            intercepts: manifest.intercept.clone().into(),
+            manifest,
+            pre,
+            engine: self.engine.clone(),
+            limits: self.limits.clone(),
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a plugin declares about itself: `<name>.toml` beside `<name>.wasm`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Unique plugin name.
+    pub name: String,
+    /// Version (semver).
+    pub version: String,
+    /// Topic patterns served: exact (`lobby`) or prefix (`room:*`).
+    pub topics: Vec<String>,
+    /// Events that go through `handle-out` instead of the fastlane.
+    #[serde(default)]
+    pub intercept: Vec<String>,
+    /// What the plugin does.
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Manifest {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.name.is_empty() && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "plugin name {:?} must be non-empty ASCII letters, digits, - or _",
+            self.name
+        );
+        anyhow::ensure!(!self.topics.is_empty(), "plugin {} serves no topics", self.name);
+        for pattern in &self.topics {
+            let stem = pattern.strip_suffix('*').unwrap_or(pattern);
+            anyhow::ensure!(
+                !stem.is_empty() && !stem.contains('*'),
+                "plugin {}: topic pattern {pattern:?} must be a topic or a prefix ending in a single *",
+                self.name
+            );
+            anyhow::ensure!(stem != protocol::PHOENIX_TOPIC, "plugin {}: the phoenix topic is reserved", self.name);
+        }
+        for event in &self.intercept {
+            anyhow::ensure!(!protocol::event::is_reserved(event), "plugin {}: cannot intercept {event}", self.name);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `pattern` (exact or `prefix*`) covers `topic`.
+fn pattern_matches(pattern: &str, topic: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => pattern == topic,
+    }
+}
+
+/// A compiled plugin, ready to make room instances.
+pub struct Plugin {
+    name: Arc<str>,
+    version: String,
+    intercepts: Arc<[String]>,
+    manifest: Manifest,
+    pre: ChannelPre<RoomData>,
+    engine: Engine,
+    limits: Limits,
+}
+
+impl Plugin {
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn new_store(&self, topic: &str) -> Store<RoomData> {
+        let data = RoomData {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            store_limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.plugin_memory_bytes)
+                .instances(MAX_CORE_INSTANCES_PER_COMPONENT as usize)
+                .memories(MAX_MEMORIES_PER_COMPONENT as usize)
+                .tables(MAX_MEMORIES_PER_COMPONENT as usize)
+                .trap_on_grow_failure(true)
+                .build(),
+            effects: Vec::new(),
+            deadline: Instant::now(),
+            plugin: self.name.clone(),
+            topic: topic.into(),
+            limits: self.limits.clone(),
+        };
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|d| &mut d.store_limits);
+        // Every tick past the deadline check: yield to the executor while there is time
+        // left, trap once the call's time is up.
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Err(wasmtime::Trap::Interrupt.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+}
+
+impl LogicFactory for Plugin {
+    fn instantiate<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>> {
+        Box::pin(async move {
+            let mut store = self.new_store(topic);
+            store.data_mut().deadline = Instant::now() + self.limits.plugin_call_time();
+            store.set_epoch_deadline(1);
+            let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| format!("{e:#}"))?;
+            Ok(Box::new(WasmRoom { store, bindings, call_time: self.limits.plugin_call_time(), dead: None }) as Box<dyn RoomLogic>)
+        })
+    }
+}
+
+/// Every loaded plugin, and which serves what.
+pub struct Plugins {
+    plugins: Vec<Arc<Plugin>>,
+}
+
+impl Plugins {
+    /// Loads every `<name>.wasm` with its `<name>.toml` from `dir`; refuses clashing
+    /// patterns and plugins that do not fit the world.
+    pub fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<Plugins> {
+        let mut wasm_files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading plugins dir {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        wasm_files.sort();
+        let mut plugins = Plugins { plugins: Vec::new() };
+        for wasm_path in wasm_files {
+            let manifest_path = wasm_path.with_extension("toml");
+            let text = std::fs::read_to_string(&manifest_path)
+                .with_context(|| format!("reading manifest {} for {}", manifest_path.display(), wasm_path.display()))?;
+            let manifest: Manifest =
+                toml::from_str(&text).with_context(|| format!("parsing manifest {}", manifest_path.display()))?;
+            let wasm = std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
+            plugins.add(runtime.load(manifest, &wasm)?)?;
+        }
+        Ok(plugins)
+    }
+
+    /// No plugins.
+    pub fn empty() -> Self {
+        Plugins { plugins: Vec::new() }
+    }
+
+    /// Adds a plugin unless its name or a topic pattern is taken.
+    pub fn add(&mut self, plugin: Plugin) -> anyhow::Result<()> {
+        plugin.manifest.validate()?;
+        for other in &self.plugins {
+            anyhow::ensure!(other.name != plugin.name, "plugin {} is loaded twice", plugin.name);
+            for pattern in &plugin.manifest.topics {
+                anyhow::ensure!(
+                    !other.manifest.topics.contains(pattern),
+                    "plugin {}: topic pattern {pattern:?} is already served by plugin {}",
+                    plugin.name,
+                    other.name
+                );
+            }
+        }
+        tracing::info!(plugin = %plugin.name, version = %plugin.version, topics = ?plugin.manifest.topics, "plugin loaded");
+        self.plugins.push(Arc::new(plugin));
+        Ok(())
+    }
+
+    /// The loaded plugins.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
+        self.plugins.iter()
+    }
+}
+
+impl Router for Plugins {
+    /// The plugin whose pattern covers the topic most specifically: an exact pattern, else
+    /// the longest prefix.
+    fn route(&self, topic: &str) -> Option<Route> {
+        let mut best: Option<(&Arc<Plugin>, usize)> = None;
+        for plugin in &self.plugins {
+            for pattern in &plugin.manifest.topics {
+                if pattern_matches(pattern, topic) {
+                    let score = if pattern.ends_with('*') { pattern.len() - 1 } else { usize::MAX };
+                    if best.is_none_or(|(_, s)| score > s) {
+                        best = Some((plugin, score));
+                    }
+                }
+            }
+        }
+        best.map(|(plugin, _)| Route {
+            plugin: plugin.name.clone(),
+            intercepts: plugin.intercepts.clone(),
+            factory: plugin.clone(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One room's instance
+// ---------------------------------------------------------------------------------------
+
+/// Store data of one room instance.
+struct RoomData {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    store_limits: StoreLimits,
+    /// Host calls of the current call.
+    effects: Vec<Effect>,
+    /// When the current call must have returned.
+    deadline: Instant,
+    plugin: Arc<str>,
+    topic: Arc<str>,
+    limits: Limits,
+}
+
+impl WasiView for RoomData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl RoomData {
+    fn payload(&self, payload: wit::Payload) -> Result<Payload, String> {
+        let payload = from_wit_payload(payload).map_err(|e| e.to_string())?;
+        if payload.len() > self.limits.max_plugin_payload_bytes {
+            return Err(format!("payload of {} bytes is over the limit of {}", payload.len(), self.limits.max_plugin_payload_bytes));
+        }
+        Ok(payload)
+    }
+
+    fn effect(&mut self, effect: impl FnOnce(&Self) -> Result<Effect, String>) -> Result<(), String> {
+        if self.effects.len() >= self.limits.max_messages_per_call {
+            return Err(format!("more than {} messages in one call", self.limits.max_messages_per_call));
+        }
+        let effect = effect(self)?;
+        self.effects.push(effect);
+        Ok(())
+    }
+}
+
+fn check_event(event: &str) -> Result<(), String> {
+    if event.is_empty() || event.len() > 255 {
+        return Err("event names must be 1 to 255 bytes".into());
+    }
+    if protocol::event::is_reserved(event) {
+        return Err(format!("event {event} is reserved"));
+    }
+    Ok(())
+}
+
+impl wit::Host for RoomData {}
+
+impl bindings::cinder::channel::host::Host for RoomData {
+    fn broadcast(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
+        self.effect(|d| {
+            check_event(&event)?;
+            Ok(Effect::Broadcast { event, payload: d.payload(payload)?, exclude_self: false })
+        })
+    }
+
+    fn broadcast_from(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
+        self.effect(|d| {
+            check_event(&event)?;
+            Ok(Effect::Broadcast { event, payload: d.payload(payload)?, exclude_self: true })
+        })
+    }
+
+    fn push(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
+        self.effect(|d| {
+            check_event(&event)?;
+            Ok(Effect::Push { event, payload: d.payload(payload)? })
+        })
+    }
+
+    fn send_after(&mut self, delay_ms: u32, message: wit::Payload) -> Result<(), String> {
+        self.effect(|d| {
+            if delay_ms > d.limits.max_timer_delay_ms {
+                return Err(format!("delay over the limit of {} ms", d.limits.max_timer_delay_ms));
+            }
+            Ok(Effect::SendAfter { delay: Duration::from_millis(delay_ms.into()), message: d.payload(message)? })
+        })
+    }
+
+    fn log(&mut self, level: wit::Level, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let (plugin, topic) = (&*self.plugin, &*self.topic);
+        match level {
+            wit::Level::Trace => tracing::trace!(target: "plugin", plugin, topic, "{message}"),
+            wit::Level::Debug => tracing::debug!(target: "plugin", plugin, topic, "{message}"),
+            wit::Level::Info => tracing::info!(target: "plugin", plugin, topic, "{message}"),
+            wit::Level::Warn => tracing::warn!(target: "plugin", plugin, topic, "{message}"),
+            wit::Level::Error => tracing::error!(target: "plugin", plugin, topic, "{message}"),
+        }
+    }
+}
+
+fn from_wit_payload(p: wit::Payload) -> Result<Payload, protocol::ProtocolError> {
+    match p {
+        wit::Payload::Json(text) => Payload::json(text),
+        wit::Payload::Binary(bytes) => Ok(Payload::Binary(Bytes::from(bytes))),
+    }
+}
+
+fn to_wit_payload(p: Payload) -> wit::Payload {
+    match p {
+        Payload::Json(raw) => wit::Payload::Json(String::from(Box::<str>::from(raw))),
+        Payload::Binary(bytes) => wit::Payload::Binary(bytes.to_vec()),
+    }
+}
+
+fn to_wit_socket(s: &ChannelSocket) -> wit::Socket {
+    wit::Socket {
+        id: s.id.as_deref().map(str::to_owned),
+        topic: s.topic.to_string(),
+        join_ref: s.join_ref.clone(),
+        assigns: s.assigns.clone(),
+    }
+}
+
+fn status(s: wit::Status) -> Status {
+    match s {
+        wit::Status::Ok => Status::Ok,
+        wit::Status::Error => Status::Error,
+    }
+}
+
+/// Assigns returned by a plugin must be a JSON object.
+fn check_assigns(assigns: Option<String>) -> Result<Option<String>, CallError> {
+    match assigns {
+        None => Ok(None),
+        Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(_)) => Ok(Some(text)),
+            _ => Err(CallError::Failed("assigns must be a JSON object".into())),
+        },
+    }
+}
+
+fn json_payload(text: String) -> Result<Payload, CallError> {
+    Payload::json(text).map_err(|e| CallError::Failed(e.to_string()))
+}
+
+fn reply_payload(p: wit::Payload) -> Result<Payload, CallError> {
+    from_wit_payload(p).map_err(|e| CallError::Failed(e.to_string()))
+}
+
+struct WasmRoom {
+    store: Store<RoomData>,
+    bindings: Channel,
+    call_time: Duration,
+    /// Why the instance can no longer be entered, once it trapped.
+    dead: Option<String>,
+}
+
+impl WasmRoom {
+    fn begin(&mut self) -> Result<(), CallError> {
+        if let Some(cause) = &self.dead {
+            return Err(CallError::Crashed(cause.clone()));
+        }
+        let data = self.store.data_mut();
+        data.effects.clear();
+        data.deadline = Instant::now() + self.call_time;
+        self.store.set_epoch_deadline(1);
+        Ok(())
+    }
+
+    /// Turns a call's result into outcome + effects; a trap kills the instance.
+    fn finish<T>(&mut self, result: wasmtime::Result<Result<T, String>>) -> Result<(T, Vec<Effect>), CallError> {
+        let effects = std::mem::take(&mut self.store.data_mut().effects);
+        match result {
+            Ok(Ok(value)) => Ok((value, effects)),
+            Ok(Err(message)) => Err(CallError::Failed(message)),
+            Err(trap) => {
+                let cause = match trap.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => format!("time limit of {:?} exceeded", self.call_time),
+                    Some(t) => format!("trap: {t}"),
+                    None => format!("{trap:#}"),
+                };
+                self.dead = Some(cause.clone());
+                Err(CallError::Crashed(cause))
+            }
+        }
+    }
+}
+
+impl RoomLogic for WasmRoom {
+    fn join<'a>(&'a mut self, payload: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<JoinOutcome>> {
+        Box::pin(async move {
+            self.begin()?;
+            let r = self
+                .bindings
+                .cinder_channel_handler()
+                .call_join(&mut self.store, &socket.topic, &to_wit_payload(payload), &to_wit_socket(socket))
+                .await;
+            let (outcome, effects) = self.finish(r)?;
+            match outcome {
+                wit::JoinOutcome::Ok(ok) => Ok(Handled {
+                    outcome: JoinOutcome::Ok(match ok.reply {
+                        Some(reply) => json_payload(reply)?,
+                        None => Payload::empty(),
+                    }),
+                    assigns: check_assigns(ok.assigns)?,
+                    effects,
+                }),
+                wit::JoinOutcome::Error(reply) => {
+                    Ok(Handled { outcome: JoinOutcome::Refused(json_payload(reply)?), assigns: None, effects })
+                }
+            }
+        })
+    }
+
+    fn handle_in<'a>(
+        &'a mut self,
+        event: &'a str,
+        payload: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<InOutcome>> {
+        Box::pin(async move {
+            self.begin()?;
+            let r = self
+                .bindings
+                .cinder_channel_handler()
+                .call_handle_in(&mut self.store, event, &to_wit_payload(payload), &to_wit_socket(socket))
+                .await;
+            let (result, effects) = self.finish(r)?;
+            let reply = |r: wit::Reply| Ok::<_, CallError>((status(r.status), reply_payload(r.response)?));
+            let outcome = match result.outcome {
+                wit::InOutcome::Noreply => InOutcome::NoReply,
+                wit::InOutcome::Reply(r) => {
+                    let (s, p) = reply(r)?;
+                    InOutcome::Reply(s, p)
+                }
+                wit::InOutcome::Stop(stop) => InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?),
+            };
+            Ok(Handled { outcome, assigns: check_assigns(result.assigns)?, effects })
+        })
+    }
+
+    fn handle_out<'a>(
+        &'a mut self,
+        event: &'a str,
+        payload: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
+        Box::pin(async move {
+            self.begin()?;
+            let r = self
+                .bindings
+                .cinder_channel_handler()
+                .call_handle_out(&mut self.store, event, &to_wit_payload(payload), &to_wit_socket(socket))
+                .await;
+            let (result, effects) = self.finish(r)?;
+            info_result(result, effects)
+        })
+    }
+
+    fn handle_info<'a>(&'a mut self, message: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<InfoOutcome>> {
+        Box::pin(async move {
+            self.begin()?;
+            let r = self
+                .bindings
+                .cinder_channel_handler()
+                .call_handle_info(&mut self.store, &to_wit_payload(message), &to_wit_socket(socket))
+                .await;
+            let (result, effects) = self.finish(r)?;
+            info_result(result, effects)
+        })
+    }
+
+    fn terminate<'a>(&'a mut self, reason: &'a str, socket: &'a ChannelSocket) -> BoxFuture<'a, Result<(), CallError>> {
+        Box::pin(async move {
+            self.begin()?;
+            let r = self
+                .bindings
+                .cinder_channel_handler()
+                .call_terminate(&mut self.store, reason, &to_wit_socket(socket))
+                .await;
+            // A channel that is going away cannot push; effects of terminate are dropped.
+            self.finish(r.map(Ok)).map(|_| ())
+        })
+    }
+}
+
+fn info_result(result: wit::InfoResult, effects: Vec<Effect>) -> CallResult<InfoOutcome> {
+    let outcome = match result.outcome {
+        wit::InfoOutcome::Noreply => InfoOutcome::NoReply,
+        wit::InfoOutcome::Stop(reason) => InfoOutcome::Stop(reason),
+    };
+    Ok(Handled { outcome, assigns: check_assigns(result.assigns)?, effects })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(name: &str, topics: &[&str]) -> Manifest {
+        Manifest {
+            name: name.into(),
+            version: "1.0.0".into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            intercept: vec![],
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn patterns_match_exact_topics_and_prefixes() {
+        assert!(pattern_matches("room:*", "room:lobby"));
+        assert!(pattern_matches("room:*", "room:"));
+        assert!(!pattern_matches("room:*", "rooms"));
+        assert!(pattern_matches("lobby", "lobby"));
+        assert!(!pattern_matches("lobby", "lobby2"));
+    }
+
+    #[test]
+    fn manifests_with_bad_patterns_or_names_are_refused() {
+        assert!(manifest("chat", &["room:*"]).validate().is_ok());
+        assert!(manifest("chat", &[]).validate().is_err());
+        assert!(manifest("chat", &["*"]).validate().is_err());
+        assert!(manifest("chat", &["a*b*"]).validate().is_err());
+        assert!(manifest("chat", &["phoenix"]).validate().is_err());
+        assert!(manifest("../x", &["room:*"]).validate().is_err());
+        let mut m = manifest("chat", &["room:*"]);
+        m.intercept = vec!["phx_join".into()];
+        assert!(m.validate().is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The WebSocket transport: the upgrade at `<mount>/websocket` with connect-time
+//! authentication, and one task per socket that reads frames into its [`Session`], writes its
+//! outbound queue, answers nothing itself but enforces the idle timeout, the frame size and
+//! the queue limit, and closes cleanly on shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use tokio::time::Instant;
+
+use crate::AppState;
+use crate::channel::{Outbound, OutboundRx, Session, outbound_queue};
+use crate::protocol::{self, Frame, Vsn};
+
+/// Close codes Cinder uses (RFC 6455); never 1000, so the JS client reconnects.
+pub mod close_code {
+    /// The server is going away: idle timeout.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame could not be decoded.
+    pub const INVALID_DATA: u16 = 1007;
+    /// The client did not read fast enough: its outbound queue is full.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server restarts: reconnect (to another node).
+    pub const RESTART: u16 = 1012;
+}
+
+/// Read buffer per socket. tungstenite's default (128 KiB) dominates an idle socket's memory.
+const READ_BUFFER: usize = 4 << 10;
+/// Items written per flush when the queue has several ready.
+const WRITE_BATCH: usize = 64;
+/// How long a closing socket may take to send its close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// `GET <mount>/websocket`: authenticate, then upgrade.
+pub async fn websocket(
+    State(app): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let vsn = match Vsn::from_param(params.get(protocol::VSN_PARAM).map(String::as_str)) {
+        Ok(vsn) => vsn,
+        Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
+    };
+    let token = params.get(protocol::TOKEN_PARAM).cloned().or_else(|| subprotocol_token(&headers));
+    let identity = match app.verifier.verify(token.as_deref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::debug!(error = %e, "connect refused");
+            return (StatusCode::FORBIDDEN, e.to_string()).into_response();
+        }
+    };
+    let limits = app.hub.limits();
+    ws.protocols([protocol::SUBPROTOCOL])
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| run(socket, app, vsn, identity))
+}
+
+/// The token carried as `base64url.bearer.phx.<base64 token>` in `Sec-WebSocket-Protocol`.
+fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
+    let encoded = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(protocol::AUTH_SUBPROTOCOL_PREFIX))?;
+    let engines = [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    engines
+        .iter()
+        .find_map(|e| e.decode(encoded.trim_end_matches('=')).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+fn close(code: u16, reason: &str) -> Option<CloseFrame> {
+    // A close reason is at most 123 bytes.
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..cut]) })
+}
+
+fn to_ws(frame: Frame) -> Option<WsMessage> {
+    match frame {
+        Frame::Text(bytes) => Utf8Bytes::try_from(bytes).ok().map(WsMessage::Text),
+        Frame::Binary(bytes) => Some(WsMessage::Binary(bytes)),
+    }
+}
+
+/// Encodes one outbound item for this socket, or `None` when there is nothing to write.
+fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> {
+    let frame = match item {
+        Outbound::Reply { join_ref, msg_ref, topic, status, payload } => {
+            protocol::encode_reply(vsn, join_ref.as_deref(), msg_ref.as_deref(), &topic, status, &payload)
+        }
+        Outbound::Push { join_ref, topic, event, payload } => {
+            protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload)
+        }
+        Outbound::Broadcast(b) => {
+            if !session.is_joined(&b.topic) {
+                return None;
+            }
+            return b.frame(vsn).cloned().and_then(to_ws);
+        }
+        Outbound::Close { topic, join_ref } => Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic)),
+        Outbound::ChannelDown { topic, join_ref, member, crashed } => {
+            if !session.channel_down(&topic, member) {
+                return None;
+            }
+            Ok(if crashed {
+                protocol::encode_crash(vsn, join_ref.as_deref(), &topic)
+            } else {
+                protocol::encode_close(vsn, join_ref.as_deref(), &topic)
+            })
+        }
+    };
+    match frame {
+        Ok(frame) => to_ws(frame),
+        Err(e) => {
+            tracing::debug!(error = %e, "message cannot be encoded for this socket: dropped");
+            None
+        }
+    }
+}
+
+/// Writes the ready part of the queue, starting with `first`, in one flush.
+async fn write_batch(
+    ws: &mut WebSocket,
+    vsn: Vsn,
+    session: &mut Session,
+    rx: &mut OutboundRx,
+    first: Outbound,
+) -> Result<(), axum::Error> {
+    use futures_util::SinkExt as _;
+    let mut item = Some(first);
+    let mut written = 0;
+    while let Some(next) = item.take() {
+        if let Some(msg) = encode(vsn, session, next) {
+            ws.feed(msg).await?;
+            written += 1;
+        }
+        if written < WRITE_BATCH {
+            item = rx.try_recv();
+        }
+    }
+    ws.flush().await
+}
+
+struct LiveGuard(Arc<AppState>);
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Identity) {
+    app.live_sockets.fetch_add(1, Ordering::Relaxed);
+    let _live = LiveGuard(app.clone());
+    let limits = app.hub.limits().clone();
+    let (out, mut rx) = outbound_queue(limits.outbound_queue_bytes);
+    let mut session = Session::new(app.hub.clone(), identity.socket_id, &identity.assigns, out);
+    let overflow = rx.overflow();
+    let mut shutdown = app.shutdown.subscribe();
+    let idle = tokio::time::sleep(limits.idle_timeout());
+    tokio::pin!(idle);
+
+    let close_frame = loop {
+        tokio::select! {
+            biased;
+            () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break close(close_code::RESTART, "server restart"),
+            () = overflow.wait() => {
+                tracing::info!("slow client disconnected: outbound queue over {} bytes", limits.outbound_queue_bytes);
+                break close(close_code::POLICY, "outbound queue full: client too slow");
+            }
+            Some(item) = rx.recv() => {
+                if write_batch(&mut ws, vsn, &mut session, &mut rx, item).await.is_err() {
+                    break None;
+                }
+            }
+            incoming = ws.recv() => {
+                idle.as_mut().reset(Instant::now() + limits.idle_timeout());
+                let decoded = match incoming {
+                    None | Some(Ok(WsMessage::Close(_))) => break None,
+                    Some(Err(e)) => {
+                        let text = e.to_string();
+                        if text.contains("too long") || text.contains("too big") {
+                            break close(close_code::TOO_BIG, &format!("frame over {} bytes", limits.max_frame_bytes));
+                        }
+                        tracing::debug!(error = %text, "websocket read failed");
+                        break None;
+                    }
+                    Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
+                    Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                };
+                match decoded {
+                    Ok(msg) => session.handle(msg).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "malformed frame: closing socket");
+                        break close(close_code::INVALID_DATA, &e.to_string());
+                    }
+                }
+            }
+            () = &mut idle => break close(close_code::GOING_AWAY, "idle timeout"),
+        }
+    };
+    session.close().await;
+    if let Some(frame) = close_frame {
+        let _ = tokio::time::timeout(CLOSE_GRACE, ws.send(WsMessage::Close(Some(frame)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn reads_the_token_from_the_subprotocol_header() {
+        let mut headers = HeaderMap::new();
+        // btoa("abc.def") without padding, as the JS client sends it.
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix, base64url.bearer.phx.YWJjLmRlZg"));
+        assert_eq!(subprotocol_token(&headers).as_deref(), Some("abc.def"));
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix"));
+        assert_eq!(subprotocol_token(&headers), None);
+    }
+
+    #[test]
+    fn close_reasons_fit_the_frame() {
+        let long = "é".repeat(100);
+        let frame = close(1007, &long).expect("frame");
+        assert!(frame.reason.len() <= 123);
+    }
+}

@@ -1,0 +1,51 @@
+//! The `chat` example plugin (Phoenix's RoomChannel): serves `room:*`.
+//!
+//! - Joining `room:lobby` is allowed; any other room is refused with
+//!   `{"reason":"unauthorized"}`.
+//! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`.
+//! - `new_message` is intercepted, so each subscriber's copy goes through `handle_out`,
+//!   which pushes it (the place to filter or personalise per user).
+
+use cinder_sdk::{Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Default)]
+struct Chat;
+
+#[derive(Deserialize)]
+struct NewMessage {
+    body: String,
+}
+
+const NEW_MESSAGE: &str = "new_message";
+
+impl Channel for Chat {
+    fn join(&mut self, topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<Join, Error> {
+        if topic == "room:lobby" {
+            Ok(Join::ok())
+        } else {
+            Ok(Join::refuse(json!({"reason": "unauthorized"})))
+        }
+    }
+
+    fn handle_in(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+        match event {
+            NEW_MESSAGE => match payload.parse::<NewMessage>() {
+                Ok(msg) => {
+                    broadcast(NEW_MESSAGE, json!({"body": msg.body}))?;
+                    Ok(InOutcome::NoReply)
+                }
+                Err(_) => Ok(InOutcome::Reply(Reply::error(json!({"reason": "new_message needs a string body"})))),
+            },
+            _ => Ok(InOutcome::Reply(Reply::error(json!({"reason": format!("unknown event {event}")})))),
+        }
+    }
+
+    fn handle_out(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
+        push(event, payload)?;
+        Ok(Outcome::NoReply)
+    }
+}
+
+cinder_sdk::export_channel!(Chat);
