@@ -2,21 +2,27 @@
 # Both install what they need (the wasm32-wasip2 target, the JS test dependencies).
 
 CARGO ?= cargo
-PLUGINS := chat notifications
+EXAMPLES := chat notifications
+TEST_ONLY := misbehave
 PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
+TEST_PLUGIN_DIR := target/test-plugins
 
 .PHONY: run test plugins wasm-target lint test-rust test-js clean-data
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-# Builds every example plugin once and lays them out as <name>.wasm + <name>.toml.
+# Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
+# in $(PLUGIN_DIR), the examples and the test plugins in $(TEST_PLUGIN_DIR).
 plugins: wasm-target
-	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(PLUGINS))
-	@mkdir -p $(PLUGIN_DIR)
-	@for p in $(PLUGINS); do \
+	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(EXAMPLES) $(TEST_ONLY))
+	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
+	@for p in $(EXAMPLES); do \
 		cp $(PLUGIN_OUT)/$$p.wasm $(PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(PLUGIN_DIR)/$$p.toml; \
+	done
+	@for p in $(EXAMPLES) $(TEST_ONLY); do \
+		cp $(PLUGIN_OUT)/$$p.wasm $(TEST_PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(TEST_PLUGIN_DIR)/$$p.toml; \
 	done
 
 # Serves the example plugins; CINDER_LISTEN, CINDER_JWT_SECRET, CINDER_ADMIN_TOKEN and
@@ -30,12 +36,12 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-rust: plugins
-	CINDER_PLUGINS_DIR=$(CURDIR)/$(PLUGIN_DIR) $(CARGO) test --workspace
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
 
 test-js: plugins
 	$(CARGO) build -p cinder
 	cd tests/js && npm ci --no-audit --no-fund
-	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_PLUGINS_DIR=$(CURDIR)/$(PLUGIN_DIR) node --test --test-concurrency=1
+	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) node --test --test-concurrency=1
 
 # The whole suite.
 test: lint test-rust test-js

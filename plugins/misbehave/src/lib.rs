@@ -1,0 +1,80 @@
+//! A test plugin that obeys commands sent as events, to prove the host survives what an
+//! untrusted plugin may do. Serves `bad:*`; every join is accepted.
+//!
+//! Events: `count` (reply the room's call count: a fresh instance starts at 1), `echo`,
+//! `error` (return an error: this channel crashes), `panic` (trap: the room crashes), `stop`
+//! (stop this channel), `loop` (never return), `recurse` (overflow the stack), `alloc`
+//! `{"bytes"}` (allocate and touch), `push-flood` `{"n"}` (push n times, reply how many the
+//! host accepted), `big-reply` `{"bytes"}`, `sleep-ish` `{"ms"}` (legal busy work), `later`
+//! `{"ms"}` (a timer; its `handle_info` pushes `tick`).
+
+use std::time::{Duration, Instant};
+
+use cinder_sdk::{Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, push, send_after};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Misbehave {
+    calls: u64,
+}
+
+fn arg(payload: &Payload, key: &str) -> u64 {
+    payload.parse::<Value>().ok().and_then(|v| v.get(key).and_then(Value::as_u64)).unwrap_or(0)
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    std::hint::black_box(recurse(depth + 1)) + 1
+}
+
+impl Channel for Misbehave {
+    fn join(&mut self, _topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<Join, Error> {
+        Ok(Join::ok())
+    }
+
+    fn handle_in(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+        self.calls += 1;
+        let reply = |v: Value| Ok(InOutcome::Reply(Reply::ok(v)));
+        match event {
+            "count" => reply(json!({"count": self.calls})),
+            "echo" => Ok(InOutcome::Reply(Reply::ok(payload))),
+            "error" => Err(Error("asked to fail".into())),
+            "panic" => panic!("asked to panic"),
+            "stop" => Ok(InOutcome::Stop { reason: "asked to stop".into(), reply: Some(Reply::ok(json!({"stopping": true}))) }),
+            "loop" => loop {
+                std::hint::black_box(self.calls);
+            },
+            "recurse" => reply(json!({"depth": recurse(0)})),
+            "alloc" => {
+                let bytes = arg(&payload, "bytes") as usize;
+                let block = vec![1u8; bytes];
+                reply(json!({"allocated": std::hint::black_box(block).len()}))
+            }
+            "push-flood" => {
+                let n = arg(&payload, "n");
+                let accepted = (0..n).take_while(|i| push("flood", json!({"i": i})).is_ok()).count();
+                reply(json!({"accepted": accepted}))
+            }
+            "big-reply" => reply(json!({"data": "x".repeat(arg(&payload, "bytes") as usize)})),
+            "sleep-ish" => {
+                let until = Instant::now() + Duration::from_millis(arg(&payload, "ms"));
+                while Instant::now() < until {
+                    std::hint::black_box(self.calls);
+                }
+                reply(json!({"slept": true}))
+            }
+            "later" => {
+                send_after(Duration::from_millis(arg(&payload, "ms")), json!({"tick": true}))?;
+                Ok(InOutcome::NoReply)
+            }
+            other => Ok(InOutcome::Reply(Reply::error(json!({"reason": format!("unknown command {other}")})))),
+        }
+    }
+
+    fn handle_info(&mut self, message: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
+        push("tick", message)?;
+        Ok(Outcome::NoReply)
+    }
+}
+
+cinder_sdk::export_channel!(Misbehave);

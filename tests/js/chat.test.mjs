@@ -1,0 +1,167 @@
+// The article's RoomChannel through the official client: chat in room:lobby, refusals,
+// connect auth, and hostile frames that must not disturb others.
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import WebSocket from "ws";
+import { Socket } from "phoenix";
+import { connect, join, mint, next, push, rawUpgrade, startServer, until } from "./helpers.mjs";
+
+let server;
+before(async () => { server = await startServer(); });
+after(async () => { await server.stop(); });
+
+describe("chat plugin (room:*)", () => {
+  test("two users join room:lobby and chat", async () => {
+    const alice = await connect(server, "alice");
+    const bob = await connect(server, "bob");
+    const a = alice.channel("room:lobby", {});
+    const b = bob.channel("room:lobby", {});
+    assert.deepEqual(await join(a), { status: "ok", response: {} });
+    assert.deepEqual(await join(b), { status: "ok", response: {} });
+
+    const bobGets = next(b, "new_message");
+    const aliceGets = next(a, "new_message");
+    a.push("new_message", { body: "hello bob" });
+    assert.deepEqual(await bobGets, { body: "hello bob" });
+    assert.deepEqual(await aliceGets, { body: "hello bob" }, "broadcast reaches the sender too");
+
+    const aliceGetsReply = next(a, "new_message");
+    b.push("new_message", { body: "hi alice" });
+    assert.deepEqual(await aliceGetsReply, { body: "hi alice" });
+    alice.disconnect();
+    bob.disconnect();
+  });
+
+  test("a message without a body gets an error reply", async () => {
+    const s = await connect(server, "carol");
+    const c = s.channel("room:lobby", {});
+    await join(c);
+    const r = await push(c, "new_message", { text: "no body" });
+    assert.equal(r.status, "error");
+    assert.match(r.response.reason, /body/);
+    s.disconnect();
+  });
+
+  test("room:secret is refused as unauthorized", async () => {
+    const s = await connect(server, "mallory");
+    const c = s.channel("room:secret", {});
+    assert.deepEqual(await join(c), { status: "error", response: { reason: "unauthorized" } });
+    s.disconnect();
+  });
+
+  test("a topic no plugin serves is an unmatched topic", async () => {
+    const s = await connect(server, "dave");
+    const c = s.channel("nowhere:1", {});
+    assert.deepEqual(await join(c), { status: "error", response: { reason: "unmatched topic" } });
+    s.disconnect();
+  });
+
+  test("leaving closes the channel and stops delivery", async () => {
+    const s1 = await connect(server, "erin");
+    const s2 = await connect(server, "frank");
+    const c1 = s1.channel("room:lobby", {});
+    const c2 = s2.channel("room:lobby", {});
+    await join(c1);
+    await join(c2);
+    let received = 0;
+    c1.on("new_message", () => { received += 1; });
+    const left = new Promise((resolve) => c1.leave().receive("ok", resolve));
+    await left;
+    assert.equal(c1.state, "closed");
+    const seen = next(c2, "new_message");
+    c2.push("new_message", { body: "after leave" });
+    await seen;
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(received, 0);
+    s1.disconnect();
+    s2.disconnect();
+  });
+});
+
+describe("connect authentication", () => {
+  test("no token, a forged token, a malformed token and an expired token get HTTP 403", async () => {
+    const base = `${server.socketUrl}/websocket?vsn=2.0.0`;
+    assert.deepEqual(await rawUpgrade(base), { status: 403 });
+    assert.deepEqual(await rawUpgrade(`${base}&token=${mint("1", { secret: "wrong" })}`), { status: 403 });
+    assert.deepEqual(await rawUpgrade(`${base}&token=not.a.jwt`), { status: 403 });
+    assert.deepEqual(await rawUpgrade(`${base}&token=${mint("1", { expiresIn: -60 })}`), { status: 403 });
+    assert.deepEqual(await rawUpgrade(`${server.socketUrl}/websocket?vsn=9.9.9&token=${mint("1")}`), { status: 403 });
+  });
+
+  test("the official client with a forged token never opens", async () => {
+    const socket = new Socket(server.socketUrl, {
+      transport: WebSocket,
+      params: { token: mint("1", { secret: "forged" }) },
+      reconnectAfterMs: () => 10000,
+    });
+    let opened = false;
+    socket.onOpen(() => { opened = true; });
+    const errored = new Promise((resolve) => socket.onError(resolve));
+    socket.connect();
+    await errored;
+    assert.equal(opened, false);
+    socket.disconnect();
+  });
+
+  test("the token can come through the authToken subprotocol, answered with phoenix", async () => {
+    const url = `${server.socketUrl}/websocket?vsn=2.0.0`;
+    const token = mint("9");
+    const proto = `base64url.bearer.phx.${Buffer.from(token).toString("base64").replace(/=/g, "")}`;
+    assert.deepEqual(await rawUpgrade(url, ["phoenix", proto]), { status: "open", protocol: "phoenix" });
+
+    const socket = new Socket(server.socketUrl, { transport: WebSocket, authToken: token });
+    await new Promise((resolve) => { socket.onOpen(resolve); socket.connect(); });
+    const c = socket.channel("room:lobby", {});
+    assert.equal((await join(c)).status, "ok");
+    socket.disconnect();
+  });
+});
+
+describe("hostile frames", () => {
+  test("garbage frames close only their own socket; others keep chatting", async () => {
+    const s1 = await connect(server, "u1");
+    const s2 = await connect(server, "u2");
+    const c1 = s1.channel("room:lobby", {});
+    const c2 = s2.channel("room:lobby", {});
+    await join(c1);
+    await join(c2);
+
+    const garbage = ["not json", "[1,2", "{}", "[null,null,5,6,7]", "\u0000\u0001", "[\"1\",\"1\",\"room:lobby\"]"];
+    const closes = await Promise.all(garbage.map((frame) => new Promise((resolve) => {
+      const ws = new WebSocket(`${server.socketUrl}/websocket?vsn=2.0.0&token=${mint("evil")}`);
+      ws.on("open", () => ws.send(frame));
+      ws.on("close", (code) => resolve(code));
+      ws.on("error", () => {});
+    })));
+    assert.deepEqual(closes, garbage.map(() => 1007), "each garbage socket is closed with 1007");
+
+    const binaryClose = await new Promise((resolve) => {
+      const ws = new WebSocket(`${server.socketUrl}/websocket?vsn=2.0.0&token=${mint("evil")}`);
+      ws.on("open", () => ws.send(Buffer.from([0, 200, 1, 1, 1, 65])));
+      ws.on("close", (code) => resolve(code));
+      ws.on("error", () => {});
+    });
+    assert.equal(binaryClose, 1007, "binary frame with lengths past the end");
+
+    const got = next(c2, "new_message");
+    c1.push("new_message", { body: "still here" });
+    assert.deepEqual(await got, { body: "still here" });
+    assert.equal(s1.isConnected() && s2.isConnected(), true);
+    s1.disconnect();
+    s2.disconnect();
+  });
+
+  test("a heartbeat is answered", async () => {
+    const s = await connect(server, "hb");
+    const ok = await new Promise((resolve) => {
+      const ref = s.makeRef();
+      s.onMessage(({ topic, event, ref: r, payload }) => {
+        if (topic === "phoenix" && r === ref) resolve({ event, payload });
+      });
+      s.push({ topic: "phoenix", event: "heartbeat", payload: {}, ref });
+    });
+    assert.deepEqual(ok, { event: "phx_reply", payload: { status: "ok", response: {} } });
+    await until(() => s.isConnected());
+    s.disconnect();
+  });
+});

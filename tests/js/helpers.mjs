@@ -1,0 +1,139 @@
+// Test helpers: start a real Cinder server (the built binary) on a free port, mint connect
+// tokens, and drive the official `phoenix` client over the `ws` WebSocket implementation.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join as joinPath } from "node:path";
+import { Socket } from "phoenix";
+import WebSocket from "ws";
+
+export const SECRET = "js-test-secret";
+export const ADMIN = "js-test-admin";
+
+const BIN = process.env.CINDER_BIN;
+const PLUGINS = process.env.CINDER_TEST_PLUGINS;
+if (!BIN || !PLUGINS) {
+  throw new Error("set CINDER_BIN and CINDER_TEST_PLUGINS (make test-js does)");
+}
+
+/** Starts Cinder with the test plugins on 127.0.0.1:0; resolves once it listens. */
+export async function startServer(extraArgs = []) {
+  const dataDir = mkdtempSync(joinPath(tmpdir(), "cinder-js-"));
+  const child = spawn(
+    BIN,
+    ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--plugins-dir", PLUGINS,
+      "--jwt-secret", SECRET, "--admin-token", ADMIN, ...extraArgs],
+    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" } },
+  );
+  let stderr = "";
+  child.stderr.on("data", (d) => { stderr += d; });
+  const addr = await new Promise((resolve, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 30000);
+    child.stdout.on("data", (d) => {
+      out += d;
+      const m = out.match(/cinder listening on http:\/\/(\S+)/);
+      if (m) { clearTimeout(timer); resolve(m[1]); }
+    });
+    child.on("exit", (code) => { clearTimeout(timer); reject(new Error(`server exited ${code}: ${stderr}`)); });
+  });
+  const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+  return {
+    addr,
+    http: `http://${addr}`,
+    socketUrl: `ws://${addr}/socket`,
+    child,
+    exited,
+    stderr: () => stderr,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+      await exited;
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+const b64url = (buf) => Buffer.from(buf).toString("base64url");
+
+/** An HS256 JWT like `cinder token` makes. */
+export function mint(userId, { secret = SECRET, expiresIn = 3600 } = {}) {
+  const header = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const body = b64url(JSON.stringify({ user_id: userId, exp: Math.floor(Date.now() / 1000) + expiresIn }));
+  const sig = createHmac("sha256", secret).update(`${header}.${body}`).digest("base64url");
+  return `${header}.${body}.${sig}`;
+}
+
+/** A connected official client; `opts` go to the phoenix Socket. */
+export function connect(server, userId, opts = {}) {
+  const socket = new Socket(server.socketUrl, {
+    transport: WebSocket,
+    params: { token: mint(userId) },
+    reconnectAfterMs: () => 50,
+    rejoinAfterMs: () => 50,
+    ...opts,
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("socket did not open")), 5000);
+    socket.onOpen(() => { clearTimeout(timer); resolve(socket); });
+    socket.connect();
+  });
+}
+
+/** Joins and resolves with `{status, response}` ("ok", "error" or "timeout"). */
+export function join(channel) {
+  return new Promise((resolve) => {
+    channel.join(3000)
+      .receive("ok", (response) => resolve({ status: "ok", response }))
+      .receive("error", (response) => resolve({ status: "error", response }))
+      .receive("timeout", () => resolve({ status: "timeout" }));
+  });
+}
+
+/** Pushes and resolves with the reply `{status, response}`. */
+export function push(channel, event, payload) {
+  return new Promise((resolve) => {
+    channel.push(event, payload, 3000)
+      .receive("ok", (response) => resolve({ status: "ok", response }))
+      .receive("error", (response) => resolve({ status: "error", response }))
+      .receive("timeout", () => resolve({ status: "timeout" }));
+  });
+}
+
+/** Resolves with the payload of the next `event` on `channel`. */
+export function next(channel, event, ms = 3000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { channel.off(event, ref); reject(new Error(`no ${event} within ${ms} ms`)); }, ms);
+    const ref = channel.on(event, (payload) => { clearTimeout(timer); channel.off(event, ref); resolve(payload); });
+  });
+}
+
+/** Resolves once `predicate()` is true, polling. */
+export async function until(predicate, ms = 5000, what = "condition") {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** `POST /api/broadcast`. */
+export function apiBroadcast(server, body, token = ADMIN) {
+  const headers = { "content-type": "application/json" };
+  if (token !== null) headers.authorization = `Bearer ${token}`;
+  return fetch(`${server.http}/api/broadcast`, {
+    method: "POST",
+    headers,
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+}
+
+/** Opens a raw WebSocket and resolves with the HTTP status of a refused upgrade, or "open". */
+export function rawUpgrade(url, protocols) {
+  return new Promise((resolve) => {
+    const ws = new WebSocket(url, protocols);
+    ws.on("open", () => { ws.close(); resolve({ status: "open", protocol: ws.protocol }); });
+    ws.on("unexpected-response", (_req, res) => resolve({ status: res.statusCode }));
+    ws.on("error", () => {});
+  });
+}
