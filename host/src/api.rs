@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -38,16 +38,19 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `Err` with a 401 unless the request carries `Authorization: Bearer <admin token>`.
-fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+/// A 401 unless the request carries `Authorization: Bearer <admin token>`.
+fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(token) if same(token.trim().as_bytes(), app.admin_token.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None => Err(error(StatusCode::UNAUTHORIZED, "missing admin token: send Authorization: Bearer <token>")),
+        Some(token) if same(token.trim().as_bytes(), app.admin_token.as_bytes()) => None,
+        Some(_) => Some(error(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => Some(error(
+            StatusCode::UNAUTHORIZED,
+            "missing admin token: send Authorization: Bearer <token>",
+        )),
     }
 }
 
@@ -60,23 +63,38 @@ struct BroadcastBody {
 }
 
 /// `POST /api/broadcast` with `{"topic","event","payload"}`: deliver to every subscriber.
-pub async fn broadcast(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = authorize(&app, &headers) {
+pub async fn broadcast(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
         return refused;
     }
     let body: BroadcastBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
-            return error(StatusCode::BAD_REQUEST, format!("body must be JSON {{\"topic\",\"event\",\"payload\"}}: {e}"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be JSON {{\"topic\",\"event\",\"payload\"}}: {e}"),
+            );
         }
     };
     if body.topic.is_empty() || body.event.is_empty() {
         return error(StatusCode::BAD_REQUEST, "topic and event must not be empty");
     }
     if protocol::event::is_reserved(&body.event) {
-        return error(StatusCode::BAD_REQUEST, format!("event {} is reserved", body.event));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("event {} is reserved", body.event),
+        );
     }
-    let b = Broadcast::new(body.topic.into(), body.event, Payload::Json(body.payload), None);
+    let b = Broadcast::new(
+        body.topic.into(),
+        body.event,
+        Payload::Json(body.payload),
+        None,
+    );
     app.hub.pubsub().publish(Arc::new(b));
     (StatusCode::ACCEPTED, Json(json!({ "status": "ok" }))).into_response()
 }

@@ -51,7 +51,10 @@ impl Verifier {
     pub fn hs256(secret: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
-        Verifier { key: DecodingKey::from_secret(secret.as_bytes()), validation }
+        Verifier {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
     }
 
     /// Checks a token and returns the identity it proves.
@@ -77,9 +80,19 @@ impl Verifier {
 
 /// Mints an HS256 token for `user_id`, valid for `ttl_secs`.
 pub fn mint(secret: &str, user_id: &str, ttl_secs: u64) -> Result<String, AuthError> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let claims = Claims { user_id: Some(Value::String(user_id.to_owned())), exp: now + ttl_secs };
-    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))?)
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        user_id: Some(Value::String(user_id.to_owned())),
+        exp: now + ttl_secs,
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 #[cfg(test)]
@@ -89,7 +102,9 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_and_names_the_socket() {
         let token = mint("s3cret", "42", 60).expect("mints");
-        let id = Verifier::hs256("s3cret").verify(Some(&token)).expect("verifies");
+        let id = Verifier::hs256("s3cret")
+            .verify(Some(&token))
+            .expect("verifies");
         assert_eq!(id.socket_id.as_deref(), Some("user_socket:42"));
         assert_eq!(id.assigns["user_id"], "42");
     }
@@ -98,19 +113,41 @@ mod tests {
     fn forged_malformed_missing_and_expired_tokens_are_refused() {
         let v = Verifier::hs256("s3cret");
         let forged = mint("other", "42", 60).expect("mints");
-        assert!(matches!(v.verify(Some(&forged)), Err(AuthError::Invalid(_))));
-        assert!(matches!(v.verify(Some("garbage")), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            v.verify(Some(&forged)),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.verify(Some("garbage")),
+            Err(AuthError::Invalid(_))
+        ));
         assert!(matches!(v.verify(None), Err(AuthError::Missing)));
         assert!(matches!(v.verify(Some("")), Err(AuthError::Missing)));
-        let claims = Claims { user_id: Some(Value::from(1)), exp: 1_000 };
-        let expired = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"s3cret")).expect("mints");
-        assert!(matches!(v.verify(Some(&expired)), Err(AuthError::Invalid(_))));
+        let claims = Claims {
+            user_id: Some(Value::from(1)),
+            exp: 1_000,
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .expect("mints");
+        assert!(matches!(
+            v.verify(Some(&expired)),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
     fn numeric_user_ids_are_kept_as_numbers() {
-        let claims = Claims { user_id: Some(Value::from(7)), exp: u64::MAX / 2 };
-        let token = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"k")).expect("mints");
+        let claims = Claims {
+            user_id: Some(Value::from(7)),
+            exp: u64::MAX / 2,
+        };
+        let token =
+            jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"k"))
+                .expect("mints");
         let id = Verifier::hs256("k").verify(Some(&token)).expect("verifies");
         assert_eq!(id.socket_id.as_deref(), Some("user_socket:7"));
         assert_eq!(id.assigns["user_id"], 7);

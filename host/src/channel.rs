@@ -125,7 +125,11 @@ pub enum InfoOutcome {
 /// The channel logic of one room: one plugin instance.
 pub trait RoomLogic: Send + 'static {
     /// Phoenix `join/3`.
-    fn join<'a>(&'a mut self, payload: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<JoinOutcome>>;
+    fn join<'a>(
+        &'a mut self,
+        payload: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<JoinOutcome>>;
     /// Phoenix `handle_in/3`.
     fn handle_in<'a>(
         &'a mut self,
@@ -141,15 +145,26 @@ pub trait RoomLogic: Send + 'static {
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>>;
     /// Phoenix `handle_info/2`.
-    fn handle_info<'a>(&'a mut self, message: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<InfoOutcome>>;
+    fn handle_info<'a>(
+        &'a mut self,
+        message: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<InfoOutcome>>;
     /// Phoenix `terminate/2`.
-    fn terminate<'a>(&'a mut self, reason: &'a str, socket: &'a ChannelSocket) -> BoxFuture<'a, Result<(), CallError>>;
+    fn terminate<'a>(
+        &'a mut self,
+        reason: &'a str,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, Result<(), CallError>>;
 }
 
 /// Makes room instances of one plugin.
 pub trait LogicFactory: Send + Sync {
     /// A fresh instance for the room of `topic`.
-    fn instantiate<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>>;
+    fn instantiate<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>>;
 }
 
 /// Which plugin serves a topic.
@@ -264,7 +279,13 @@ pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
         overflowed: AtomicBool::new(false),
         overflow: Notify::new(),
     });
-    (OutboundTx { tx, state: state.clone() }, OutboundRx { rx, state })
+    (
+        OutboundTx {
+            tx,
+            state: state.clone(),
+        },
+        OutboundRx { rx, state },
+    )
 }
 
 impl OutboundTx {
@@ -350,7 +371,10 @@ struct RoomSink {
 impl Subscriber for RoomSink {
     fn deliver(&self, broadcast: &Arc<Broadcast>) {
         if self.intercepts.iter().any(|e| *e == broadcast.event)
-            && self.tx.try_send(RoomMsg::Intercepted(broadcast.clone())).is_err()
+            && self
+                .tx
+                .try_send(RoomMsg::Intercepted(broadcast.clone()))
+                .is_err()
         {
             tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
         }
@@ -420,7 +444,13 @@ enum JoinResult {
 impl Hub {
     /// A hub with no rooms yet.
     pub fn new(router: Arc<dyn Router>, pubsub: Arc<dyn PubSub>, limits: Limits) -> Arc<Self> {
-        Arc::new(Hub { rooms: Mutex::default(), router, pubsub, limits, next_id: AtomicU64::new(1) })
+        Arc::new(Hub {
+            rooms: Mutex::default(),
+            router,
+            pubsub,
+            limits,
+            next_id: AtomicU64::new(1),
+        })
     }
 
     /// The PubSub rooms publish through.
@@ -460,7 +490,10 @@ impl Hub {
             return Err(reason::AT_CAPACITY);
         }
         let (tx, rx) = mpsc::channel(self.limits.room_mailbox);
-        let handle = RoomHandle { id: self.next_id(), tx };
+        let handle = RoomHandle {
+            id: self.next_id(),
+            tx,
+        };
         rooms.insert(topic.clone(), handle.clone());
         let room = Room {
             id: handle.id,
@@ -532,7 +565,10 @@ impl Room {
         let room_sink = (!self.route.intercepts.is_empty()).then(|| {
             let id = self.hub.next_id();
             let sink = RoomSink {
-                tx: self.tx.upgrade().unwrap_or_else(|| unreachable!("the hub holds a sender")),
+                tx: self
+                    .tx
+                    .upgrade()
+                    .unwrap_or_else(|| unreachable!("the hub holds a sender")),
                 intercepts: self.route.intercepts.clone(),
                 topic: self.topic.clone(),
             };
@@ -571,64 +607,88 @@ impl Room {
 
     async fn handle(&mut self, logic: &mut dyn RoomLogic, msg: RoomMsg) -> Flow {
         match msg {
-            RoomMsg::Join { member, socket, out, payload, msg_ref, done } => {
-                match logic.join(payload, &socket).await {
-                    Ok(handled) => {
-                        let result = match handled.outcome {
-                            JoinOutcome::Ok(reply) => {
-                                let mut socket = socket;
-                                if let Some(assigns) = handled.assigns {
-                                    socket.assigns = assigns;
-                                }
-                                out.send(Outbound::Reply {
-                                    join_ref: socket.join_ref.clone(),
-                                    msg_ref,
-                                    topic: self.topic.clone(),
-                                    status: Status::Ok,
-                                    payload: reply,
-                                });
-                                let sink = MemberSink { out: out.clone(), intercepts: self.route.intercepts.clone() };
-                                self.hub.pubsub.subscribe(&self.topic, member, Arc::new(sink));
-                                self.members.insert(member, Member { socket, out });
-                                self.apply(member, handled.effects);
-                                JoinResult::Joined
+            RoomMsg::Join {
+                member,
+                socket,
+                out,
+                payload,
+                msg_ref,
+                done,
+            } => match logic.join(payload, &socket).await {
+                Ok(handled) => {
+                    let result = match handled.outcome {
+                        JoinOutcome::Ok(reply) => {
+                            let mut socket = socket;
+                            if let Some(assigns) = handled.assigns {
+                                socket.assigns = assigns;
                             }
-                            JoinOutcome::Refused(reply) => JoinResult::Refused(reply),
-                        };
-                        let _ = done.send(result);
-                        Flow::Continue
-                    }
-                    Err(CallError::Failed(e)) => {
-                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
-                        let _ = done.send(JoinResult::Crashed);
-                        Flow::Continue
-                    }
-                    Err(CallError::Crashed(e)) => {
-                        let _ = done.send(JoinResult::Crashed);
-                        Flow::Crashed(e)
-                    }
-                }
-            }
-            RoomMsg::In { member, event, payload, msg_ref } => {
-                let Some(m) = self.members.get(&member) else { return Flow::Continue };
-                let result = logic.handle_in(&event, payload, &m.socket).await;
-                self.after_call(logic, member, result, |room, member, outcome| match outcome {
-                    InOutcome::NoReply => None,
-                    InOutcome::Reply(status, payload) => {
-                        room.reply(member, msg_ref, status, payload);
-                        None
-                    }
-                    InOutcome::Stop(reason, reply) => {
-                        if let Some((status, payload)) = reply {
-                            room.reply(member, msg_ref, status, payload);
+                            out.send(Outbound::Reply {
+                                join_ref: socket.join_ref.clone(),
+                                msg_ref,
+                                topic: self.topic.clone(),
+                                status: Status::Ok,
+                                payload: reply,
+                            });
+                            let sink = MemberSink {
+                                out: out.clone(),
+                                intercepts: self.route.intercepts.clone(),
+                            };
+                            self.hub
+                                .pubsub
+                                .subscribe(&self.topic, member, Arc::new(sink));
+                            self.members.insert(member, Member { socket, out });
+                            self.apply(member, handled.effects);
+                            JoinResult::Joined
                         }
-                        Some(reason)
-                    }
-                })
+                        JoinOutcome::Refused(reply) => JoinResult::Refused(reply),
+                    };
+                    let _ = done.send(result);
+                    Flow::Continue
+                }
+                Err(CallError::Failed(e)) => {
+                    tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
+                    let _ = done.send(JoinResult::Crashed);
+                    Flow::Continue
+                }
+                Err(CallError::Crashed(e)) => {
+                    let _ = done.send(JoinResult::Crashed);
+                    Flow::Crashed(e)
+                }
+            },
+            RoomMsg::In {
+                member,
+                event,
+                payload,
+                msg_ref,
+            } => {
+                let Some(m) = self.members.get(&member) else {
+                    return Flow::Continue;
+                };
+                let result = logic.handle_in(&event, payload, &m.socket).await;
+                self.after_call(
+                    logic,
+                    member,
+                    result,
+                    |room, member, outcome| match outcome {
+                        InOutcome::NoReply => None,
+                        InOutcome::Reply(status, payload) => {
+                            room.reply(member, msg_ref, status, payload);
+                            None
+                        }
+                        InOutcome::Stop(reason, reply) => {
+                            if let Some((status, payload)) = reply {
+                                room.reply(member, msg_ref, status, payload);
+                            }
+                            Some(reason)
+                        }
+                    },
+                )
                 .await
             }
             RoomMsg::Leave { member, reason } => {
-                let Some(m) = self.members.remove(&member) else { return Flow::Continue };
+                let Some(m) = self.members.remove(&member) else {
+                    return Flow::Continue;
+                };
                 self.hub.pubsub.unsubscribe(&self.topic, member);
                 match logic.terminate(reason, &m.socket).await {
                     Err(CallError::Crashed(e)) => Flow::Crashed(e),
@@ -637,7 +697,9 @@ impl Room {
             }
             RoomMsg::Intercepted(b) => self.handle_out(logic, &b).await,
             RoomMsg::Info { member, message } => {
-                let Some(m) = self.members.get(&member) else { return Flow::Continue };
+                let Some(m) = self.members.get(&member) else {
+                    return Flow::Continue;
+                };
                 let result = logic.handle_info(message, &m.socket).await;
                 self.after_call(logic, member, result, info_stop).await
             }
@@ -646,10 +708,19 @@ impl Room {
 
     /// Runs `handle_out` for every member the broadcast is for.
     async fn handle_out(&mut self, logic: &mut dyn RoomLogic, b: &Broadcast) -> Flow {
-        let targets: Vec<MemberId> = self.members.keys().copied().filter(|id| b.except != Some(*id)).collect();
+        let targets: Vec<MemberId> = self
+            .members
+            .keys()
+            .copied()
+            .filter(|id| b.except != Some(*id))
+            .collect();
         for member in targets {
-            let Some(m) = self.members.get(&member) else { continue };
-            let result = logic.handle_out(&b.event, b.payload.clone(), &m.socket).await;
+            let Some(m) = self.members.get(&member) else {
+                continue;
+            };
+            let result = logic
+                .handle_out(&b.event, b.payload.clone(), &m.socket)
+                .await;
             if let Flow::Crashed(e) = self.after_call(logic, member, result, info_stop).await {
                 return Flow::Crashed(e);
             }
@@ -691,7 +762,9 @@ impl Room {
 
     /// A handler asked to stop the channel: `phx_close`, then `terminate`.
     async fn stop(&mut self, logic: &mut dyn RoomLogic, member: MemberId, reason: &str) -> Flow {
-        let Some(m) = self.members.remove(&member) else { return Flow::Continue };
+        let Some(m) = self.members.remove(&member) else {
+            return Flow::Continue;
+        };
         self.hub.pubsub.unsubscribe(&self.topic, member);
         notify_down(member, &m, false);
         match logic.terminate(reason, &m.socket).await {
@@ -725,9 +798,13 @@ impl Room {
                         });
                     }
                 }
-                Effect::Broadcast { event, payload, exclude_self } => {
+                Effect::Broadcast {
+                    event,
+                    payload,
+                    exclude_self,
+                } => {
                     let except = exclude_self.then_some(member);
-                    let intercepted = self.route.intercepts.iter().any(|e| *e == event);
+                    let intercepted = self.route.intercepts.contains(&event);
                     let b = Arc::new(Broadcast::new(self.topic.clone(), event, payload, except));
                     if intercepted {
                         self.pending_out.push_back(b);
@@ -736,7 +813,9 @@ impl Room {
                     }
                 }
                 Effect::SendAfter { delay, message } => {
-                    if self.timers.len() >= self.hub.limits.max_timers_per_channel * self.members.len().max(1) {
+                    if self.timers.len()
+                        >= self.hub.limits.max_timers_per_channel * self.members.len().max(1)
+                    {
                         tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "too many pending timers: send-after dropped");
                         continue;
                     }
@@ -795,9 +874,20 @@ const JOIN_RETRIES: usize = 3;
 
 impl Session {
     /// A session for a socket with this identity, writing to `out`.
-    pub fn new(hub: Arc<Hub>, socket_id: Option<String>, assigns: &serde_json::Map<String, serde_json::Value>, out: OutboundTx) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        socket_id: Option<String>,
+        assigns: &serde_json::Map<String, serde_json::Value>,
+        out: OutboundTx,
+    ) -> Self {
         let assigns = serde_json::to_string(assigns).unwrap_or_else(|_| "{}".into());
-        Session { hub, socket_id: socket_id.map(Arc::from), assigns, out, channels: HashMap::new() }
+        Session {
+            hub,
+            socket_id: socket_id.map(Arc::from),
+            assigns,
+            out,
+            channels: HashMap::new(),
+        }
     }
 
     fn reply(&self, msg: &Message, topic: Arc<str>, status: Status, payload: Payload) {
@@ -819,21 +909,45 @@ impl Session {
         match msg.event.as_str() {
             event::JOIN => self.join(msg, topic).await,
             event::LEAVE => {
-                if self.channels.get(&topic).is_some_and(|c| is_stale(&msg, &c.join_ref)) {
+                if self
+                    .channels
+                    .get(&topic)
+                    .is_some_and(|c| is_stale(&msg, &c.join_ref))
+                {
                     return;
                 }
                 self.reply(&msg, topic.clone(), Status::Ok, Payload::empty());
                 if let Some(joined) = self.channels.remove(&topic) {
-                    self.out.send(Outbound::Close { topic, join_ref: joined.join_ref });
-                    let _ = joined.room.tx.send(RoomMsg::Leave { member: joined.member, reason: reason::LEFT }).await;
+                    self.out.send(Outbound::Close {
+                        topic,
+                        join_ref: joined.join_ref,
+                    });
+                    let _ = joined
+                        .room
+                        .tx
+                        .send(RoomMsg::Leave {
+                            member: joined.member,
+                            reason: reason::LEFT,
+                        })
+                        .await;
                 }
             }
             _ => match self.channels.get(&topic) {
-                None => self.reply(&msg, topic, Status::Error, protocol::reason_payload(reason::UNMATCHED_TOPIC)),
+                None => self.reply(
+                    &msg,
+                    topic,
+                    Status::Error,
+                    protocol::reason_payload(reason::UNMATCHED_TOPIC),
+                ),
                 Some(joined) if is_stale(&msg, &joined.join_ref) => {}
                 Some(joined) => {
                     let room = joined.room.tx.clone();
-                    let m = RoomMsg::In { member: joined.member, event: msg.event, payload: msg.payload, msg_ref: msg.msg_ref };
+                    let m = RoomMsg::In {
+                        member: joined.member,
+                        event: msg.event,
+                        payload: msg.payload,
+                        msg_ref: msg.msg_ref,
+                    };
                     let _ = room.send(m).await;
                 }
             },
@@ -843,9 +957,21 @@ impl Session {
     async fn join(&mut self, msg: Message, topic: Arc<str>) {
         let replaced = self.channels.remove(&topic);
         if let Some(old) = &replaced {
-            let _ = old.room.tx.send(RoomMsg::Leave { member: old.member, reason: DUPLICATE_JOIN }).await;
+            let _ = old
+                .room
+                .tx
+                .send(RoomMsg::Leave {
+                    member: old.member,
+                    reason: DUPLICATE_JOIN,
+                })
+                .await;
         } else if self.channels.len() >= self.hub.limits.max_channels_per_socket {
-            return self.reply(&msg, topic, Status::Error, protocol::reason_payload(reason::TOO_MANY_CHANNELS));
+            return self.reply(
+                &msg,
+                topic,
+                Status::Error,
+                protocol::reason_payload(reason::TOO_MANY_CHANNELS),
+            );
         }
         let member = self.hub.next_id();
         let socket = ChannelSocket {
@@ -884,18 +1010,36 @@ impl Session {
         }
         match (outcome, joined_room) {
             (JoinResult::Joined, Some(room)) => {
-                self.channels.insert(topic.clone(), Joined { join_ref: msg.join_ref.clone(), member, room });
+                self.channels.insert(
+                    topic.clone(),
+                    Joined {
+                        join_ref: msg.join_ref.clone(),
+                        member,
+                        room,
+                    },
+                );
             }
-            (JoinResult::Refused(reply), _) => self.reply(&msg, topic.clone(), Status::Error, reply),
-            (JoinResult::Crashed, _) => {
-                self.reply(&msg, topic.clone(), Status::Error, protocol::reason_payload(reason::JOIN_CRASHED))
+            (JoinResult::Refused(reply), _) => {
+                self.reply(&msg, topic.clone(), Status::Error, reply)
             }
-            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined, _) => {
-                self.reply(&msg, topic.clone(), Status::Error, protocol::reason_payload(reason::PLUGIN_UNAVAILABLE))
-            }
+            (JoinResult::Crashed, _) => self.reply(
+                &msg,
+                topic.clone(),
+                Status::Error,
+                protocol::reason_payload(reason::JOIN_CRASHED),
+            ),
+            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined, _) => self.reply(
+                &msg,
+                topic.clone(),
+                Status::Error,
+                protocol::reason_payload(reason::PLUGIN_UNAVAILABLE),
+            ),
         }
         if let Some(old) = replaced {
-            self.out.send(Outbound::Close { topic, join_ref: old.join_ref });
+            self.out.send(Outbound::Close {
+                topic,
+                join_ref: old.join_ref,
+            });
         }
     }
 
@@ -919,7 +1063,14 @@ impl Session {
     /// The socket closed: every channel leaves with reason `closed`.
     pub async fn close(&mut self) {
         for (_, joined) in self.channels.drain() {
-            let _ = joined.room.tx.send(RoomMsg::Leave { member: joined.member, reason: reason::CLOSED }).await;
+            let _ = joined
+                .room
+                .tx
+                .send(RoomMsg::Leave {
+                    member: joined.member,
+                    reason: reason::CLOSED,
+                })
+                .await;
         }
     }
 }

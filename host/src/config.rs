@@ -201,8 +201,10 @@ impl Config {
     pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         let mut config = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
             }
             None => Config::default(),
         };
@@ -246,12 +248,21 @@ impl Config {
             self.mount
         );
         let l = &self.limits;
-        anyhow::ensure!(l.idle_timeout_secs > 0, "idle_timeout_secs must be positive");
-        anyhow::ensure!(l.max_frame_bytes >= 1024, "max_frame_bytes must be at least 1024");
+        anyhow::ensure!(
+            l.idle_timeout_secs > 0,
+            "idle_timeout_secs must be positive"
+        );
+        anyhow::ensure!(
+            l.max_frame_bytes >= 1024,
+            "max_frame_bytes must be at least 1024"
+        );
         anyhow::ensure!(l.room_mailbox > 0, "room_mailbox must be positive");
         anyhow::ensure!(l.max_rooms > 0, "max_rooms must be positive");
         anyhow::ensure!(l.plugin_call_ms > 0, "plugin_call_ms must be positive");
-        anyhow::ensure!(l.plugin_memory_bytes >= 1 << 20, "plugin_memory_bytes must be at least 1 MiB");
+        anyhow::ensure!(
+            l.plugin_memory_bytes >= 1 << 20,
+            "plugin_memory_bytes must be at least 1 MiB"
+        );
         Ok(())
     }
 }
@@ -273,13 +284,25 @@ impl Secrets {
     /// there (mode 0600) on first use. Returns whether anything was generated now.
     pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, bool)> {
         if let (Some(jwt_secret), Some(admin_token)) = (&config.jwt_secret, &config.admin_token) {
-            return Ok((Secrets { jwt_secret: jwt_secret.clone(), admin_token: admin_token.clone() }, false));
+            return Ok((
+                Secrets {
+                    jwt_secret: jwt_secret.clone(),
+                    admin_token: admin_token.clone(),
+                },
+                false,
+            ));
         }
         let path = config.data_dir.join(SECRETS_FILE);
         let (stored, generated) = match std::fs::read_to_string(&path) {
-            Ok(text) => (toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?, false),
+            Ok(text) => (
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+                false,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let fresh = Secrets { jwt_secret: random_token(), admin_token: random_token() };
+                let fresh = Secrets {
+                    jwt_secret: random_token(),
+                    admin_token: random_token(),
+                };
                 write_private(&path, &toml::to_string(&fresh)?)?;
                 (fresh, true)
             }
@@ -329,7 +352,11 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(&file, "listen = \"127.0.0.1:5000\"\nmount = \"/ws\"\n[limits]\nmax_rooms = 7\nplugin_call_ms = 3\n")
             .expect("write");
-        let args = ServeArgs { config: Some(file), plugin_call_ms: Some(5), ..ServeArgs::default() };
+        let args = ServeArgs {
+            config: Some(file),
+            plugin_call_ms: Some(5),
+            ..ServeArgs::default()
+        };
         let c = Config::load(&args).expect("loads");
         assert_eq!(c.listen.port(), 5000);
         assert_eq!(c.mount, "/ws");
@@ -344,24 +371,47 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("tmp");
         let file = dir.join("c.toml");
         std::fs::write(&file, "lissten = \"x\"\n").expect("write");
-        let err = Config::load(&ServeArgs { config: Some(file.clone()), ..ServeArgs::default() }).expect_err("refused");
+        let err = Config::load(&ServeArgs {
+            config: Some(file.clone()),
+            ..ServeArgs::default()
+        })
+        .expect_err("refused");
         assert!(format!("{err:#}").contains("lissten"), "{err:#}");
         std::fs::write(&file, "mount = \"socket/\"\n").expect("write");
-        assert!(Config::load(&ServeArgs { config: Some(file), ..ServeArgs::default() }).is_err());
+        assert!(
+            Config::load(&ServeArgs {
+                config: Some(file),
+                ..ServeArgs::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]
     fn generated_secrets_are_kept_in_the_data_dir() {
-        let dir = std::env::temp_dir().join(format!("cinder-secrets-{}-{}", std::process::id(), rand::random::<u32>()));
-        let config = Config { data_dir: dir.clone(), ..Config::default() };
+        let dir = std::env::temp_dir().join(format!(
+            "cinder-secrets-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let config = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
         let (first, generated) = Secrets::resolve(&config).expect("generates");
         assert!(generated);
         let (again, generated) = Secrets::resolve(&config).expect("reads");
         assert!(!generated);
         assert_eq!(first, again);
-        let config = Config { jwt_secret: Some("s".into()), ..config };
+        let config = Config {
+            jwt_secret: Some("s".into()),
+            ..config
+        };
         let (mixed, _) = Secrets::resolve(&config).expect("reads");
-        assert_eq!((mixed.jwt_secret.as_str(), &mixed.admin_token), ("s", &first.admin_token));
+        assert_eq!(
+            (mixed.jwt_secret.as_str(), &mixed.admin_token),
+            ("s", &first.admin_token)
+        );
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 }

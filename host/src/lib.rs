@@ -75,7 +75,11 @@ pub async fn serve(
             serde_json::json!({ "name": m.name, "version": m.version, "topics": m.topics, "description": m.description })
         })
         .collect();
-    let hub = Hub::new(Arc::new(plugins), Arc::new(LocalPubSub::new()), config.limits.clone());
+    let hub = Hub::new(
+        Arc::new(plugins),
+        Arc::new(LocalPubSub::new()),
+        config.limits.clone(),
+    );
     let app = Arc::new(AppState {
         hub,
         verifier: auth::Verifier::hs256(&secrets.jwt_secret),
@@ -87,7 +91,10 @@ pub async fn serve(
     });
     let router = axum::Router::new()
         .route("/", get(api::index))
-        .route(&format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), get(transport::websocket))
+        .route(
+            &format!("{}{}", config.mount, protocol::WEBSOCKET_PATH),
+            get(transport::websocket),
+        )
         .route("/api/broadcast", post(api::broadcast))
         .layer(DefaultBodyLimit::max(config.limits.max_frame_bytes))
         .with_state(app.clone());

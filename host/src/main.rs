@@ -1,7 +1,7 @@
 //! The `cinder` command: parse arguments, build the configuration, call [`cinder::serve`].
 
-use clap::Parser as _;
 use cinder::config::{Cli, Command, Config, Secrets, ServeArgs};
+use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -9,7 +9,10 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Token(args)) => {
             let config = Config::load(&args.serve)?;
             let (secrets, _) = Secrets::resolve(&config)?;
-            println!("{}", cinder::auth::mint(&secrets.jwt_secret, &args.user_id, args.ttl_secs)?);
+            println!(
+                "{}",
+                cinder::auth::mint(&secrets.jwt_secret, &args.user_id, args.ttl_secs)?
+            );
             Ok(())
         }
         Some(Command::Serve(args)) => serve(args),
@@ -27,12 +30,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (secrets, generated) = Secrets::resolve(&config)?;
     if config.jwt_secret.is_none() || config.admin_token.is_none() {
         let sample = cinder::auth::mint(&secrets.jwt_secret, "42", 86_400)?;
-        let origin = if generated { "generated now" } else { "generated earlier" };
-        println!("No CINDER_JWT_SECRET / CINDER_ADMIN_TOKEN set: using secrets {origin}, kept in {}", config.data_dir.display());
+        let origin = if generated {
+            "generated now"
+        } else {
+            "generated earlier"
+        };
+        println!(
+            "No CINDER_JWT_SECRET / CINDER_ADMIN_TOKEN set: using secrets {origin}, kept in {}",
+            config.data_dir.display()
+        );
         println!("  CINDER_JWT_SECRET={}", secrets.jwt_secret);
         println!("  CINDER_ADMIN_TOKEN={}", secrets.admin_token);
         println!("  sample connect token (user_id 42, 24 h): {sample}");
-        println!("  try: ws://{}{}/websocket?vsn=2.0.0&token={sample}", config.listen, config.mount);
+        println!(
+            "  try: ws://{}{}/websocket?vsn=2.0.0&token={sample}",
+            config.listen, config.mount
+        );
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -8,8 +8,8 @@
 use std::fmt::{self, Write as _};
 
 use bytes::Bytes;
-use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// The topic of socket-level messages (heartbeats).
@@ -491,7 +491,8 @@ fn body_len(body: &Body<'_>) -> usize {
 }
 
 fn encode_v2_text(out: &Out<'_>) -> Frame {
-    let mut buf = String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 32);
+    let mut buf =
+        String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 32);
     buf.push('[');
     push_opt_str(&mut buf, out.join_ref);
     buf.push(',');
@@ -507,7 +508,8 @@ fn encode_v2_text(out: &Out<'_>) -> Frame {
 }
 
 fn encode_v1_text(out: &Out<'_>) -> Frame {
-    let mut buf = String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 48);
+    let mut buf =
+        String::with_capacity(out.topic.len() + out.event.len() + body_len(&out.body) + 48);
     buf.push_str("{\"topic\":");
     push_json_str(&mut buf, out.topic);
     buf.push_str(",\"event\":");
@@ -529,11 +531,23 @@ fn encode_v2_binary(out: &Out<'_>) -> Result<Frame, ProtocolError> {
     let msg_ref = out.msg_ref.unwrap_or("");
     let topic_len = field_len(out.topic, "topic")?;
     let jr_len = field_len(join_ref, "join_ref")?;
-    let mut buf = Vec::with_capacity(8 + join_ref.len() + msg_ref.len() + out.topic.len() + out.event.len() + body_len(&out.body));
+    let mut buf = Vec::with_capacity(
+        8 + join_ref.len()
+            + msg_ref.len()
+            + out.topic.len()
+            + out.event.len()
+            + body_len(&out.body),
+    );
     match out.body {
         Body::BinaryReply(status, data) => {
             let status = status.as_str();
-            buf.extend_from_slice(&[1, jr_len, field_len(msg_ref, "ref")?, topic_len, field_len(status, "status")?]);
+            buf.extend_from_slice(&[
+                1,
+                jr_len,
+                field_len(msg_ref, "ref")?,
+                topic_len,
+                field_len(status, "status")?,
+            ]);
             for part in [join_ref, msg_ref, out.topic, status] {
                 buf.extend_from_slice(part.as_bytes());
             }
@@ -568,7 +582,13 @@ pub fn encode_reply(
 ) -> Result<Frame, ProtocolError> {
     encode(
         vsn,
-        Out { join_ref, msg_ref, topic, event: event::REPLY, body: body_for(response, Some(status)) },
+        Out {
+            join_ref,
+            msg_ref,
+            topic,
+            event: event::REPLY,
+            body: body_for(response, Some(status)),
+        },
     )
 }
 
@@ -580,18 +600,47 @@ pub fn encode_push(
     event: &str,
     payload: &Payload,
 ) -> Result<Frame, ProtocolError> {
-    encode(vsn, Out { join_ref, msg_ref: None, topic, event, body: body_for(payload, None) })
+    encode(
+        vsn,
+        Out {
+            join_ref,
+            msg_ref: None,
+            topic,
+            event,
+            body: body_for(payload, None),
+        },
+    )
 }
 
 /// A broadcast, the same bytes for every subscriber: `[null, null, topic, event, payload]`.
-pub fn encode_broadcast(vsn: Vsn, topic: &str, event: &str, payload: &Payload) -> Result<Frame, ProtocolError> {
-    encode(vsn, Out { join_ref: None, msg_ref: None, topic, event, body: body_for(payload, None) })
+pub fn encode_broadcast(
+    vsn: Vsn,
+    topic: &str,
+    event: &str,
+    payload: &Payload,
+) -> Result<Frame, ProtocolError> {
+    encode(
+        vsn,
+        Out {
+            join_ref: None,
+            msg_ref: None,
+            topic,
+            event,
+            body: body_for(payload, None),
+        },
+    )
 }
 
 /// The server closed a channel: `[join_ref, join_ref, topic, "phx_close", {}]`.
 pub fn encode_close(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
     let empty = empty_object();
-    let out = Out { join_ref, msg_ref: join_ref, topic, event: event::CLOSE, body: Body::Json(&empty) };
+    let out = Out {
+        join_ref,
+        msg_ref: join_ref,
+        topic,
+        event: event::CLOSE,
+        body: Body::Json(&empty),
+    };
     match vsn {
         Vsn::V2 => encode_v2_text(&out),
         Vsn::V1 => encode_v1_text(&out),
@@ -603,7 +652,13 @@ pub fn encode_crash(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
     let Payload::Json(reason) = reason_payload(reason::CHANNEL_CRASH) else {
         unreachable!("reason payloads are JSON")
     };
-    let out = Out { join_ref, msg_ref: join_ref, topic, event: event::ERROR, body: Body::Json(&reason) };
+    let out = Out {
+        join_ref,
+        msg_ref: join_ref,
+        topic,
+        event: event::ERROR,
+        body: Body::Json(&reason),
+    };
     match vsn {
         Vsn::V2 => encode_v2_text(&out),
         Vsn::V1 => encode_v1_text(&out),
@@ -634,7 +689,8 @@ mod tests {
 
     #[test]
     fn decodes_v2_join() {
-        let m = decode_text(Vsn::V2, r#"["1","1","room:lobby","phx_join",{"a":1}]"#).expect("decodes");
+        let m =
+            decode_text(Vsn::V2, r#"["1","1","room:lobby","phx_join",{"a":1}]"#).expect("decodes");
         assert_eq!(m.join_ref.as_deref(), Some("1"));
         assert_eq!(m.msg_ref.as_deref(), Some("1"));
         assert_eq!(m.topic, "room:lobby");
@@ -644,7 +700,11 @@ mod tests {
 
     #[test]
     fn decodes_v2_heartbeat_with_null_join_ref_and_ignores_extra_elements() {
-        let m = decode_text(Vsn::V2, r#"[null,"7","phoenix","heartbeat",{},"extra",[1,2]]"#).expect("decodes");
+        let m = decode_text(
+            Vsn::V2,
+            r#"[null,"7","phoenix","heartbeat",{},"extra",[1,2]]"#,
+        )
+        .expect("decodes");
         assert_eq!(m.join_ref, None);
         assert_eq!(m.msg_ref.as_deref(), Some("7"));
         assert_eq!(m.topic, PHOENIX_TOPIC);
@@ -653,15 +713,24 @@ mod tests {
 
     #[test]
     fn keeps_payload_text_byte_for_byte() {
-        let m = decode_text(Vsn::V2, r#"[null,null,"t","e", {"b" : "x\u00e9" , "n":1.50}]"#).expect("decodes");
-        let Payload::Json(raw) = m.payload else { panic!("json") };
+        let m = decode_text(
+            Vsn::V2,
+            r#"[null,null,"t","e", {"b" : "x\u00e9" , "n":1.50}]"#,
+        )
+        .expect("decodes");
+        let Payload::Json(raw) = m.payload else {
+            panic!("json")
+        };
         assert_eq!(raw.get(), r#"{"b" : "x\u00e9" , "n":1.50}"#);
     }
 
     #[test]
     fn integer_refs_are_kept_as_text() {
         let m = decode_text(Vsn::V2, r#"[3,4,"t","e",{}]"#).expect("decodes");
-        assert_eq!((m.join_ref.as_deref(), m.msg_ref.as_deref()), (Some("3"), Some("4")));
+        assert_eq!(
+            (m.join_ref.as_deref(), m.msg_ref.as_deref()),
+            (Some("3"), Some("4"))
+        );
     }
 
     #[test]
@@ -688,12 +757,18 @@ mod tests {
 
     #[test]
     fn decodes_v1_frames_with_and_without_join_ref() {
-        let m = decode_text(Vsn::V1, r#"{"topic":"room:lobby","event":"new_message","payload":{"body":"hi"},"ref":"2"}"#)
-            .expect("decodes");
+        let m = decode_text(
+            Vsn::V1,
+            r#"{"topic":"room:lobby","event":"new_message","payload":{"body":"hi"},"ref":"2"}"#,
+        )
+        .expect("decodes");
         assert_eq!((m.join_ref, m.msg_ref.as_deref()), (None, Some("2")));
         assert_eq!(m.payload, json(r#"{"body":"hi"}"#));
-        let m = decode_text(Vsn::V1, r#"{"topic":"t","event":"e","payload":{},"ref":null,"join_ref":"1"}"#)
-            .expect("decodes");
+        let m = decode_text(
+            Vsn::V1,
+            r#"{"topic":"t","event":"e","payload":{},"ref":null,"join_ref":"1"}"#,
+        )
+        .expect("decodes");
         assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("1"), None));
         assert!(decode_text(Vsn::V1, r#"{"topic":"t","event":"e"}"#).is_err());
         assert!(decode_text(Vsn::V1, r#"["1","1","t","e",{}]"#).is_err());
@@ -701,23 +776,64 @@ mod tests {
 
     #[test]
     fn encodes_v2_reply_golden() {
-        let f = encode_reply(Vsn::V2, Some("1"), Some("2"), "room:lobby", Status::Ok, &Payload::empty()).expect("encodes");
-        assert_eq!(text(f), r#"["1","2","room:lobby","phx_reply",{"status":"ok","response":{}}]"#);
-        let f = encode_reply(Vsn::V2, None, Some("5"), "phoenix", Status::Ok, &Payload::empty()).expect("encodes");
-        assert_eq!(text(f), r#"[null,"5","phoenix","phx_reply",{"status":"ok","response":{}}]"#);
-        let f = encode_reply(Vsn::V2, Some("3"), Some("3"), "room:secret", Status::Error, &reason_payload("unauthorized"))
-            .expect("encodes");
-        assert_eq!(text(f), r#"["3","3","room:secret","phx_reply",{"status":"error","response":{"reason":"unauthorized"}}]"#);
+        let f = encode_reply(
+            Vsn::V2,
+            Some("1"),
+            Some("2"),
+            "room:lobby",
+            Status::Ok,
+            &Payload::empty(),
+        )
+        .expect("encodes");
+        assert_eq!(
+            text(f),
+            r#"["1","2","room:lobby","phx_reply",{"status":"ok","response":{}}]"#
+        );
+        let f = encode_reply(
+            Vsn::V2,
+            None,
+            Some("5"),
+            "phoenix",
+            Status::Ok,
+            &Payload::empty(),
+        )
+        .expect("encodes");
+        assert_eq!(
+            text(f),
+            r#"[null,"5","phoenix","phx_reply",{"status":"ok","response":{}}]"#
+        );
+        let f = encode_reply(
+            Vsn::V2,
+            Some("3"),
+            Some("3"),
+            "room:secret",
+            Status::Error,
+            &reason_payload("unauthorized"),
+        )
+        .expect("encodes");
+        assert_eq!(
+            text(f),
+            r#"["3","3","room:secret","phx_reply",{"status":"error","response":{"reason":"unauthorized"}}]"#
+        );
     }
 
     #[test]
     fn encodes_v2_push_broadcast_close_and_crash_golden() {
         let p = json(r#"{"body":"hi"}"#);
         let f = encode_push(Vsn::V2, Some("1"), "room:lobby", "new_message", &p).expect("encodes");
-        assert_eq!(text(f), r#"["1",null,"room:lobby","new_message",{"body":"hi"}]"#);
+        assert_eq!(
+            text(f),
+            r#"["1",null,"room:lobby","new_message",{"body":"hi"}]"#
+        );
         let f = encode_broadcast(Vsn::V2, "room:lobby", "new_message", &p).expect("encodes");
-        assert_eq!(text(f), r#"[null,null,"room:lobby","new_message",{"body":"hi"}]"#);
-        assert_eq!(text(encode_close(Vsn::V2, Some("4"), "room:lobby")), r#"["4","4","room:lobby","phx_close",{}]"#);
+        assert_eq!(
+            text(f),
+            r#"[null,null,"room:lobby","new_message",{"body":"hi"}]"#
+        );
+        assert_eq!(
+            text(encode_close(Vsn::V2, Some("4"), "room:lobby")),
+            r#"["4","4","room:lobby","phx_close",{}]"#
+        );
         assert_eq!(
             text(encode_crash(Vsn::V2, Some("4"), "room:lobby")),
             r#"["4","4","room:lobby","phx_error",{"reason":"channel_crash"}]"#
@@ -726,18 +842,39 @@ mod tests {
 
     #[test]
     fn encodes_v1_golden() {
-        let f = encode_reply(Vsn::V1, Some("1"), Some("2"), "room:lobby", Status::Ok, &Payload::empty()).expect("encodes");
-        assert_eq!(text(f), r#"{"topic":"room:lobby","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"2"}"#);
+        let f = encode_reply(
+            Vsn::V1,
+            Some("1"),
+            Some("2"),
+            "room:lobby",
+            Status::Ok,
+            &Payload::empty(),
+        )
+        .expect("encodes");
+        assert_eq!(
+            text(f),
+            r#"{"topic":"room:lobby","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"2"}"#
+        );
         let f = encode_broadcast(Vsn::V1, "t", "e", &json("[1]")).expect("encodes");
-        assert_eq!(text(f), r#"{"topic":"t","event":"e","payload":[1],"ref":null}"#);
-        assert_eq!(text(encode_close(Vsn::V1, Some("9"), "t")), r#"{"topic":"t","event":"phx_close","payload":{},"ref":"9"}"#);
+        assert_eq!(
+            text(f),
+            r#"{"topic":"t","event":"e","payload":[1],"ref":null}"#
+        );
+        assert_eq!(
+            text(encode_close(Vsn::V1, Some("9"), "t")),
+            r#"{"topic":"t","event":"phx_close","payload":{},"ref":"9"}"#
+        );
         let bin = Payload::Binary(Bytes::from_static(b"\x00\x01"));
-        assert_eq!(encode_broadcast(Vsn::V1, "t", "e", &bin), Err(ProtocolError::BinaryUnsupported));
+        assert_eq!(
+            encode_broadcast(Vsn::V1, "t", "e", &bin),
+            Err(ProtocolError::BinaryUnsupported)
+        );
     }
 
     #[test]
     fn escapes_strings() {
-        let f = encode_broadcast(Vsn::V2, "a\"b\\c\n\u{1}é", "e", &Payload::empty()).expect("encodes");
+        let f =
+            encode_broadcast(Vsn::V2, "a\"b\\c\n\u{1}é", "e", &Payload::empty()).expect("encodes");
         let s = text(f);
         assert_eq!(s, "[null,null,\"a\\\"b\\\\c\\n\\u0001é\",\"e\",{}]");
         let back: serde_json::Value = serde_json::from_str(&s).expect("valid JSON");
@@ -757,30 +894,58 @@ mod tests {
         assert_eq!(m.msg_ref.as_deref(), Some("3"));
         assert_eq!(m.topic, "room:lobby");
         assert_eq!(m.event, "img");
-        assert_eq!(m.payload, Payload::Binary(Bytes::from_static(&[0xff, 0x00, 0x10])));
+        assert_eq!(
+            m.payload,
+            Payload::Binary(Bytes::from_static(&[0xff, 0x00, 0x10]))
+        );
     }
 
     #[test]
     fn rejects_bad_binary_frames() {
         assert_eq!(decode_binary(Vsn::V2, &[]), Err(ProtocolError::Truncated));
-        assert_eq!(decode_binary(Vsn::V2, &[0, 1, 1]), Err(ProtocolError::Truncated));
-        assert_eq!(decode_binary(Vsn::V2, &[0, 200, 0, 0, 0, b'x']), Err(ProtocolError::Truncated));
-        assert_eq!(decode_binary(Vsn::V2, &[2, 0, 0]), Err(ProtocolError::BinaryKind(2)));
-        assert_eq!(decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]), Err(ProtocolError::InvalidUtf8("join_ref")));
-        assert_eq!(decode_binary(Vsn::V1, &[0, 0, 0, 0, 0]), Err(ProtocolError::BinaryUnsupported));
+        assert_eq!(
+            decode_binary(Vsn::V2, &[0, 1, 1]),
+            Err(ProtocolError::Truncated)
+        );
+        assert_eq!(
+            decode_binary(Vsn::V2, &[0, 200, 0, 0, 0, b'x']),
+            Err(ProtocolError::Truncated)
+        );
+        assert_eq!(
+            decode_binary(Vsn::V2, &[2, 0, 0]),
+            Err(ProtocolError::BinaryKind(2))
+        );
+        assert_eq!(
+            decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]),
+            Err(ProtocolError::InvalidUtf8("join_ref"))
+        );
+        assert_eq!(
+            decode_binary(Vsn::V1, &[0, 0, 0, 0, 0]),
+            Err(ProtocolError::BinaryUnsupported)
+        );
     }
 
     #[test]
     fn encodes_binary_frames_golden() {
         let data = Payload::Binary(Bytes::from_static(&[9, 8]));
         let f = encode_push(Vsn::V2, Some("1"), "t", "ev", &data).expect("encodes");
-        assert_eq!(binary(f), [&[0u8, 1, 1, 2][..], b"1", b"t", b"ev", &[9, 8]].concat());
-        let f = encode_reply(Vsn::V2, Some("1"), Some("22"), "t", Status::Ok, &data).expect("encodes");
-        assert_eq!(binary(f), [&[1u8, 1, 2, 1, 2][..], b"1", b"22", b"t", b"ok", &[9, 8]].concat());
+        assert_eq!(
+            binary(f),
+            [&[0u8, 1, 1, 2][..], b"1", b"t", b"ev", &[9, 8]].concat()
+        );
+        let f =
+            encode_reply(Vsn::V2, Some("1"), Some("22"), "t", Status::Ok, &data).expect("encodes");
+        assert_eq!(
+            binary(f),
+            [&[1u8, 1, 2, 1, 2][..], b"1", b"22", b"t", b"ok", &[9, 8]].concat()
+        );
         let f = encode_broadcast(Vsn::V2, "t", "ev", &data).expect("encodes");
         assert_eq!(binary(f), [&[2u8, 1, 2][..], b"t", b"ev", &[9, 8]].concat());
         let long = "x".repeat(256);
-        assert_eq!(encode_broadcast(Vsn::V2, &long, "e", &data), Err(ProtocolError::FieldTooLong("topic")));
+        assert_eq!(
+            encode_broadcast(Vsn::V2, &long, "e", &data),
+            Err(ProtocolError::FieldTooLong("topic"))
+        );
     }
 
     #[test]

@@ -29,15 +29,28 @@ pub struct Broadcast {
 
 impl Broadcast {
     /// A broadcast ready to publish.
-    pub fn new(topic: Arc<str>, event: String, payload: Payload, except: Option<SubscriberId>) -> Self {
-        Broadcast { topic, event, payload, except, encoded: [OnceLock::new(), OnceLock::new()] }
+    pub fn new(
+        topic: Arc<str>,
+        event: String,
+        payload: Payload,
+        except: Option<SubscriberId>,
+    ) -> Self {
+        Broadcast {
+            topic,
+            event,
+            payload,
+            except,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        }
     }
 
     /// The frame for a serializer, encoded on first use and shared afterwards. `None` when
     /// this serializer cannot carry the broadcast (binary payload for V1, oversized fields).
     pub fn frame(&self, vsn: Vsn) -> Option<&Frame> {
         self.encoded[vsn.index()]
-            .get_or_init(|| protocol::encode_broadcast(vsn, &self.topic, &self.event, &self.payload).ok())
+            .get_or_init(|| {
+                protocol::encode_broadcast(vsn, &self.topic, &self.event, &self.payload).ok()
+            })
             .as_ref()
     }
 }
@@ -58,11 +71,13 @@ pub trait PubSub: Send + Sync {
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize;
 }
 
+type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
+
 /// The single-node adapter: subscribers in memory.
 #[derive(Default)]
 pub struct LocalPubSub {
     // A std lock: held only to copy a few pointers, never across an await.
-    topics: RwLock<HashMap<Arc<str>, Vec<(SubscriberId, Arc<dyn Subscriber>)>>>,
+    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
 }
 
 impl LocalPubSub {
@@ -75,7 +90,10 @@ impl LocalPubSub {
 impl PubSub for LocalPubSub {
     fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        topics.entry(topic.clone()).or_default().push((id, subscriber));
+        topics
+            .entry(topic.clone())
+            .or_default()
+            .push((id, subscriber));
     }
 
     fn unsubscribe(&self, topic: &str, id: SubscriberId) {
@@ -90,7 +108,9 @@ impl PubSub for LocalPubSub {
 
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = topics.get(&*broadcast.topic) else { return 0 };
+        let Some(subs) = topics.get(&*broadcast.topic) else {
+            return 0;
+        };
         let mut delivered = 0;
         for (id, sub) in subs {
             if broadcast.except != Some(*id) {
@@ -111,12 +131,20 @@ mod tests {
     struct Collect(Mutex<Vec<String>>);
     impl Subscriber for Collect {
         fn deliver(&self, b: &Arc<Broadcast>) {
-            self.0.lock().expect("lock").push(format!("{}:{}", b.topic, b.event));
+            self.0
+                .lock()
+                .expect("lock")
+                .push(format!("{}:{}", b.topic, b.event));
         }
     }
 
     fn broadcast(topic: &str, event: &str, except: Option<SubscriberId>) -> Arc<Broadcast> {
-        Arc::new(Broadcast::new(topic.into(), event.into(), Payload::empty(), except))
+        Arc::new(Broadcast::new(
+            topic.into(),
+            event.into(),
+            Payload::empty(),
+            except,
+        ))
     }
 
     /// The suite every adapter must pass.
@@ -145,9 +173,17 @@ mod tests {
     fn a_broadcast_is_encoded_once_per_serializer() {
         let b = broadcast("t", "e", None);
         let first = b.frame(Vsn::V2).expect("encodes").clone();
-        let Frame::Text(bytes) = b.frame(Vsn::V2).expect("encodes") else { panic!("text") };
-        let Frame::Text(first_bytes) = first else { panic!("text") };
-        assert_eq!(bytes.as_ptr(), first_bytes.as_ptr(), "the same buffer is shared");
+        let Frame::Text(bytes) = b.frame(Vsn::V2).expect("encodes") else {
+            panic!("text")
+        };
+        let Frame::Text(first_bytes) = first else {
+            panic!("text")
+        };
+        assert_eq!(
+            bytes.as_ptr(),
+            first_bytes.as_ptr(),
+            "the same buffer is shared"
+        );
         assert_ne!(b.frame(Vsn::V1), b.frame(Vsn::V2));
     }
 }

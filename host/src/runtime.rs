@@ -14,12 +14,15 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use serde::Deserialize;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::channel::{
-    BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome, JoinOutcome, LogicFactory,
-    RoomLogic, Route, Router,
+    BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
+    JoinOutcome, LogicFactory, RoomLogic, Route, Router,
 };
 use crate::config::Limits;
 use crate::protocol::{self, Payload, Status};
@@ -72,7 +75,8 @@ impl Runtime {
             .max_tables_per_component(MAX_MEMORIES_PER_COMPONENT)
             .max_memory_size(limits.plugin_memory_bytes);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
+        let engine =
+            Engine::new(&config).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
@@ -89,22 +93,36 @@ impl Runtime {
                 }
             })
             .context("starting the epoch ticker")?;
-        Ok(Runtime { engine, limits: limits.clone(), ticker_stop })
+        Ok(Runtime {
+            engine,
+            limits: limits.clone(),
+            ticker_stop,
+        })
     }
 
     /// Compiles a component and links it against the host; fails with a clear message when
     /// the bytes are not a component or do not fit the `cinder:channel` world.
     pub fn load(&self, manifest: Manifest, wasm: &[u8]) -> anyhow::Result<Plugin> {
-        let component = Component::new(&self.engine, wasm)
-            .map_err(|e| anyhow::anyhow!("plugin {}: not a loadable component: {e}", manifest.name))?;
+        let component = Component::new(&self.engine, wasm).map_err(|e| {
+            anyhow::anyhow!("plugin {}: not a loadable component: {e}", manifest.name)
+        })?;
         let mut linker: Linker<RoomData> = Linker::new(&self.engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
-        Channel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d).map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| anyhow::anyhow!("plugin {}: imports do not match the host: {e}", manifest.name))?;
-        let pre = ChannelPre::new(pre)
-            .map_err(|e| anyhow::anyhow!("plugin {}: exports do not match cinder:channel/handler: {e}", manifest.name))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+        Channel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d)
+            .map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {}: imports do not match the host: {e}",
+                manifest.name
+            )
+        })?;
+        let pre = ChannelPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {}: exports do not match cinder:channel/handler: {e}",
+                manifest.name
+            )
+        })?;
         Ok(Plugin {
             name: manifest.name.as_str().into(),
             version: manifest.version.clone(),
@@ -144,11 +162,19 @@ pub struct Manifest {
 impl Manifest {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            !self.name.is_empty() && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            !self.name.is_empty()
+                && self
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
             "plugin name {:?} must be non-empty ASCII letters, digits, - or _",
             self.name
         );
-        anyhow::ensure!(!self.topics.is_empty(), "plugin {} serves no topics", self.name);
+        anyhow::ensure!(
+            !self.topics.is_empty(),
+            "plugin {} serves no topics",
+            self.name
+        );
         for pattern in &self.topics {
             let stem = pattern.strip_suffix('*').unwrap_or(pattern);
             anyhow::ensure!(
@@ -156,10 +182,18 @@ impl Manifest {
                 "plugin {}: topic pattern {pattern:?} must be a topic or a prefix ending in a single *",
                 self.name
             );
-            anyhow::ensure!(stem != protocol::PHOENIX_TOPIC, "plugin {}: the phoenix topic is reserved", self.name);
+            anyhow::ensure!(
+                stem != protocol::PHOENIX_TOPIC,
+                "plugin {}: the phoenix topic is reserved",
+                self.name
+            );
         }
         for event in &self.intercept {
-            anyhow::ensure!(!protocol::event::is_reserved(event), "plugin {}: cannot intercept {event}", self.name);
+            anyhow::ensure!(
+                !protocol::event::is_reserved(event),
+                "plugin {}: cannot intercept {event}",
+                self.name
+            );
         }
         Ok(())
     }
@@ -223,13 +257,25 @@ impl Plugin {
 }
 
 impl LogicFactory for Plugin {
-    fn instantiate<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>> {
+    fn instantiate<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>> {
         Box::pin(async move {
             let mut store = self.new_store(topic);
             store.data_mut().deadline = Instant::now() + self.limits.plugin_call_time();
             store.set_epoch_deadline(1);
-            let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| format!("{e:#}"))?;
-            Ok(Box::new(WasmRoom { store, bindings, call_time: self.limits.plugin_call_time(), dead: None }) as Box<dyn RoomLogic>)
+            let bindings = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(Box::new(WasmRoom {
+                store,
+                bindings,
+                call_time: self.limits.plugin_call_time(),
+                dead: None,
+            }) as Box<dyn RoomLogic>)
         })
     }
 }
@@ -249,14 +295,22 @@ impl Plugins {
             .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
             .collect();
         wasm_files.sort();
-        let mut plugins = Plugins { plugins: Vec::new() };
+        let mut plugins = Plugins {
+            plugins: Vec::new(),
+        };
         for wasm_path in wasm_files {
             let manifest_path = wasm_path.with_extension("toml");
-            let text = std::fs::read_to_string(&manifest_path)
-                .with_context(|| format!("reading manifest {} for {}", manifest_path.display(), wasm_path.display()))?;
-            let manifest: Manifest =
-                toml::from_str(&text).with_context(|| format!("parsing manifest {}", manifest_path.display()))?;
-            let wasm = std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
+            let text = std::fs::read_to_string(&manifest_path).with_context(|| {
+                format!(
+                    "reading manifest {} for {}",
+                    manifest_path.display(),
+                    wasm_path.display()
+                )
+            })?;
+            let manifest: Manifest = toml::from_str(&text)
+                .with_context(|| format!("parsing manifest {}", manifest_path.display()))?;
+            let wasm = std::fs::read(&wasm_path)
+                .with_context(|| format!("reading {}", wasm_path.display()))?;
             plugins.add(runtime.load(manifest, &wasm)?)?;
         }
         Ok(plugins)
@@ -264,14 +318,20 @@ impl Plugins {
 
     /// No plugins.
     pub fn empty() -> Self {
-        Plugins { plugins: Vec::new() }
+        Plugins {
+            plugins: Vec::new(),
+        }
     }
 
     /// Adds a plugin unless its name or a topic pattern is taken.
     pub fn add(&mut self, plugin: Plugin) -> anyhow::Result<()> {
         plugin.manifest.validate()?;
         for other in &self.plugins {
-            anyhow::ensure!(other.name != plugin.name, "plugin {} is loaded twice", plugin.name);
+            anyhow::ensure!(
+                other.name != plugin.name,
+                "plugin {} is loaded twice",
+                plugin.name
+            );
             for pattern in &plugin.manifest.topics {
                 anyhow::ensure!(
                     !other.manifest.topics.contains(pattern),
@@ -300,7 +360,11 @@ impl Router for Plugins {
         for plugin in &self.plugins {
             for pattern in &plugin.manifest.topics {
                 if pattern_matches(pattern, topic) {
-                    let score = if pattern.ends_with('*') { pattern.len() - 1 } else { usize::MAX };
+                    let score = if pattern.ends_with('*') {
+                        pattern.len() - 1
+                    } else {
+                        usize::MAX
+                    };
                     if best.is_none_or(|(_, s)| score > s) {
                         best = Some((plugin, score));
                     }
@@ -335,7 +399,10 @@ struct RoomData {
 
 impl WasiView for RoomData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -343,14 +410,24 @@ impl RoomData {
     fn payload(&self, payload: wit::Payload) -> Result<Payload, String> {
         let payload = from_wit_payload(payload).map_err(|e| e.to_string())?;
         if payload.len() > self.limits.max_plugin_payload_bytes {
-            return Err(format!("payload of {} bytes is over the limit of {}", payload.len(), self.limits.max_plugin_payload_bytes));
+            return Err(format!(
+                "payload of {} bytes is over the limit of {}",
+                payload.len(),
+                self.limits.max_plugin_payload_bytes
+            ));
         }
         Ok(payload)
     }
 
-    fn effect(&mut self, effect: impl FnOnce(&Self) -> Result<Effect, String>) -> Result<(), String> {
+    fn effect(
+        &mut self,
+        effect: impl FnOnce(&Self) -> Result<Effect, String>,
+    ) -> Result<(), String> {
         if self.effects.len() >= self.limits.max_messages_per_call {
-            return Err(format!("more than {} messages in one call", self.limits.max_messages_per_call));
+            return Err(format!(
+                "more than {} messages in one call",
+                self.limits.max_messages_per_call
+            ));
         }
         let effect = effect(self)?;
         self.effects.push(effect);
@@ -374,30 +451,47 @@ impl bindings::cinder::channel::host::Host for RoomData {
     fn broadcast(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
         self.effect(|d| {
             check_event(&event)?;
-            Ok(Effect::Broadcast { event, payload: d.payload(payload)?, exclude_self: false })
+            Ok(Effect::Broadcast {
+                event,
+                payload: d.payload(payload)?,
+                exclude_self: false,
+            })
         })
     }
 
     fn broadcast_from(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
         self.effect(|d| {
             check_event(&event)?;
-            Ok(Effect::Broadcast { event, payload: d.payload(payload)?, exclude_self: true })
+            Ok(Effect::Broadcast {
+                event,
+                payload: d.payload(payload)?,
+                exclude_self: true,
+            })
         })
     }
 
     fn push(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
         self.effect(|d| {
             check_event(&event)?;
-            Ok(Effect::Push { event, payload: d.payload(payload)? })
+            Ok(Effect::Push {
+                event,
+                payload: d.payload(payload)?,
+            })
         })
     }
 
     fn send_after(&mut self, delay_ms: u32, message: wit::Payload) -> Result<(), String> {
         self.effect(|d| {
             if delay_ms > d.limits.max_timer_delay_ms {
-                return Err(format!("delay over the limit of {} ms", d.limits.max_timer_delay_ms));
+                return Err(format!(
+                    "delay over the limit of {} ms",
+                    d.limits.max_timer_delay_ms
+                ));
             }
-            Ok(Effect::SendAfter { delay: Duration::from_millis(delay_ms.into()), message: d.payload(message)? })
+            Ok(Effect::SendAfter {
+                delay: Duration::from_millis(delay_ms.into()),
+                message: d.payload(message)?,
+            })
         })
     }
 
@@ -491,14 +585,19 @@ impl WasmRoom {
     }
 
     /// Turns a call's result into outcome + effects; a trap kills the instance.
-    fn finish<T>(&mut self, result: wasmtime::Result<Result<T, String>>) -> Result<(T, Vec<Effect>), CallError> {
+    fn finish<T>(
+        &mut self,
+        result: wasmtime::Result<Result<T, String>>,
+    ) -> Result<(T, Vec<Effect>), CallError> {
         let effects = std::mem::take(&mut self.store.data_mut().effects);
         match result {
             Ok(Ok(value)) => Ok((value, effects)),
             Ok(Err(message)) => Err(CallError::Failed(message)),
             Err(trap) => {
                 let cause = match trap.downcast_ref::<wasmtime::Trap>() {
-                    Some(wasmtime::Trap::Interrupt) => format!("time limit of {:?} exceeded", self.call_time),
+                    Some(wasmtime::Trap::Interrupt) => {
+                        format!("time limit of {:?} exceeded", self.call_time)
+                    }
                     Some(t) => format!("trap: {t}"),
                     None => format!("{trap:#}"),
                 };
@@ -510,13 +609,22 @@ impl WasmRoom {
 }
 
 impl RoomLogic for WasmRoom {
-    fn join<'a>(&'a mut self, payload: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<JoinOutcome>> {
+    fn join<'a>(
+        &'a mut self,
+        payload: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<JoinOutcome>> {
         Box::pin(async move {
             self.begin()?;
             let r = self
                 .bindings
                 .cinder_channel_handler()
-                .call_join(&mut self.store, &socket.topic, &to_wit_payload(payload), &to_wit_socket(socket))
+                .call_join(
+                    &mut self.store,
+                    &socket.topic,
+                    &to_wit_payload(payload),
+                    &to_wit_socket(socket),
+                )
                 .await;
             let (outcome, effects) = self.finish(r)?;
             match outcome {
@@ -528,9 +636,11 @@ impl RoomLogic for WasmRoom {
                     assigns: check_assigns(ok.assigns)?,
                     effects,
                 }),
-                wit::JoinOutcome::Error(reply) => {
-                    Ok(Handled { outcome: JoinOutcome::Refused(json_payload(reply)?), assigns: None, effects })
-                }
+                wit::JoinOutcome::Error(reply) => Ok(Handled {
+                    outcome: JoinOutcome::Refused(json_payload(reply)?),
+                    assigns: None,
+                    effects,
+                }),
             }
         })
     }
@@ -546,19 +656,31 @@ impl RoomLogic for WasmRoom {
             let r = self
                 .bindings
                 .cinder_channel_handler()
-                .call_handle_in(&mut self.store, event, &to_wit_payload(payload), &to_wit_socket(socket))
+                .call_handle_in(
+                    &mut self.store,
+                    event,
+                    &to_wit_payload(payload),
+                    &to_wit_socket(socket),
+                )
                 .await;
             let (result, effects) = self.finish(r)?;
-            let reply = |r: wit::Reply| Ok::<_, CallError>((status(r.status), reply_payload(r.response)?));
+            let reply =
+                |r: wit::Reply| Ok::<_, CallError>((status(r.status), reply_payload(r.response)?));
             let outcome = match result.outcome {
                 wit::InOutcome::Noreply => InOutcome::NoReply,
                 wit::InOutcome::Reply(r) => {
                     let (s, p) = reply(r)?;
                     InOutcome::Reply(s, p)
                 }
-                wit::InOutcome::Stop(stop) => InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?),
+                wit::InOutcome::Stop(stop) => {
+                    InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?)
+                }
             };
-            Ok(Handled { outcome, assigns: check_assigns(result.assigns)?, effects })
+            Ok(Handled {
+                outcome,
+                assigns: check_assigns(result.assigns)?,
+                effects,
+            })
         })
     }
 
@@ -573,27 +695,44 @@ impl RoomLogic for WasmRoom {
             let r = self
                 .bindings
                 .cinder_channel_handler()
-                .call_handle_out(&mut self.store, event, &to_wit_payload(payload), &to_wit_socket(socket))
+                .call_handle_out(
+                    &mut self.store,
+                    event,
+                    &to_wit_payload(payload),
+                    &to_wit_socket(socket),
+                )
                 .await;
             let (result, effects) = self.finish(r)?;
             info_result(result, effects)
         })
     }
 
-    fn handle_info<'a>(&'a mut self, message: Payload, socket: &'a ChannelSocket) -> BoxFuture<'a, CallResult<InfoOutcome>> {
+    fn handle_info<'a>(
+        &'a mut self,
+        message: Payload,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
         Box::pin(async move {
             self.begin()?;
             let r = self
                 .bindings
                 .cinder_channel_handler()
-                .call_handle_info(&mut self.store, &to_wit_payload(message), &to_wit_socket(socket))
+                .call_handle_info(
+                    &mut self.store,
+                    &to_wit_payload(message),
+                    &to_wit_socket(socket),
+                )
                 .await;
             let (result, effects) = self.finish(r)?;
             info_result(result, effects)
         })
     }
 
-    fn terminate<'a>(&'a mut self, reason: &'a str, socket: &'a ChannelSocket) -> BoxFuture<'a, Result<(), CallError>> {
+    fn terminate<'a>(
+        &'a mut self,
+        reason: &'a str,
+        socket: &'a ChannelSocket,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
         Box::pin(async move {
             self.begin()?;
             let r = self
@@ -612,7 +751,11 @@ fn info_result(result: wit::InfoResult, effects: Vec<Effect>) -> CallResult<Info
         wit::InfoOutcome::Noreply => InfoOutcome::NoReply,
         wit::InfoOutcome::Stop(reason) => InfoOutcome::Stop(reason),
     };
-    Ok(Handled { outcome, assigns: check_assigns(result.assigns)?, effects })
+    Ok(Handled {
+        outcome,
+        assigns: check_assigns(result.assigns)?,
+        effects,
+    })
 }
 
 #[cfg(test)]

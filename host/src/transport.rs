@@ -51,7 +51,10 @@ pub async fn websocket(
         Ok(vsn) => vsn,
         Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
     };
-    let token = params.get(protocol::TOKEN_PARAM).cloned().or_else(|| subprotocol_token(&headers));
+    let token = params
+        .get(protocol::TOKEN_PARAM)
+        .cloned()
+        .or_else(|| subprotocol_token(&headers));
     let identity = match app.verifier.verify(token.as_deref()) {
         Ok(identity) => identity,
         Err(e) => {
@@ -92,7 +95,10 @@ fn close(code: u16, reason: &str) -> Option<CloseFrame> {
     while !reason.is_char_boundary(cut) {
         cut -= 1;
     }
-    Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..cut]) })
+    Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..cut]),
+    })
 }
 
 fn to_ws(frame: Frame) -> Option<WsMessage> {
@@ -105,20 +111,41 @@ fn to_ws(frame: Frame) -> Option<WsMessage> {
 /// Encodes one outbound item for this socket, or `None` when there is nothing to write.
 fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> {
     let frame = match item {
-        Outbound::Reply { join_ref, msg_ref, topic, status, payload } => {
-            protocol::encode_reply(vsn, join_ref.as_deref(), msg_ref.as_deref(), &topic, status, &payload)
-        }
-        Outbound::Push { join_ref, topic, event, payload } => {
-            protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload)
-        }
+        Outbound::Reply {
+            join_ref,
+            msg_ref,
+            topic,
+            status,
+            payload,
+        } => protocol::encode_reply(
+            vsn,
+            join_ref.as_deref(),
+            msg_ref.as_deref(),
+            &topic,
+            status,
+            &payload,
+        ),
+        Outbound::Push {
+            join_ref,
+            topic,
+            event,
+            payload,
+        } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload),
         Outbound::Broadcast(b) => {
             if !session.is_joined(&b.topic) {
                 return None;
             }
             return b.frame(vsn).cloned().and_then(to_ws);
         }
-        Outbound::Close { topic, join_ref } => Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic)),
-        Outbound::ChannelDown { topic, join_ref, member, crashed } => {
+        Outbound::Close { topic, join_ref } => {
+            Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
+        }
+        Outbound::ChannelDown {
+            topic,
+            join_ref,
+            member,
+            crashed,
+        } => {
             if !session.channel_down(&topic, member) {
                 return None;
             }
@@ -234,9 +261,15 @@ mod tests {
     fn reads_the_token_from_the_subprotocol_header() {
         let mut headers = HeaderMap::new();
         // btoa("abc.def") without padding, as the JS client sends it.
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix, base64url.bearer.phx.YWJjLmRlZg"));
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("phoenix, base64url.bearer.phx.YWJjLmRlZg"),
+        );
         assert_eq!(subprotocol_token(&headers).as_deref(), Some("abc.def"));
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix"));
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("phoenix"),
+        );
         assert_eq!(subprotocol_token(&headers), None);
     }
 

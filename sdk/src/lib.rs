@@ -200,7 +200,13 @@ impl Socket {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
         };
-        Socket { id: s.id, topic: s.topic, join_ref: s.join_ref, assigns, changed: false }
+        Socket {
+            id: s.id,
+            topic: s.topic,
+            join_ref: s.join_ref,
+            assigns,
+            changed: false,
+        }
     }
 
     /// The socket id (`user_socket:<user_id>`), if the connect token named a user.
@@ -239,7 +245,8 @@ impl Socket {
     }
 
     fn changed_assigns(&self) -> Option<String> {
-        self.changed.then(|| Value::Object(self.assigns.clone()).to_string())
+        self.changed
+            .then(|| Value::Object(self.assigns.clone()).to_string())
     }
 }
 
@@ -264,12 +271,18 @@ pub struct Reply {
 impl Reply {
     /// `{"status":"ok","response":...}`
     pub fn ok(response: impl Into<Payload>) -> Reply {
-        Reply { status: Status::Ok, response: response.into() }
+        Reply {
+            status: Status::Ok,
+            response: response.into(),
+        }
     }
 
     /// `{"status":"error","response":...}`
     pub fn error(response: impl Into<Payload>) -> Reply {
-        Reply { status: Status::Error, response: response.into() }
+        Reply {
+            status: Status::Error,
+            response: response.into(),
+        }
     }
 
     fn into_wit(self) -> w::Reply {
@@ -277,7 +290,10 @@ impl Reply {
             Status::Ok => w::Status::Ok,
             Status::Error => w::Status::Error,
         };
-        w::Reply { status, response: self.response.into() }
+        w::Reply {
+            status,
+            response: self.response.into(),
+        }
     }
 }
 
@@ -338,11 +354,21 @@ pub trait Channel: Default + 'static {
     fn join(&mut self, topic: &str, payload: Payload, socket: &mut Socket) -> Result<Join, Error>;
 
     /// The client sent `event` on this channel.
-    fn handle_in(&mut self, event: &str, payload: Payload, socket: &mut Socket) -> Result<InOutcome, Error>;
+    fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        socket: &mut Socket,
+    ) -> Result<InOutcome, Error>;
 
     /// An intercepted broadcast is about to reach this channel (once per subscriber).
     /// The default pushes it unchanged.
-    fn handle_out(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
+    fn handle_out(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<Outcome, Error> {
         push(event, payload)?;
         Ok(Outcome::NoReply)
     }
@@ -410,13 +436,21 @@ fn info_result(outcome: Result<Outcome, Error>, socket: &Socket) -> Result<w::In
         Outcome::NoReply => w::InfoOutcome::Noreply,
         Outcome::Stop(reason) => w::InfoOutcome::Stop(reason),
     };
-    Ok(w::InfoResult { outcome, assigns: socket.changed_assigns() })
+    Ok(w::InfoResult {
+        outcome,
+        assigns: socket.changed_assigns(),
+    })
 }
 
 impl<T: Channel> Guest for Export<T> {
-    fn join(topic: String, payload: w::Payload, socket: w::Socket) -> Result<w::JoinOutcome, String> {
+    fn join(
+        topic: String,
+        payload: w::Payload,
+        socket: w::Socket,
+    ) -> Result<w::JoinOutcome, String> {
         let mut socket = Socket::from_wit(socket);
-        let join = with_room(|room: &mut T| room.join(&topic, payload.into(), &mut socket)).map_err(|e| e.0)?;
+        let join = with_room(|room: &mut T| room.join(&topic, payload.into(), &mut socket))
+            .map_err(|e| e.0)?;
         Ok(match join {
             Join::Ok(reply) => w::JoinOutcome::Ok(w::JoinOk {
                 reply: reply.map(|r| r.to_string()),
@@ -426,20 +460,36 @@ impl<T: Channel> Guest for Export<T> {
         })
     }
 
-    fn handle_in(event: String, payload: w::Payload, socket: w::Socket) -> Result<w::InResult, String> {
+    fn handle_in(
+        event: String,
+        payload: w::Payload,
+        socket: w::Socket,
+    ) -> Result<w::InResult, String> {
         let mut socket = Socket::from_wit(socket);
-        let outcome = with_room(|room: &mut T| room.handle_in(&event, payload.into(), &mut socket)).map_err(|e| e.0)?;
+        let outcome = with_room(|room: &mut T| room.handle_in(&event, payload.into(), &mut socket))
+            .map_err(|e| e.0)?;
         let outcome = match outcome {
             InOutcome::NoReply => w::InOutcome::Noreply,
             InOutcome::Reply(reply) => w::InOutcome::Reply(reply.into_wit()),
-            InOutcome::Stop { reason, reply } => w::InOutcome::Stop(w::Stop { reason, reply: reply.map(Reply::into_wit) }),
+            InOutcome::Stop { reason, reply } => w::InOutcome::Stop(w::Stop {
+                reason,
+                reply: reply.map(Reply::into_wit),
+            }),
         };
-        Ok(w::InResult { outcome, assigns: socket.changed_assigns() })
+        Ok(w::InResult {
+            outcome,
+            assigns: socket.changed_assigns(),
+        })
     }
 
-    fn handle_out(event: String, payload: w::Payload, socket: w::Socket) -> Result<w::InfoResult, String> {
+    fn handle_out(
+        event: String,
+        payload: w::Payload,
+        socket: w::Socket,
+    ) -> Result<w::InfoResult, String> {
         let mut socket = Socket::from_wit(socket);
-        let outcome = with_room(|room: &mut T| room.handle_out(&event, payload.into(), &mut socket));
+        let outcome =
+            with_room(|room: &mut T| room.handle_out(&event, payload.into(), &mut socket));
         info_result(outcome, &socket)
     }
 
@@ -457,8 +507,22 @@ impl<T: Channel> Guest for Export<T> {
 
 /// Exports a [`Channel`] implementation as the plugin's `cinder:channel/handler`.
 ///
-/// ```ignore
-/// cinder_sdk::export_channel!(MyRoom);
+/// ```no_run
+/// use cinder_sdk::{Channel, Error, InOutcome, Join, Payload, Socket};
+///
+/// #[derive(Default)]
+/// struct Echo;
+///
+/// impl Channel for Echo {
+///     fn join(&mut self, _topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<Join, Error> {
+///         Ok(Join::ok())
+///     }
+///     fn handle_in(&mut self, _event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+///         Ok(InOutcome::Reply(cinder_sdk::Reply::ok(payload)))
+///     }
+/// }
+///
+/// cinder_sdk::export_channel!(Echo);
 /// ```
 #[macro_export]
 macro_rules! export_channel {
@@ -466,7 +530,7 @@ macro_rules! export_channel {
         #[allow(unsafe_code)]
         const _: () = {
             type __CinderExport = $crate::Export<$room>;
-            $crate::wit::__export_cinder_channel!(__CinderExport with_types_in $crate::wit);
+    $crate::wit::__export_cinder_channel!(__CinderExport with_types_in $crate::wit);
         };
     };
 }

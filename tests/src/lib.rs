@@ -1,1 +1,228 @@
-//! x
+//! Helpers for end-to-end tests: a Cinder server started in-process on port 0 with the
+//! test plugins, and a raw Phoenix V1/V2 WebSocket client (tokio-tungstenite) that speaks
+//! frames as JSON values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cinder::config::{Config, Secrets};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Secret the test server signs connect tokens with.
+pub const SECRET: &str = "test-secret";
+/// The test server's admin token.
+pub const ADMIN: &str = "test-admin";
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Where `make plugins` puts the example and test plugins.
+pub fn test_plugins_dir() -> PathBuf {
+    let dir = std::env::var_os("CINDER_TEST_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-plugins")
+        });
+    assert!(
+        dir.join("chat.wasm").exists(),
+        "no plugins in {}: run `make plugins` first",
+        dir.display()
+    );
+    dir
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+    _data: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl TestServer {
+    /// A server with default limits and the test plugins.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose configuration `tweak` may change first.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let data = std::env::temp_dir().join(format!(
+            "cinder-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            plugins_dir: Some(test_plugins_dir()),
+            data_dir: data.clone(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let secrets = Secrets {
+            jwt_secret: SECRET.into(),
+            admin_token: ADMIN.into(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cinder::serve(listener, config, secrets, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(stop),
+            task,
+            _data: TempDir(data),
+        }
+    }
+
+    /// A connect token for `user_id`.
+    pub fn token(&self, user_id: &str) -> String {
+        cinder::auth::mint(SECRET, user_id, 3600).expect("mint")
+    }
+
+    /// The WebSocket URL with this query string.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/socket/websocket?{query}", self.addr)
+    }
+
+    /// A V2 client for `user_id`.
+    pub async fn client(&self, user_id: &str) -> Client {
+        Client::connect(&self.ws_url(&format!("vsn=2.0.0&token={}", self.token(user_id))))
+            .await
+            .expect("connects")
+    }
+
+    /// Stops the server (as on SIGTERM) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = &mut self.task;
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("server stops")
+            .expect("join")
+            .expect("serve");
+    }
+}
+
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A raw WebSocket client speaking Phoenix frames.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    /// Connects; `Err` carries the HTTP status of a refused upgrade.
+    pub async fn connect(url: &str) -> Result<Client, u16> {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    /// Sends a frame given as JSON.
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws.send(Message::binary(data)).await.expect("send");
+    }
+
+    /// The next data message (text or binary), skipping pings; panics on close or timeout.
+    pub async fn recv_message(&mut self) -> Message {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("socket open")
+                .expect("read");
+            match msg {
+                Message::Text(_) | Message::Binary(_) => return msg,
+                Message::Close(frame) => panic!("socket closed: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next text frame as JSON.
+    pub async fn recv(&mut self) -> Value {
+        match self.recv_message().await {
+            Message::Text(text) => serde_json::from_str(&text).expect("JSON frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Sends `phx_join` and returns the reply frame.
+    pub async fn join(&mut self, join_ref: &str, topic: &str, payload: Value) -> Value {
+        self.send(json!([join_ref, join_ref, topic, "phx_join", payload]))
+            .await;
+        self.recv().await
+    }
+
+    /// Waits for the server to close the socket; returns its close frame.
+    pub async fn closed(&mut self) -> Option<CloseFrame> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close within the wait")
+            {
+                None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for `ms` milliseconds.
+    pub async fn silent_for(&mut self, ms: u64) {
+        if let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_millis(ms), self.ws.next()).await
+        {
+            panic!("expected silence, got {msg:?}");
+        }
+    }
+}
+
+/// `["jr","ref",topic,"phx_reply",{"status":...,"response":...}]`
+pub fn reply(
+    join_ref: Option<&str>,
+    msg_ref: &str,
+    topic: &str,
+    status: &str,
+    response: Value,
+) -> Value {
+    json!([join_ref, msg_ref, topic, "phx_reply", {"status": status, "response": response}])
+}

@@ -6,7 +6,9 @@
 //! - `new_message` is intercepted, so each subscriber's copy goes through `handle_out`,
 //!   which pushes it (the place to filter or personalise per user).
 
-use cinder_sdk::{Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push};
+use cinder_sdk::{
+    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -21,7 +23,12 @@ struct NewMessage {
 const NEW_MESSAGE: &str = "new_message";
 
 impl Channel for Chat {
-    fn join(&mut self, topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<Join, Error> {
+    fn join(
+        &mut self,
+        topic: &str,
+        _payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<Join, Error> {
         if topic == "room:lobby" {
             Ok(Join::ok())
         } else {
@@ -29,20 +36,34 @@ impl Channel for Chat {
         }
     }
 
-    fn handle_in(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+    fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<InOutcome, Error> {
         match event {
             NEW_MESSAGE => match payload.parse::<NewMessage>() {
                 Ok(msg) => {
                     broadcast(NEW_MESSAGE, json!({"body": msg.body}))?;
                     Ok(InOutcome::NoReply)
                 }
-                Err(_) => Ok(InOutcome::Reply(Reply::error(json!({"reason": "new_message needs a string body"})))),
+                Err(_) => Ok(InOutcome::Reply(Reply::error(
+                    json!({"reason": "new_message needs a string body"}),
+                ))),
             },
-            _ => Ok(InOutcome::Reply(Reply::error(json!({"reason": format!("unknown event {event}")})))),
+            _ => Ok(InOutcome::Reply(Reply::error(
+                json!({"reason": format!("unknown event {event}")}),
+            ))),
         }
     }
 
-    fn handle_out(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
+    fn handle_out(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<Outcome, Error> {
         push(event, payload)?;
         Ok(Outcome::NoReply)
     }

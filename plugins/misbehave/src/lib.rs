@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use cinder_sdk::{Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, push, send_after};
+use cinder_sdk::{
+    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, push, send_after,
+};
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -19,20 +21,36 @@ struct Misbehave {
 }
 
 fn arg(payload: &Payload, key: &str) -> u64 {
-    payload.parse::<Value>().ok().and_then(|v| v.get(key).and_then(Value::as_u64)).unwrap_or(0)
+    payload
+        .parse::<Value>()
+        .ok()
+        .and_then(|v| v.get(key).and_then(Value::as_u64))
+        .unwrap_or(0)
 }
 
+/// Never returns: each frame keeps a block on the stack until the stack overflows.
 #[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
-    std::hint::black_box(recurse(depth + 1)) + 1
+    let frame = std::hint::black_box([depth; 64]);
+    recurse(depth + 1) + frame[63]
 }
 
 impl Channel for Misbehave {
-    fn join(&mut self, _topic: &str, _payload: Payload, _socket: &mut Socket) -> Result<Join, Error> {
+    fn join(
+        &mut self,
+        _topic: &str,
+        _payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<Join, Error> {
         Ok(Join::ok())
     }
 
-    fn handle_in(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+    fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<InOutcome, Error> {
         self.calls += 1;
         let reply = |v: Value| Ok(InOutcome::Reply(Reply::ok(v)));
         match event {
@@ -40,7 +58,10 @@ impl Channel for Misbehave {
             "echo" => Ok(InOutcome::Reply(Reply::ok(payload))),
             "error" => Err(Error("asked to fail".into())),
             "panic" => panic!("asked to panic"),
-            "stop" => Ok(InOutcome::Stop { reason: "asked to stop".into(), reply: Some(Reply::ok(json!({"stopping": true}))) }),
+            "stop" => Ok(InOutcome::Stop {
+                reason: "asked to stop".into(),
+                reply: Some(Reply::ok(json!({"stopping": true}))),
+            }),
             "loop" => loop {
                 std::hint::black_box(self.calls);
             },
@@ -52,7 +73,9 @@ impl Channel for Misbehave {
             }
             "push-flood" => {
                 let n = arg(&payload, "n");
-                let accepted = (0..n).take_while(|i| push("flood", json!({"i": i})).is_ok()).count();
+                let accepted = (0..n)
+                    .take_while(|i| push("flood", json!({"i": i})).is_ok())
+                    .count();
                 reply(json!({"accepted": accepted}))
             }
             "big-reply" => reply(json!({"data": "x".repeat(arg(&payload, "bytes") as usize)})),
@@ -64,10 +87,15 @@ impl Channel for Misbehave {
                 reply(json!({"slept": true}))
             }
             "later" => {
-                send_after(Duration::from_millis(arg(&payload, "ms")), json!({"tick": true}))?;
+                send_after(
+                    Duration::from_millis(arg(&payload, "ms")),
+                    json!({"tick": true}),
+                )?;
                 Ok(InOutcome::NoReply)
             }
-            other => Ok(InOutcome::Reply(Reply::error(json!({"reason": format!("unknown command {other}")})))),
+            other => Ok(InOutcome::Reply(Reply::error(
+                json!({"reason": format!("unknown command {other}")}),
+            ))),
         }
     }
 

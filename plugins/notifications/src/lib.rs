@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use cinder_sdk::{Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push};
+use cinder_sdk::{
+    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -48,11 +50,20 @@ impl Channel for Notifications {
         }
     }
 
-    fn handle_in(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<InOutcome, Error> {
+    fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<InOutcome, Error> {
         match event {
             "mark_read" => {
                 let id = payload.parse::<MarkRead>().ok().map(|m| m.notification_id);
-                match id.as_ref().and_then(id_key).and_then(|key| self.unread.remove(&key)) {
+                match id
+                    .as_ref()
+                    .and_then(id_key)
+                    .and_then(|key| self.unread.remove(&key))
+                {
                     Some(id) => {
                         broadcast("notification_marked_read", json!({"id": id}))?;
                         Ok(InOutcome::Reply(Reply::ok(json!({}))))
@@ -60,15 +71,23 @@ impl Channel for Notifications {
                     None => Ok(InOutcome::Reply(Reply::error(json!({"reason": "failed"})))),
                 }
             }
-            _ => Ok(InOutcome::Reply(Reply::error(json!({"reason": format!("unknown event {event}")})))),
+            _ => Ok(InOutcome::Reply(Reply::error(
+                json!({"reason": format!("unknown event {event}")}),
+            ))),
         }
     }
 
-    fn handle_out(&mut self, event: &str, payload: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
-        if event == "notification" {
-            if let Some((key, id)) = payload.parse::<Notification>().ok().and_then(|n| Some((id_key(&n.id)?, n.id))) {
-                self.unread.insert(key, id);
-            }
+    fn handle_out(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        _socket: &mut Socket,
+    ) -> Result<Outcome, Error> {
+        let notification = (event == "notification")
+            .then(|| payload.parse::<Notification>().ok())
+            .flatten();
+        if let Some((key, id)) = notification.and_then(|n| Some((id_key(&n.id)?, n.id))) {
+            self.unread.insert(key, id);
         }
         push(event, payload)?;
         Ok(Outcome::NoReply)

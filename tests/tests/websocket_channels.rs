@@ -1,0 +1,415 @@
+//! The wire protocol through a real server, named like a protocol spec.
+
+use cinder_tests::{ADMIN, Client, TestServer, reply};
+use serde_json::json;
+
+#[tokio::test]
+async fn answers_heartbeats() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.send(json!([null, "1", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(c.recv().await, reply(None, "1", "phoenix", "ok", json!({})));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn joins_replies_and_broadcasts_in_v2() {
+    let server = TestServer::start().await;
+    let mut a = server.client("a").await;
+    let mut b = server.client("b").await;
+    assert_eq!(
+        a.join("1", "room:lobby", json!({})).await,
+        reply(Some("1"), "1", "room:lobby", "ok", json!({}))
+    );
+    assert_eq!(
+        b.join("7", "room:lobby", json!({})).await,
+        reply(Some("7"), "7", "room:lobby", "ok", json!({}))
+    );
+    a.send(json!(["1", "2", "room:lobby", "new_message", {"body": "hi"}]))
+        .await;
+    // Intercepted: handle_out pushes it, so each copy carries the member's join_ref.
+    assert_eq!(
+        a.recv().await,
+        json!(["1", null, "room:lobby", "new_message", {"body": "hi"}])
+    );
+    assert_eq!(
+        b.recv().await,
+        json!(["7", null, "room:lobby", "new_message", {"body": "hi"}])
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_joins_the_plugin_refuses_and_topics_no_plugin_serves() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    assert_eq!(
+        c.join("1", "room:secret", json!({})).await,
+        reply(
+            Some("1"),
+            "1",
+            "room:secret",
+            "error",
+            json!({"reason": "unauthorized"})
+        )
+    );
+    assert_eq!(
+        c.join("2", "nothing:here", json!({})).await,
+        reply(
+            Some("2"),
+            "2",
+            "nothing:here",
+            "error",
+            json!({"reason": "unmatched topic"})
+        )
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_websocket_events_that_havent_joined() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.send(json!(["1", "5", "room:lobby", "new_message", {"body": "x"}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        reply(
+            Some("1"),
+            "5",
+            "room:lobby",
+            "error",
+            json!({"reason": "unmatched topic"})
+        )
+    );
+    c.send(json!([null, "6", "room:lobby", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        reply(None, "6", "room:lobby", "ok", json!({}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn leave_replies_ok_then_closes_the_channel() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "room:lobby", json!({})).await;
+    c.send(json!(["1", "2", "room:lobby", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        reply(Some("1"), "2", "room:lobby", "ok", json!({}))
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "1", "room:lobby", "phx_close", {}])
+    );
+    c.send(json!(["1", "3", "room:lobby", "new_message", {"body": "x"}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        reply(
+            Some("1"),
+            "3",
+            "room:lobby",
+            "error",
+            json!({"reason": "unmatched topic"})
+        )
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_join_event_closes_existing_channel_after_the_new_reply() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "room:lobby", json!({})).await;
+    assert_eq!(
+        c.join("3", "room:lobby", json!({})).await,
+        reply(Some("3"), "3", "room:lobby", "ok", json!({}))
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "1", "room:lobby", "phx_close", {}])
+    );
+    c.send(json!(["3", "4", "room:lobby", "new_message", {"body": "x"}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!(["3", null, "room:lobby", "new_message", {"body": "x"}])
+    );
+    c.silent_for(100).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn drops_messages_with_a_stale_join_ref() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "bad:x", json!({})).await;
+    c.join("2", "bad:x", json!({})).await;
+    assert_eq!(c.recv().await, json!(["1", "1", "bad:x", "phx_close", {}]));
+    c.send(json!(["1", "3", "bad:x", "echo", {"stale": true}]))
+        .await;
+    c.silent_for(150).await;
+    c.send(json!(["2", "4", "bad:x", "echo", {"fresh": true}]))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        reply(Some("2"), "4", "bad:x", "ok", json!({"fresh": true}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_joins_over_the_channel_cap() {
+    let server = TestServer::start_with(|c| c.limits.max_channels_per_socket = 2).await;
+    let mut c = server.client("1").await;
+    c.join("1", "bad:1", json!({})).await;
+    c.join("2", "bad:2", json!({})).await;
+    assert_eq!(
+        c.join("3", "bad:3", json!({})).await,
+        reply(
+            Some("3"),
+            "3",
+            "bad:3",
+            "error",
+            json!({"reason": "too many channels joined"})
+        )
+    );
+    // A duplicate join is not a new channel.
+    assert_eq!(
+        c.join("4", "bad:2", json!({})).await,
+        reply(Some("4"), "4", "bad:2", "ok", json!({}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_plugin_stop_replies_then_sends_phx_close() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "bad:stop", json!({})).await;
+    c.send(json!(["1", "2", "bad:stop", "stop", {}])).await;
+    assert_eq!(
+        c.recv().await,
+        reply(Some("1"), "2", "bad:stop", "ok", json!({"stopping": true}))
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["1", "1", "bad:stop", "phx_close", {}])
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_trap_sends_phx_error_to_the_room_and_a_rejoin_gets_a_fresh_instance() {
+    let server = TestServer::start().await;
+    let mut a = server.client("a").await;
+    let mut b = server.client("b").await;
+    a.join("1", "bad:room", json!({})).await;
+    b.join("1", "bad:room", json!({})).await;
+    a.send(json!(["1", "2", "bad:room", "count", {}])).await;
+    assert_eq!(
+        a.recv().await,
+        reply(Some("1"), "2", "bad:room", "ok", json!({"count": 1}))
+    );
+    a.send(json!(["1", "3", "bad:room", "panic", {}])).await;
+    let crash = json!(["1", "1", "bad:room", "phx_error", {"reason": "channel_crash"}]);
+    assert_eq!(a.recv().await, crash);
+    assert_eq!(b.recv().await, crash);
+    a.join("4", "bad:room", json!({})).await;
+    a.send(json!(["4", "5", "bad:room", "count", {}])).await;
+    assert_eq!(
+        a.recv().await,
+        reply(Some("4"), "5", "bad:room", "ok", json!({"count": 1}))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn speaks_the_v1_serializer() {
+    let server = TestServer::start().await;
+    let url = server.ws_url(&format!("token={}", server.token("1")));
+    let mut c = Client::connect(&url).await.expect("connects");
+    c.send(json!({"topic": "room:lobby", "event": "phx_join", "payload": {}, "ref": "1"}))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"topic": "room:lobby", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"})
+    );
+    c.send(json!({"topic": "room:lobby", "event": "new_message", "payload": {"body": "v1"}, "ref": "2"})).await;
+    assert_eq!(
+        c.recv().await,
+        json!({"topic": "room:lobby", "event": "new_message", "payload": {"body": "v1"}, "ref": null})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn carries_v2_binary_pushes_and_replies() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "bad:bin", json!({})).await;
+    let mut frame = vec![0u8, 1, 1, 7, 4];
+    frame.extend_from_slice(b"12bad:binecho");
+    frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    c.send_binary(frame).await;
+    let mut expected = vec![1u8, 1, 1, 7, 2];
+    expected.extend_from_slice(b"12bad:binok");
+    expected.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(c.recv_message().await.into_data().to_vec(), expected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_bad_tokens_and_unknown_serializers_with_403() {
+    let server = TestServer::start().await;
+    let forged = cinder::auth::mint("other-secret", "1", 60).expect("mint");
+    for query in [
+        "vsn=2.0.0".to_string(),
+        format!("vsn=2.0.0&token={forged}"),
+        "vsn=2.0.0&token=abc.def.ghi".to_string(),
+        format!("vsn=3.0.0&token={}", server.token("1")),
+    ] {
+        assert_eq!(
+            Client::connect(&server.ws_url(&query)).await.err(),
+            Some(403),
+            "{query}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn closes_sockets_that_send_malformed_frames_with_1007() {
+    let server = TestServer::start().await;
+    for garbage in [
+        "nope",
+        "[\"1\",\"1\",\"t\"]",
+        "{\"topic\":1}",
+        "[1,2,3,4,5]",
+    ] {
+        let mut c = server.client("1").await;
+        c.send_text(garbage).await;
+        let frame = c.closed().await.expect("a close frame");
+        assert_eq!(u16::from(frame.code), 1007, "{garbage}");
+        assert!(frame.reason.contains("malformed"), "{}", frame.reason);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn closes_sockets_that_send_oversized_frames_with_1009() {
+    let server = TestServer::start_with(|c| c.limits.max_frame_bytes = 4096).await;
+    let mut c = server.client("1").await;
+    c.send_text(&format!(
+        "[null,\"1\",\"phoenix\",\"heartbeat\",{{\"pad\":\"{}\"}}]",
+        "x".repeat(8000)
+    ))
+    .await;
+    let frame = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1009);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn closes_idle_sockets() {
+    let server = TestServer::start_with(|c| c.limits.idle_timeout_secs = 1).await;
+    let mut c = server.client("1").await;
+    let frame = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1001);
+    assert_eq!(frame.reason.as_str(), "idle timeout");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1012() {
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "room:lobby", json!({})).await;
+    let stopping = tokio::spawn(server.stop());
+    let frame = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1012);
+    stopping.await.expect("server stopped");
+}
+
+#[tokio::test]
+async fn the_index_says_where_the_socket_is() {
+    let server = TestServer::start().await;
+    let body = http_get(server.addr, "/").await;
+    assert!(body.contains("\"socket\":\"/socket/websocket\""), "{body}");
+    assert!(body.contains("\"chat\""), "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn server_push_reaches_subscribers_and_needs_the_admin_token() {
+    let server = TestServer::start().await;
+    let mut c = server.client("42").await;
+    c.join("1", "user:42", json!({})).await;
+    let body = r#"{"topic":"user:42","event":"notification","payload":{"id":3}}"#;
+    assert!(
+        http_post(server.addr, "/api/broadcast", None, body)
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+    assert!(
+        http_post(server.addr, "/api/broadcast", Some("wrong"), body)
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+    assert!(
+        http_post(server.addr, "/api/broadcast", Some(ADMIN), "{")
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        http_post(server.addr, "/api/broadcast", Some(ADMIN), body)
+            .await
+            .starts_with("HTTP/1.1 202")
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["1", null, "user:42", "notification", {"id": 3}])
+    );
+    server.stop().await;
+}
+
+async fn http(addr: std::net::SocketAddr, request: String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    http(
+        addr,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
