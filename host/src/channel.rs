@@ -562,19 +562,20 @@ impl Room {
                 return;
             }
         };
-        let room_sink = (!self.route.intercepts.is_empty()).then(|| {
-            let id = self.hub.next_id();
-            let sink = RoomSink {
-                tx: self
-                    .tx
-                    .upgrade()
-                    .unwrap_or_else(|| unreachable!("the hub holds a sender")),
-                intercepts: self.route.intercepts.clone(),
-                topic: self.topic.clone(),
-            };
-            self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
-            id
-        });
+        // The hub holds a sender until this room removes itself, so the upgrade succeeds.
+        let room_sink = match (self.route.intercepts.is_empty(), self.tx.upgrade()) {
+            (false, Some(tx)) => {
+                let id = self.hub.next_id();
+                let sink = RoomSink {
+                    tx,
+                    intercepts: self.route.intercepts.clone(),
+                    topic: self.topic.clone(),
+                };
+                self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
+                Some(id)
+            }
+            _ => None,
+        };
         while let Some(msg) = rx.recv().await {
             let mut flow = self.handle(&mut *logic, msg).await;
             while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -100,6 +101,12 @@ pub async fn serve(
         .with_state(app.clone());
     tracing::info!(addr = %listener.local_addr()?, socket = %format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), "cinder listening");
     let stop = app.clone();
+    // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -1,0 +1,206 @@
+//! Load measurements against a real `cinder` server process on loopback.
+//!
+//! ```text
+//! cinder-bench idle [SOCKETS]        server RSS per idle socket joined to room:lobby
+//! cinder-bench first-join [ROOMS]    join latency of brand-new rooms over a WebSocket
+//! ```
+//!
+//! Starts `target/release/cinder` (or `$CINDER_BIN`) with the test plugins on a free port,
+//! measures, and stops it. Bounded in count and time; loopback only.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "bench-secret";
+const LIMIT: Duration = Duration::from_secs(300);
+
+struct Server {
+    child: Child,
+    addr: String,
+    _data: std::path::PathBuf,
+}
+
+async fn start_server() -> anyhow::Result<Server> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = std::env::var("CINDER_BIN")
+        .unwrap_or_else(|_| root.join("target/release/cinder").display().to_string());
+    let plugins = cinder_tests::test_plugins_dir();
+    let data = std::env::temp_dir().join(format!("cinder-bench-{}", std::process::id()));
+    let mut child = Command::new(&bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--admin-token",
+            "bench",
+        ])
+        .arg("--plugins-dir")
+        .arg(&plugins)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--max-rooms", "2000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!("starting {bin}: {e} (build it: cargo build --release -p cinder)")
+        })?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+        if let Some(addr) = line.strip_prefix("cinder listening on http://") {
+            break addr.to_owned();
+        }
+    };
+    Ok(Server {
+        child,
+        addr,
+        _data: data,
+    })
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(addr: &str, user: usize) -> anyhow::Result<Ws> {
+    let token = cinder::auth::mint(SECRET, &user.to_string(), 3600)?;
+    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+    Ok(ws)
+}
+
+async fn join(ws: &mut Ws, join_ref: &str, topic: &str) -> anyhow::Result<()> {
+    ws.send(Message::text(
+        json!([join_ref, join_ref, topic, "phx_join", {}]).to_string(),
+    ))
+    .await?;
+    while let Some(msg) = ws.next().await {
+        let Message::Text(text) = msg? else { continue };
+        let frame: serde_json::Value = serde_json::from_str(&text)?;
+        if frame[1] == join_ref && frame[3] == "phx_reply" {
+            anyhow::ensure!(frame[4]["status"] == "ok", "join refused: {text}");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("socket closed during join")
+}
+
+async fn idle(sockets: usize) -> anyhow::Result<()> {
+    let mut server = start_server().await?;
+    let pid = server.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    // One member first, so the room and its instance exist before the baseline.
+    let mut first = open(&server.addr, 0).await?;
+    join(&mut first, "1", "room:lobby").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid)?;
+    let mut all = Vec::with_capacity(sockets);
+    for chunk in (0..sockets).collect::<Vec<_>>().chunks(200) {
+        let batch = futures_util::future::try_join_all(chunk.iter().map(|&i| {
+            let addr = server.addr.clone();
+            async move {
+                let mut ws = open(&addr, i + 1).await?;
+                join(&mut ws, "1", "room:lobby").await?;
+                anyhow::Ok(ws)
+            }
+        }))
+        .await?;
+        all.extend(batch);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    println!(
+        "idle: {sockets} sockets joined to room:lobby; server RSS {before} KiB -> {after} KiB; {:.2} KiB per socket",
+        (after.saturating_sub(before)) as f64 / sockets as f64
+    );
+    drop(all);
+    server.child.kill().await?;
+    Ok(())
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.99))
+}
+
+async fn first_join(rooms: usize) -> anyhow::Result<()> {
+    let mut server = start_server().await?;
+    let mut ws = open(&server.addr, 1).await?;
+    // The round trip of a heartbeat is the floor any join latency stands on.
+    let mut floor = Vec::with_capacity(rooms);
+    for i in 0..rooms {
+        let start = Instant::now();
+        ws.send(Message::text(
+            json!([null, format!("h{i}"), "phoenix", "heartbeat", {}]).to_string(),
+        ))
+        .await?;
+        ws.next().await.ok_or_else(|| anyhow::anyhow!("closed"))??;
+        floor.push(start.elapsed());
+    }
+    let (floor_median, floor_p99) = percentiles(floor);
+    println!(
+        "heartbeat round trip over loopback: median {floor_median:.1} µs, p99 {floor_p99:.1} µs"
+    );
+    let mut samples = Vec::with_capacity(rooms);
+    for i in 0..rooms {
+        let topic = format!("bad:fresh-{i}");
+        let start = Instant::now();
+        join(&mut ws, &i.to_string(), &topic).await?;
+        samples.push(start.elapsed());
+        ws.send(Message::text(
+            json!([i.to_string(), "l", topic, "phx_leave", {}]).to_string(),
+        ))
+        .await?;
+    }
+    let (median, p99) = percentiles(samples);
+    println!(
+        "first-join: {rooms} new rooms, join request to ok reply over loopback: median {median:.1} µs, p99 {p99:.1} µs"
+    );
+    server.child.kill().await?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let count = |default: usize| args.get(1).and_then(|n| n.parse().ok()).unwrap_or(default);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let work = async {
+            match args.first().map(String::as_str) {
+                Some("idle") => idle(count(10_000)).await,
+                Some("first-join") => first_join(count(1_000)).await,
+                _ => anyhow::bail!("usage: cinder-bench idle [SOCKETS] | first-join [ROOMS]"),
+            }
+        };
+        tokio::time::timeout(LIMIT, work)
+            .await
+            .map_err(|_| anyhow::anyhow!("gave up after {LIMIT:?}"))?
+    })
+}
