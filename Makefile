@@ -8,7 +8,7 @@ PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
 
-.PHONY: run test plugins wasm-target lint test-rust test-js clean-data
+.PHONY: run test plugins wasm-target lint test-rust test-js bench
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -45,3 +45,10 @@ test-js: plugins
 
 # The whole suite.
 test: lint test-rust test-js
+
+# Benchmarks (not part of the suite); docs/benchmarks.md explains the method.
+bench: plugins
+	$(CARGO) build --release -p cinder -p cinder-tests
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench plugin_calls
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench first-join 1000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench idle 10000
