@@ -82,6 +82,18 @@ pub struct ServeArgs {
     /// Time one plugin call may run, in milliseconds [default: 10].
     #[arg(long)]
     pub plugin_call_ms: Option<u64>,
+    /// Pushes and broadcasts one plugin call may make [default: 1024].
+    #[arg(long)]
+    pub max_messages_per_call: Option<usize>,
+    /// Largest payload a plugin may push or broadcast, in bytes [default: 1048576].
+    #[arg(long)]
+    pub max_plugin_payload_bytes: Option<usize>,
+    /// Pending send-after timers per channel [default: 64].
+    #[arg(long)]
+    pub max_timers_per_channel: Option<usize>,
+    /// Longest send-after delay, in milliseconds [default: 86400000].
+    #[arg(long)]
+    pub max_timer_delay_ms: Option<u32>,
 }
 
 /// Options of `cinder token`.
@@ -239,6 +251,10 @@ impl Config {
         set(&mut l.max_rooms, &a.max_rooms);
         set(&mut l.plugin_memory_bytes, &a.plugin_memory_bytes);
         set(&mut l.plugin_call_ms, &a.plugin_call_ms);
+        set(&mut l.max_messages_per_call, &a.max_messages_per_call);
+        set(&mut l.max_plugin_payload_bytes, &a.max_plugin_payload_bytes);
+        set(&mut l.max_timers_per_channel, &a.max_timers_per_channel);
+        set(&mut l.max_timer_delay_ms, &a.max_timer_delay_ms);
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -23,6 +23,8 @@ use crate::protocol::{self, Frame, Vsn};
 pub mod close_code {
     /// The server is going away: idle timeout.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A frame could not be decoded.
     pub const INVALID_DATA: u16 = 1007;
     /// The client did not read fast enough: its outbound queue is full.
@@ -188,6 +190,41 @@ async fn write_batch(
     ws.flush().await
 }
 
+/// Resolves once the server is shutting down.
+async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the sender is gone: the server is gone too.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn too_slow(limits: &crate::config::Limits) -> Option<CloseFrame> {
+    tracing::info!(
+        limit = limits.outbound_queue_bytes,
+        "slow client disconnected: outbound queue full"
+    );
+    close(close_code::POLICY, "outbound queue full: client too slow")
+}
+
+/// The close frame for a failed read: the client broke a limit or the WebSocket protocol.
+fn read_failure(e: axum::Error, limits: &crate::config::Limits) -> Option<CloseFrame> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match e.into_inner().downcast::<WsError>().map(|e| *e) {
+        Ok(WsError::Capacity(_)) => close(
+            close_code::TOO_BIG,
+            &format!("frame over {} bytes", limits.max_frame_bytes),
+        ),
+        Ok(WsError::Utf8(_)) => close(close_code::INVALID_DATA, "text frame is not UTF-8"),
+        Ok(WsError::Protocol(p)) => close(close_code::PROTOCOL_ERROR, &p.to_string()),
+        Ok(other) => {
+            tracing::debug!(error = %other, "websocket read failed");
+            None
+        }
+        Err(other) => {
+            tracing::debug!(error = %other, "websocket read failed");
+            None
+        }
+    }
+}
+
 struct LiveGuard(Arc<AppState>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -209,13 +246,18 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
     let close_frame = loop {
         tokio::select! {
             biased;
-            () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break close(close_code::RESTART, "server restart"),
-            () = overflow.wait() => {
-                tracing::info!("slow client disconnected: outbound queue over {} bytes", limits.outbound_queue_bytes);
-                break close(close_code::POLICY, "outbound queue full: client too slow");
-            }
+            () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
+            () = overflow.wait() => break too_slow(&limits),
             Some(item) = rx.recv() => {
-                if write_batch(&mut ws, vsn, &mut session, &mut rx, item).await.is_err() {
+                // A client that does not read blocks this write; overflow and shutdown
+                // must still end it.
+                let written = tokio::select! {
+                    biased;
+                    () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
+                    () = overflow.wait() => break too_slow(&limits),
+                    written = write_batch(&mut ws, vsn, &mut session, &mut rx, item) => written,
+                };
+                if written.is_err() {
                     break None;
                 }
             }
@@ -223,14 +265,7 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
                 idle.as_mut().reset(Instant::now() + limits.idle_timeout());
                 let decoded = match incoming {
                     None | Some(Ok(WsMessage::Close(_))) => break None,
-                    Some(Err(e)) => {
-                        let text = e.to_string();
-                        if text.contains("too long") || text.contains("too big") {
-                            break close(close_code::TOO_BIG, &format!("frame over {} bytes", limits.max_frame_bytes));
-                        }
-                        tracing::debug!(error = %text, "websocket read failed");
-                        break None;
-                    }
+                    Some(Err(e)) => break read_failure(e, &limits),
                     Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
                     Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,

@@ -4,7 +4,8 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import { Socket } from "phoenix";
-import { connect, join, mint, next, push, rawUpgrade, startServer, until } from "./helpers.mjs";
+import { execFileSync } from "node:child_process";
+import { SECRET, connect, join, mint, next, push, rawUpgrade, startServer, until } from "./helpers.mjs";
 
 let server;
 before(async () => { server = await startServer(); });
@@ -163,5 +164,17 @@ describe("hostile frames", () => {
     assert.deepEqual(ok, { event: "phx_reply", payload: { status: "ok", response: {} } });
     await until(() => s.isConnected());
     s.disconnect();
+  });
+});
+
+describe("cinder token", () => {
+  test("mints a token the server accepts", async () => {
+    const args = ["token", "--user-id", "42", "--jwt-secret", SECRET];
+    const token = execFileSync(process.env.CINDER_BIN, args, { encoding: "utf8" }).trim();
+    const socket = new Socket(server.socketUrl, { transport: WebSocket, params: { token } });
+    await new Promise((resolve) => { socket.onOpen(resolve); socket.connect(); });
+    const mine = socket.channel("user:42", {});
+    assert.equal((await join(mine)).status, "ok", "the token carries user_id 42");
+    socket.disconnect();
   });
 });

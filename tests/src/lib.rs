@@ -156,6 +156,23 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
+    /// Sends any WebSocket message, raw frames included.
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send");
+    }
+
+    /// Reads everything until the stream ends; `true` if it ended within the wait.
+    pub async fn drains_to_close(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return true,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// Sends a binary frame.
     pub async fn send_binary(&mut self, data: Vec<u8>) {
         self.ws.send(Message::binary(data)).await.expect("send");

@@ -413,3 +413,47 @@ async fn http_post(
     )
     .await
 }
+
+#[tokio::test]
+async fn closes_sockets_that_send_text_frames_that_are_not_utf8_with_1007() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    let frame = Frame::message(vec![b'[', 0xff, 0xfe, b']'], OpCode::Data(Data::Text), true);
+    c.send_raw(Message::Frame(frame)).await;
+    let close = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1007);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn disconnects_a_client_that_does_not_read_and_keeps_serving_readers() {
+    let server = TestServer::start_with(|c| c.limits.outbound_queue_bytes = 64 << 10).await;
+    let mut slow = server.client("slow").await;
+    let mut reader = server.client("reader").await;
+    slow.join("1", "bad:firehose", json!({})).await;
+    reader.join("1", "bad:firehose", json!({})).await;
+    let payload = format!(
+        r#"{{"topic":"bad:firehose","event":"data","payload":{{"pad":"{}"}}}}"#,
+        "x".repeat(16 << 10)
+    );
+    // 2000 x 16 KiB = 32 MiB: far past what the slow client's socket buffers and queue hold.
+    for i in 0..2000 {
+        assert!(
+            http_post(server.addr, "/api/broadcast", Some(ADMIN), &payload)
+                .await
+                .starts_with("HTTP/1.1 202")
+        );
+        // The reader keeps up.
+        let frame = reader.recv().await;
+        assert_eq!(frame[3], "data", "frame {i}");
+    }
+    // The slow client finds its stream ended, after whatever was buffered.
+    assert!(
+        slow.drains_to_close().await,
+        "the slow client was disconnected"
+    );
+    server.stop().await;
+}
