@@ -85,7 +85,7 @@ fn main() {
             max_rooms: 2000,
             ..Limits::default()
         };
-        let runtime = Runtime::new(&limits).expect("runtime");
+        let runtime = Runtime::new(&limits, Default::default()).expect("runtime");
         let chat = load(&runtime, "chat");
         let misbehave = load(&runtime, "misbehave");
         let n = 20_000;

@@ -54,6 +54,15 @@ fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
+/// `GET /api/stats`: open sockets, live rooms and the event counters.
+pub async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    let sockets = app.live_sockets.load(std::sync::atomic::Ordering::Relaxed);
+    Json(app.hub.stats().snapshot(sockets, app.hub.room_count())).into_response()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BroadcastBody {

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::config::Limits;
 use crate::protocol::{self, Message, Payload, Status, event, reason};
 use crate::pubsub::{Broadcast, PubSub, Subscriber, SubscriberId};
+use crate::stats::Stats;
 
 /// A boxed future, so the room can hold any [`RoomLogic`] as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -160,6 +161,10 @@ pub trait RoomLogic: Send + 'static {
 
 /// Makes room instances of one plugin.
 pub trait LogicFactory: Send + Sync {
+    /// The room of `topic` lost its instance (trap, time limit, memory cap); counts toward
+    /// the plugin's quarantine.
+    fn crashed(&self, topic: &str, cause: &str);
+
     /// A fresh instance for the room of `topic`.
     fn instantiate<'a>(
         &'a self,
@@ -391,6 +396,7 @@ pub struct Hub {
     router: Arc<dyn Router>,
     pubsub: Arc<dyn PubSub>,
     limits: Limits,
+    stats: Arc<Stats>,
     next_id: AtomicU64,
 }
 
@@ -443,14 +449,25 @@ enum JoinResult {
 
 impl Hub {
     /// A hub with no rooms yet.
-    pub fn new(router: Arc<dyn Router>, pubsub: Arc<dyn PubSub>, limits: Limits) -> Arc<Self> {
+    pub fn new(
+        router: Arc<dyn Router>,
+        pubsub: Arc<dyn PubSub>,
+        limits: Limits,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
         Arc::new(Hub {
             rooms: Mutex::default(),
             router,
             pubsub,
             limits,
+            stats,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The event counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// The PubSub rooms publish through.
@@ -486,6 +503,7 @@ impl Hub {
         }
         let route = self.router.route(topic).ok_or(reason::UNMATCHED_TOPIC)?;
         if rooms.len() >= self.limits.max_rooms as usize {
+            Stats::bump(&self.stats.rooms_refused);
             tracing::warn!(%topic, max_rooms = self.limits.max_rooms, "room cap reached: join refused");
             return Err(reason::AT_CAPACITY);
         }
@@ -582,7 +600,7 @@ impl Room {
                 flow = self.handle_out(&mut *logic, &b).await;
             }
             if let Flow::Crashed(cause) = flow {
-                tracing::error!(plugin = %self.route.plugin, topic = %self.topic, %cause, "room crashed; its channels get phx_error");
+                self.route.factory.crashed(&self.topic, &cause);
                 for (id, member) in self.members.drain() {
                     self.hub.pubsub.unsubscribe(&self.topic, id);
                     notify_down(id, &member, true);
@@ -647,6 +665,7 @@ impl Room {
                     Flow::Continue
                 }
                 Err(CallError::Failed(e)) => {
+                    Stats::bump(&self.hub.stats.channel_errors);
                     tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
                     let _ = done.send(JoinResult::Crashed);
                     Flow::Continue
@@ -750,6 +769,7 @@ impl Room {
                 }
             }
             Err(CallError::Failed(e)) => {
+                Stats::bump(&self.hub.stats.channel_errors);
                 tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
                 if let Some(m) = self.members.remove(&member) {
                     self.hub.pubsub.unsubscribe(&self.topic, member);
@@ -899,6 +919,19 @@ impl Session {
             status,
             payload,
         });
+    }
+
+    /// Answers a message with an error reply instead of handling it (messages without a
+    /// ref get nothing).
+    pub fn refuse(&self, msg: &Message, why: &str) {
+        if msg.msg_ref.is_some() {
+            self.reply(
+                msg,
+                Arc::from(msg.topic.as_str()),
+                Status::Error,
+                protocol::reason_payload(why),
+            );
+        }
     }
 
     /// Handles one client message.

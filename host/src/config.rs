@@ -94,6 +94,24 @@ pub struct ServeArgs {
     /// Longest send-after delay, in milliseconds [default: 86400000].
     #[arg(long)]
     pub max_timer_delay_ms: Option<u32>,
+    /// Room crashes of one plugin within the crash window that quarantine it [default: 5].
+    #[arg(long)]
+    pub crash_limit: Option<u32>,
+    /// The crash window, in seconds [default: 60].
+    #[arg(long)]
+    pub crash_window_secs: Option<u64>,
+    /// How long a quarantined plugin refuses joins, in seconds [default: 300].
+    #[arg(long)]
+    pub quarantine_secs: Option<u64>,
+    /// Sustained messages per second one socket may send [default: 100].
+    #[arg(long)]
+    pub messages_per_sec: Option<u32>,
+    /// Burst of messages above the sustained rate [default: 200].
+    #[arg(long)]
+    pub message_burst: Option<u32>,
+    /// Plugin stdout/stderr lines logged per second per plugin [default: 50].
+    #[arg(long)]
+    pub plugin_log_lines_per_sec: Option<u32>,
 }
 
 /// Options of `cinder token`.
@@ -109,6 +127,10 @@ pub struct TokenArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
 }
+
+/// The longest per-call time a config or a plugin manifest may ask for: a call that needs a
+/// second is a batch job, not channel logic.
+pub const MAX_PLUGIN_CALL_MS: u64 = 1000;
 
 /// Limits that protect the server from clients and plugins.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,6 +162,22 @@ pub struct Limits {
     pub max_timers_per_channel: usize,
     /// Longest `send-after` delay, in milliseconds (one day).
     pub max_timer_delay_ms: u32,
+    /// A plugin whose rooms crash this many times within `crash_window_secs` is
+    /// quarantined: no instance-create/trap busy loop.
+    pub crash_limit: u32,
+    /// The window crashes are counted in.
+    pub crash_window_secs: u64,
+    /// How long a quarantined plugin refuses joins (`plugin unavailable`).
+    pub quarantine_secs: u64,
+    /// Sustained client messages per second per socket; far above any human, well below a
+    /// flood.
+    pub messages_per_sec: u32,
+    /// Messages a socket may send at once above the sustained rate; also how many refused
+    /// messages it may send before it is disconnected.
+    pub message_burst: u32,
+    /// Plugin stdout/stderr lines logged per second per plugin; the rest are counted and
+    /// dropped.
+    pub plugin_log_lines_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -157,6 +195,12 @@ impl Default for Limits {
             max_plugin_payload_bytes: 1 << 20,
             max_timers_per_channel: 64,
             max_timer_delay_ms: 86_400_000,
+            crash_limit: 5,
+            crash_window_secs: 60,
+            quarantine_secs: 300,
+            messages_per_sec: 100,
+            message_burst: 200,
+            plugin_log_lines_per_sec: 50,
         }
     }
 }
@@ -255,6 +299,12 @@ impl Config {
         set(&mut l.max_plugin_payload_bytes, &a.max_plugin_payload_bytes);
         set(&mut l.max_timers_per_channel, &a.max_timers_per_channel);
         set(&mut l.max_timer_delay_ms, &a.max_timer_delay_ms);
+        set(&mut l.crash_limit, &a.crash_limit);
+        set(&mut l.crash_window_secs, &a.crash_window_secs);
+        set(&mut l.quarantine_secs, &a.quarantine_secs);
+        set(&mut l.messages_per_sec, &a.messages_per_sec);
+        set(&mut l.message_burst, &a.message_burst);
+        set(&mut l.plugin_log_lines_per_sec, &a.plugin_log_lines_per_sec);
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -274,7 +324,15 @@ impl Config {
         );
         anyhow::ensure!(l.room_mailbox > 0, "room_mailbox must be positive");
         anyhow::ensure!(l.max_rooms > 0, "max_rooms must be positive");
-        anyhow::ensure!(l.plugin_call_ms > 0, "plugin_call_ms must be positive");
+        anyhow::ensure!(
+            (1..=MAX_PLUGIN_CALL_MS).contains(&l.plugin_call_ms),
+            "plugin_call_ms must be 1 to {MAX_PLUGIN_CALL_MS}"
+        );
+        anyhow::ensure!(l.crash_limit > 0, "crash_limit must be positive");
+        anyhow::ensure!(
+            l.messages_per_sec > 0 && l.message_burst > 0,
+            "messages_per_sec and message_burst must be positive"
+        );
         anyhow::ensure!(
             l.plugin_memory_bytes >= 1 << 20,
             "plugin_memory_bytes must be at least 1 MiB"

@@ -21,6 +21,7 @@ pub mod config;
 pub mod protocol;
 pub mod pubsub;
 pub mod runtime;
+pub mod stats;
 pub mod transport;
 
 use std::future::Future;
@@ -61,7 +62,8 @@ pub async fn serve(
     secrets: Secrets,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let runtime = Runtime::new(&config.limits)?;
+    let stats = Arc::new(stats::Stats::default());
+    let runtime = Runtime::new(&config.limits, stats.clone())?;
     let plugins = match &config.plugins_dir {
         Some(dir) => Plugins::load_dir(&runtime, dir)?,
         None => {
@@ -80,6 +82,7 @@ pub async fn serve(
         Arc::new(plugins),
         Arc::new(LocalPubSub::new()),
         config.limits.clone(),
+        stats,
     );
     let app = Arc::new(AppState {
         hub,
@@ -97,6 +100,7 @@ pub async fn serve(
             get(transport::websocket),
         )
         .route("/api/broadcast", post(api::broadcast))
+        .route("/api/stats", get(api::stats))
         .layer(DefaultBodyLimit::max(config.limits.max_frame_bytes))
         .with_state(app.clone());
     tracing::info!(addr = %listener.local_addr()?, socket = %format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), "cinder listening");

@@ -61,6 +61,8 @@ pub mod reason {
     pub const CHANNEL_CRASH: &str = "channel_crash";
     /// The plugin serving the topic cannot take the join now (no instance could be made).
     pub const PLUGIN_UNAVAILABLE: &str = "plugin unavailable";
+    /// The socket sends faster than its rate limit.
+    pub const RATE_LIMITED: &str = "rate limited";
     /// This node runs as many rooms as it may; a new room cannot start.
     pub const AT_CAPACITY: &str = "too many rooms";
     /// Terminate reason: the client left.

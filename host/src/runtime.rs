@@ -5,9 +5,10 @@
 //! It implements the channel module's [`RoomLogic`], [`LogicFactory`] and [`Router`] traits
 //! and knows nothing of sockets.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -24,8 +25,12 @@ use crate::channel::{
     BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
     JoinOutcome, LogicFactory, RoomLogic, Route, Router,
 };
-use crate::config::Limits;
+use crate::config::{Limits, MAX_PLUGIN_CALL_MS};
 use crate::protocol::{self, Payload, Status};
+use crate::stats::Stats;
+
+mod output;
+use output::{LogLimiter, LogTarget};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -51,13 +56,14 @@ const MAX_LOG_LINE: usize = 4096;
 pub struct Runtime {
     engine: Engine,
     limits: Limits,
+    stats: Arc<Stats>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Runtime {
     /// An engine sized from `limits`: pooling allocator slots for `max_rooms` instances,
     /// memories capped at `plugin_memory_bytes`, epoch interruption every millisecond.
-    pub fn new(limits: &Limits) -> anyhow::Result<Self> {
+    pub fn new(limits: &Limits, stats: Arc<Stats>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         // Component-model async is not used; its bookkeeping costs every call.
@@ -96,6 +102,7 @@ impl Runtime {
         Ok(Runtime {
             engine,
             limits: limits.clone(),
+            stats,
             ticker_stop,
         })
     }
@@ -103,6 +110,7 @@ impl Runtime {
     /// Compiles a component and links it against the host; fails with a clear message when
     /// the bytes are not a component or do not fit the `cinder:channel` world.
     pub fn load(&self, manifest: Manifest, wasm: &[u8]) -> anyhow::Result<Plugin> {
+        manifest.validate(&self.limits)?;
         let component = Component::new(&self.engine, wasm).map_err(|e| {
             anyhow::anyhow!("plugin {}: not a loadable component: {e}", manifest.name)
         })?;
@@ -123,6 +131,16 @@ impl Runtime {
                 manifest.name
             )
         })?;
+        let memory_bytes = manifest
+            .limits
+            .memory_bytes
+            .unwrap_or(self.limits.plugin_memory_bytes);
+        let call_time = Duration::from_millis(
+            manifest
+                .limits
+                .call_ms
+                .unwrap_or(self.limits.plugin_call_ms),
+        );
         Ok(Plugin {
             name: manifest.name.as_str().into(),
             version: manifest.version.clone(),
@@ -131,6 +149,11 @@ impl Runtime {
             pre,
             engine: self.engine.clone(),
             limits: self.limits.clone(),
+            memory_bytes,
+            call_time,
+            crashes: Mutex::default(),
+            stats: self.stats.clone(),
+            log_limiter: Arc::new(LogLimiter::new(self.limits.plugin_log_lines_per_sec)),
         })
     }
 }
@@ -157,10 +180,24 @@ pub struct Manifest {
     /// What the plugin does.
     #[serde(default)]
     pub description: String,
+    /// Limits of this plugin's instances, instead of the server's defaults.
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// Per-plugin overrides of the server's plugin limits.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Linear memory per room instance, in bytes; at most the server's
+    /// `plugin_memory_bytes` (the size of a pooling allocator slot).
+    pub memory_bytes: Option<usize>,
+    /// Time per call, in milliseconds (1 to 1000).
+    pub call_ms: Option<u64>,
 }
 
 impl Manifest {
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self, server: &Limits) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.name.is_empty()
                 && self
@@ -195,6 +232,21 @@ impl Manifest {
                 self.name
             );
         }
+        if let Some(bytes) = self.limits.memory_bytes {
+            anyhow::ensure!(
+                ((1 << 20)..=server.plugin_memory_bytes).contains(&bytes),
+                "plugin {}: limits.memory_bytes must be 1 MiB to the server's plugin_memory_bytes ({})",
+                self.name,
+                server.plugin_memory_bytes
+            );
+        }
+        if let Some(ms) = self.limits.call_ms {
+            anyhow::ensure!(
+                (1..=MAX_PLUGIN_CALL_MS).contains(&ms),
+                "plugin {}: limits.call_ms must be 1 to {MAX_PLUGIN_CALL_MS}",
+                self.name
+            );
+        }
         Ok(())
     }
 }
@@ -216,6 +268,20 @@ pub struct Plugin {
     pre: ChannelPre<RoomData>,
     engine: Engine,
     limits: Limits,
+    /// Memory cap of one instance.
+    memory_bytes: usize,
+    /// Time limit of one call.
+    call_time: Duration,
+    crashes: Mutex<CrashRecord>,
+    stats: Arc<Stats>,
+    log_limiter: Arc<LogLimiter>,
+}
+
+/// Recent room crashes of a plugin, for quarantine.
+#[derive(Default)]
+struct CrashRecord {
+    recent: VecDeque<Instant>,
+    quarantined_until: Option<Instant>,
 }
 
 impl Plugin {
@@ -224,12 +290,42 @@ impl Plugin {
         &self.manifest
     }
 
+    /// When the plugin's quarantine ends, if it is quarantined now.
+    fn quarantined(&self) -> Option<Instant> {
+        let mut record = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
+        match record.quarantined_until {
+            Some(until) if until > Instant::now() => Some(until),
+            Some(_) => {
+                record.quarantined_until = None;
+                record.recent.clear();
+                None
+            }
+            None => None,
+        }
+    }
+
     fn new_store(&self, topic: &str) -> Store<RoomData> {
+        let topic: Arc<str> = topic.into();
+        let output = |stream| {
+            LogTarget::new(
+                self.name.clone(),
+                topic.clone(),
+                stream,
+                self.log_limiter.clone(),
+                self.stats.clone(),
+            )
+        };
+        // No preopened directories, no environment, no arguments, every socket address
+        // denied: clocks and random are all a plugin gets from WASI.
+        let wasi = WasiCtx::builder()
+            .stdout(output("stdout"))
+            .stderr(output("stderr"))
+            .build();
         let data = RoomData {
-            wasi: WasiCtx::builder().build(),
+            wasi,
             table: ResourceTable::new(),
             store_limits: StoreLimitsBuilder::new()
-                .memory_size(self.limits.plugin_memory_bytes)
+                .memory_size(self.memory_bytes)
                 .instances(MAX_CORE_INSTANCES_PER_COMPONENT as usize)
                 .memories(MAX_MEMORIES_PER_COMPONENT as usize)
                 .tables(MAX_MEMORIES_PER_COMPONENT as usize)
@@ -238,18 +334,22 @@ impl Plugin {
             effects: Vec::new(),
             deadline: Instant::now(),
             plugin: self.name.clone(),
-            topic: topic.into(),
+            topic,
             limits: self.limits.clone(),
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|d| &mut d.store_limits);
-        // Every tick past the deadline check: yield to the executor while there is time
-        // left, trap once the call's time is up.
+        // On every epoch tick (1 ms) of a running call: trap once the call's time is up,
+        // else yield to the executor so other rooms and sockets on this worker thread run.
+        // tokio's `yield_now` (not a bare self-wake) lets the I/O driver run as well.
         store.epoch_deadline_callback(|ctx| {
             if Instant::now() >= ctx.data().deadline {
                 Err(wasmtime::Trap::Interrupt.into())
             } else {
-                Ok(UpdateDeadline::Yield(1))
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
         store
@@ -262,21 +362,73 @@ impl LogicFactory for Plugin {
         topic: &'a str,
     ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>> {
         Box::pin(async move {
+            if let Some(until) = self.quarantined() {
+                let left = until.saturating_duration_since(Instant::now());
+                return Err(format!(
+                    "plugin {} is quarantined for {}s more after repeated crashes",
+                    self.name,
+                    left.as_secs()
+                ));
+            }
             let mut store = self.new_store(topic);
-            store.data_mut().deadline = Instant::now() + self.limits.plugin_call_time();
+            store.data_mut().deadline = Instant::now() + self.call_time;
             store.set_epoch_deadline(1);
-            let bindings = self
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| format!("{e:#}"))?;
-            Ok(Box::new(WasmRoom {
-                store,
-                bindings,
-                call_time: self.limits.plugin_call_time(),
-                dead: None,
-            }) as Box<dyn RoomLogic>)
+            match self.pre.instantiate_async(&mut store).await {
+                Ok(bindings) => Ok(Box::new(WasmRoom {
+                    store,
+                    bindings,
+                    call_time: self.call_time,
+                    dead: None,
+                }) as Box<dyn RoomLogic>),
+                Err(e) => {
+                    let cause = format!("instantiation failed: {}", trap_cause(&e, self.call_time));
+                    self.crashed(topic, &cause);
+                    Err(cause)
+                }
+            }
         })
+    }
+
+    fn crashed(&self, topic: &str, cause: &str) {
+        Stats::bump(&self.stats.room_crashes);
+        tracing::error!(plugin = %self.name, version = %self.version, %topic, %cause, "room crashed: instance discarded");
+        let now = Instant::now();
+        let window = Duration::from_secs(self.limits.crash_window_secs);
+        let mut record = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
+        record.recent.push_back(now);
+        while record
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            record.recent.pop_front();
+        }
+        if record.quarantined_until.is_none()
+            && record.recent.len() >= self.limits.crash_limit as usize
+        {
+            record.quarantined_until = Some(now + Duration::from_secs(self.limits.quarantine_secs));
+            Stats::bump(&self.stats.quarantines);
+            tracing::error!(
+                plugin = %self.name,
+                version = %self.version,
+                crashes = record.recent.len(),
+                window_secs = self.limits.crash_window_secs,
+                quarantine_secs = self.limits.quarantine_secs,
+                "plugin quarantined: joins refused until the quarantine ends"
+            );
+        }
+    }
+}
+
+/// Why a call or an instantiation trapped, in words for logs.
+fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            format!("time limit of {} ms exceeded", call_time.as_millis())
+        }
+        Some(wasmtime::Trap::StackOverflow) => "wasm stack overflow".into(),
+        Some(t) => format!("trap: {t}"),
+        None => format!("{e:#}"),
     }
 }
 
@@ -325,7 +477,6 @@ impl Plugins {
 
     /// Adds a plugin unless its name or a topic pattern is taken.
     pub fn add(&mut self, plugin: Plugin) -> anyhow::Result<()> {
-        plugin.manifest.validate()?;
         for other in &self.plugins {
             anyhow::ensure!(
                 other.name != plugin.name,
@@ -556,12 +707,21 @@ fn check_assigns(assigns: Option<String>) -> Result<Option<String>, CallError> {
     }
 }
 
-fn json_payload(text: String) -> Result<Payload, CallError> {
-    Payload::json(text).map_err(|e| CallError::Failed(e.to_string()))
+fn json_payload(text: String, max: usize) -> Result<Payload, CallError> {
+    reply_payload(wit::Payload::Json(text), max)
 }
 
-fn reply_payload(p: wit::Payload) -> Result<Payload, CallError> {
-    from_wit_payload(p).map_err(|e| CallError::Failed(e.to_string()))
+/// A reply from a plugin: valid JSON (or bytes) within the payload limit, else the channel
+/// crashes.
+fn reply_payload(p: wit::Payload, max: usize) -> Result<Payload, CallError> {
+    let payload = from_wit_payload(p).map_err(|e| CallError::Failed(e.to_string()))?;
+    if payload.len() > max {
+        return Err(CallError::Failed(format!(
+            "reply of {} bytes is over the limit of {max}",
+            payload.len()
+        )));
+    }
+    Ok(payload)
 }
 
 struct WasmRoom {
@@ -594,13 +754,7 @@ impl WasmRoom {
             Ok(Ok(value)) => Ok((value, effects)),
             Ok(Err(message)) => Err(CallError::Failed(message)),
             Err(trap) => {
-                let cause = match trap.downcast_ref::<wasmtime::Trap>() {
-                    Some(wasmtime::Trap::Interrupt) => {
-                        format!("time limit of {:?} exceeded", self.call_time)
-                    }
-                    Some(t) => format!("trap: {t}"),
-                    None => format!("{trap:#}"),
-                };
+                let cause = trap_cause(&trap, self.call_time);
                 self.dead = Some(cause.clone());
                 Err(CallError::Crashed(cause))
             }
@@ -616,6 +770,7 @@ impl RoomLogic for WasmRoom {
     ) -> BoxFuture<'a, CallResult<JoinOutcome>> {
         Box::pin(async move {
             self.begin()?;
+            let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
                 .bindings
                 .cinder_channel_handler()
@@ -630,14 +785,14 @@ impl RoomLogic for WasmRoom {
             match outcome {
                 wit::JoinOutcome::Ok(ok) => Ok(Handled {
                     outcome: JoinOutcome::Ok(match ok.reply {
-                        Some(reply) => json_payload(reply)?,
+                        Some(reply) => json_payload(reply, max)?,
                         None => Payload::empty(),
                     }),
                     assigns: check_assigns(ok.assigns)?,
                     effects,
                 }),
                 wit::JoinOutcome::Error(reply) => Ok(Handled {
-                    outcome: JoinOutcome::Refused(json_payload(reply)?),
+                    outcome: JoinOutcome::Refused(json_payload(reply, max)?),
                     assigns: None,
                     effects,
                 }),
@@ -653,6 +808,7 @@ impl RoomLogic for WasmRoom {
     ) -> BoxFuture<'a, CallResult<InOutcome>> {
         Box::pin(async move {
             self.begin()?;
+            let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
                 .bindings
                 .cinder_channel_handler()
@@ -664,8 +820,9 @@ impl RoomLogic for WasmRoom {
                 )
                 .await;
             let (result, effects) = self.finish(r)?;
-            let reply =
-                |r: wit::Reply| Ok::<_, CallError>((status(r.status), reply_payload(r.response)?));
+            let reply = |r: wit::Reply| {
+                Ok::<_, CallError>((status(r.status), reply_payload(r.response, max)?))
+            };
             let outcome = match result.outcome {
                 wit::InOutcome::Noreply => InOutcome::NoReply,
                 wit::InOutcome::Reply(r) => {
@@ -769,6 +926,7 @@ mod tests {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             intercept: vec![],
             description: String::new(),
+            limits: PluginLimits::default(),
         }
     }
 
@@ -782,15 +940,24 @@ mod tests {
     }
 
     #[test]
-    fn manifests_with_bad_patterns_or_names_are_refused() {
-        assert!(manifest("chat", &["room:*"]).validate().is_ok());
-        assert!(manifest("chat", &[]).validate().is_err());
-        assert!(manifest("chat", &["*"]).validate().is_err());
-        assert!(manifest("chat", &["a*b*"]).validate().is_err());
-        assert!(manifest("chat", &["phoenix"]).validate().is_err());
-        assert!(manifest("../x", &["room:*"]).validate().is_err());
+    fn manifests_with_bad_patterns_names_or_limits_are_refused() {
+        let server = Limits::default();
+        assert!(manifest("chat", &["room:*"]).validate(&server).is_ok());
+        assert!(manifest("chat", &[]).validate(&server).is_err());
+        assert!(manifest("chat", &["*"]).validate(&server).is_err());
+        assert!(manifest("chat", &["a*b*"]).validate(&server).is_err());
+        assert!(manifest("chat", &["phoenix"]).validate(&server).is_err());
+        assert!(manifest("../x", &["room:*"]).validate(&server).is_err());
         let mut m = manifest("chat", &["room:*"]);
         m.intercept = vec!["phx_join".into()];
-        assert!(m.validate().is_err());
+        assert!(m.validate(&server).is_err());
+        let mut m = manifest("chat", &["room:*"]);
+        m.limits.memory_bytes = Some(server.plugin_memory_bytes * 2);
+        assert!(m.validate(&server).is_err());
+        m.limits.memory_bytes = Some(4 << 20);
+        m.limits.call_ms = Some(5000);
+        assert!(m.validate(&server).is_err());
+        m.limits.call_ms = Some(50);
+        assert!(m.validate(&server).is_ok());
     }
 }

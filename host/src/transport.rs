@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::AppState;
 use crate::channel::{Outbound, OutboundRx, Session, outbound_queue};
 use crate::protocol::{self, Frame, Vsn};
+use crate::stats::Stats;
 
 /// Close codes Cinder uses (RFC 6455); never 1000, so the JS client reconnects.
 pub mod close_code {
@@ -196,9 +197,10 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn too_slow(limits: &crate::config::Limits) -> Option<CloseFrame> {
+fn too_slow(app: &AppState) -> Option<CloseFrame> {
+    Stats::bump(&app.hub.stats().slow_disconnects);
     tracing::info!(
-        limit = limits.outbound_queue_bytes,
+        limit = app.hub.limits().outbound_queue_bytes,
         "slow client disconnected: outbound queue full"
     );
     close(close_code::POLICY, "outbound queue full: client too slow")
@@ -225,6 +227,49 @@ fn read_failure(e: axum::Error, limits: &crate::config::Limits) -> Option<CloseF
     }
 }
 
+/// A token bucket of client messages: `per_sec` sustained, `burst` at once. Past it,
+/// messages are refused; `burst` refusals in a row end the socket.
+struct RateLimit {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    refused: u32,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst);
+        RateLimit {
+            per_sec: f64::from(per_sec),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+
+    /// Whether the client kept sending through a whole burst of refusals.
+    fn exhausted(&self) -> bool {
+        f64::from(self.refused) >= self.burst
+    }
+}
+
 struct LiveGuard(Arc<AppState>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -242,19 +287,20 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
     let mut shutdown = app.shutdown.subscribe();
     let idle = tokio::time::sleep(limits.idle_timeout());
     tokio::pin!(idle);
+    let mut rate = RateLimit::new(limits.messages_per_sec, limits.message_burst);
 
     let close_frame = loop {
         tokio::select! {
             biased;
             () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
-            () = overflow.wait() => break too_slow(&limits),
+            () = overflow.wait() => break too_slow(&app),
             Some(item) = rx.recv() => {
                 // A client that does not read blocks this write; overflow and shutdown
                 // must still end it.
                 let written = tokio::select! {
                     biased;
                     () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
-                    () = overflow.wait() => break too_slow(&limits),
+                    () = overflow.wait() => break too_slow(&app),
                     written = write_batch(&mut ws, vsn, &mut session, &mut rx, item) => written,
                 };
                 if written.is_err() {
@@ -271,8 +317,16 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
                 };
                 match decoded {
-                    Ok(msg) => session.handle(msg).await,
+                    Ok(msg) if rate.allow() => session.handle(msg).await,
+                    Ok(msg) => {
+                        Stats::bump(&app.hub.stats().rate_limited);
+                        if rate.exhausted() {
+                            break close(close_code::POLICY, "rate limit exceeded");
+                        }
+                        session.refuse(&msg, protocol::reason::RATE_LIMITED);
+                    }
                     Err(e) => {
+                        Stats::bump(&app.hub.stats().malformed_frames);
                         tracing::debug!(error = %e, "malformed frame: closing socket");
                         break close(close_code::INVALID_DATA, &e.to_string());
                     }
@@ -306,6 +360,16 @@ mod tests {
             HeaderValue::from_static("phoenix"),
         );
         assert_eq!(subprotocol_token(&headers), None);
+    }
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_refuses_then_gives_up() {
+        let mut rate = RateLimit::new(1, 3);
+        assert!((0..3).all(|_| rate.allow()));
+        assert!(!rate.allow());
+        assert!(!rate.exhausted());
+        assert!(!rate.allow() && !rate.allow());
+        assert!(rate.exhausted());
     }
 
     #[test]

@@ -223,6 +223,18 @@ impl Client {
         }
     }
 
+    /// The close frame if the next message closes the socket, `None` for any other frame.
+    pub async fn next_close_or_frame(&mut self) -> Option<CloseFrame> {
+        match tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("a message within the wait")
+        {
+            Some(Ok(Message::Close(frame))) => frame,
+            Some(Ok(_)) => None,
+            None | Some(Err(_)) => panic!("socket ended without a close frame"),
+        }
+    }
+
     /// Asserts that nothing arrives for `ms` milliseconds.
     pub async fn silent_for(&mut self, ms: u64) {
         if let Ok(Some(Ok(msg))) =
@@ -242,4 +254,60 @@ pub fn reply(
     response: Value,
 ) -> Value {
     json!([join_ref, msg_ref, topic, "phx_reply", {"status": status, "response": response}])
+}
+
+/// Sends one HTTP/1.1 request and reads the whole response.
+async fn http(addr: std::net::SocketAddr, request: String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+/// `GET path`; the whole response, status line first.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// `POST path` with a JSON body and an optional bearer token; the whole response.
+pub async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    http(
+        addr,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
+
+/// `GET /api/stats` as JSON.
+pub async fn stats(addr: SocketAddr) -> Value {
+    let response = http(addr, format!("GET /api/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ADMIN}\r\n\r\n")).await;
+    let body = response.split("\r\n\r\n").nth(1).expect("a body");
+    serde_json::from_str(body).expect("JSON stats")
+}
+
+/// This process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }

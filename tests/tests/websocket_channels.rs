@@ -1,6 +1,6 @@
 //! The wire protocol through a real server, named like a protocol spec.
 
-use cinder_tests::{ADMIN, Client, TestServer, reply};
+use cinder_tests::{ADMIN, Client, TestServer, http_get, http_post, reply};
 use serde_json::json;
 
 #[tokio::test]
@@ -376,42 +376,6 @@ async fn server_push_reaches_subscribers_and_needs_the_admin_token() {
         json!(["1", null, "user:42", "notification", {"id": 3}])
     );
     server.stop().await;
-}
-
-async fn http(addr: std::net::SocketAddr, request: String) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-    )
-    .await
-}
-
-async fn http_post(
-    addr: std::net::SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> String {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    http(
-        addr,
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .await
 }
 
 #[tokio::test]

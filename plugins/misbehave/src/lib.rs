@@ -6,7 +6,9 @@
 //! (stop this channel), `loop` (never return), `recurse` (overflow the stack), `alloc`
 //! `{"bytes"}` (allocate and touch), `push-flood` `{"n"}` (push n times, reply how many the
 //! host accepted), `big-reply` `{"bytes"}`, `sleep-ish` `{"ms"}` (legal busy work), `later`
-//! `{"ms"}` (a timer; its `handle_info` pushes `tick`).
+//! `{"ms"}` (a timer; its `handle_info` pushes `tick`), `caps` (try the filesystem, the
+//! environment, arguments, the network, clocks and random; reply what worked), `print`
+//! `{"n"}` (n lines to stdout and n to stderr).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,25 @@ fn arg(payload: &Payload, key: &str) -> u64 {
 fn recurse(depth: u64) -> u64 {
     let frame = std::hint::black_box([depth; 64]);
     recurse(depth + 1) + frame[63]
+}
+
+/// What this instance can reach; a sandboxed plugin reaches clocks and random only.
+fn capabilities() -> Value {
+    let random_differs = {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(1u8) != RandomState::new().hash_one(1u8)
+    };
+    json!({
+        "read_file": std::fs::read("/etc/passwd").is_ok() || std::fs::read("plugin.toml").is_ok(),
+        "list_dir": std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok(),
+        "write_file": std::fs::write("escape.txt", b"x").is_ok(),
+        "env": std::env::vars().count(),
+        "args": std::env::args().count(),
+        "connect": std::net::TcpStream::connect(("127.0.0.1", 4000)).is_ok(),
+        "listen": std::net::TcpListener::bind(("127.0.0.1", 0)).is_ok(),
+        "clock": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).is_ok_and(|d| d.as_secs() > 0),
+        "random": random_differs,
+    })
 }
 
 impl Channel for Misbehave {
@@ -92,6 +113,14 @@ impl Channel for Misbehave {
                     json!({"tick": true}),
                 )?;
                 Ok(InOutcome::NoReply)
+            }
+            "caps" => reply(capabilities()),
+            "print" => {
+                for i in 0..arg(&payload, "n") {
+                    println!("misbehave stdout line {i}");
+                    eprintln!("misbehave stderr line {i}");
+                }
+                reply(json!({"printed": true}))
             }
             other => Ok(InOutcome::Reply(Reply::error(
                 json!({"reason": format!("unknown command {other}")}),
