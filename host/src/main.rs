@@ -25,6 +25,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Logs go to stderr; stdout carries the listen address and generated secrets.
+        .with_writer(std::io::stderr)
         .init();
     let config = Config::load(&args)?;
     let (secrets, generated) = Secrets::resolve(&config)?;

@@ -3,6 +3,8 @@
 //! ```text
 //! cinder-bench idle [SOCKETS]        server RSS per idle socket joined to room:lobby
 //! cinder-bench first-join [ROOMS]    join latency of brand-new rooms over a WebSocket
+//! cinder-bench neighbour [CALLS]     a room's echo latency alone, beside a looping plugin,
+//!                                    and beside a plugin doing 9 ms of legal work per call
 //! ```
 //!
 //! Starts `target/release/cinder` (or `$CINDER_BIN`) with the test plugins on a free port,
@@ -46,9 +48,12 @@ async fn start_server() -> anyhow::Result<Server> {
         .arg(&plugins)
         .arg("--data-dir")
         .arg(&data)
-        .args(["--max-rooms", "2000"])
+        // Load, not abuse: lift the per-socket rate limit and the crash quarantine.
+        .args(["--max-rooms", "2000", "--crash-limit", "1000000"])
+        .args(["--messages-per-sec", "1000000", "--message-burst", "1000000"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
@@ -185,6 +190,97 @@ async fn first_join(rooms: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Echo round trips on `topic`, one at a time.
+async fn echoes(ws: &mut Ws, topic: &str, calls: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let msg_ref = format!("e{i}");
+        let start = Instant::now();
+        ws.send(Message::text(
+            json!(["1", msg_ref, topic, "echo", {"i": i}]).to_string(),
+        ))
+        .await?;
+        loop {
+            let Some(msg) = ws.next().await else {
+                anyhow::bail!("socket closed")
+            };
+            let Message::Text(text) = msg? else { continue };
+            let frame: serde_json::Value = serde_json::from_str(&text)?;
+            if frame[1] == msg_ref.as_str() {
+                break;
+            }
+        }
+        samples.push(start.elapsed());
+    }
+    Ok(samples)
+}
+
+/// Keeps a room next door busy until `stop`: `command` on `bad:evil`, rejoining after
+/// each crash. Returns how many calls it made.
+async fn bad_neighbour(
+    addr: String,
+    command: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let mut ws = open(&addr, 666).await?;
+    let mut calls = 0;
+    let mut join_ref = 0;
+    while !*stop.borrow() {
+        join_ref += 1;
+        let jr = join_ref.to_string();
+        join(&mut ws, &jr, "bad:evil").await?;
+        // Call until the room crashes (loop) or forever (legal work), one call at a time.
+        'calls: while !*stop.borrow() {
+            calls += 1;
+            ws.send(Message::text(
+                json!([jr, format!("c{calls}"), "bad:evil", command, {"ms": 9}]).to_string(),
+            ))
+            .await?;
+            loop {
+                let Some(msg) = ws.next().await else {
+                    anyhow::bail!("socket closed")
+                };
+                let Message::Text(text) = msg? else { continue };
+                let frame: serde_json::Value = serde_json::from_str(&text)?;
+                if frame[3] == "phx_error" {
+                    break 'calls;
+                }
+                if frame[1] == format!("c{calls}").as_str() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(calls)
+}
+
+async fn neighbour(calls: usize) -> anyhow::Result<()> {
+    let mut server = start_server().await?;
+    let mut good = open(&server.addr, 1).await?;
+    join(&mut good, "1", "bad:good").await?;
+    echoes(&mut good, "bad:good", 500).await?;
+    let (alone_median, alone_p99) = percentiles(echoes(&mut good, "bad:good", calls).await?);
+    println!(
+        "neighbour: echo round trip alone: median {alone_median:.1} µs, p99 {alone_p99:.1} µs"
+    );
+    for (command, what) in [
+        ("loop", "a plugin looping into its 10 ms deadline"),
+        ("sleep-ish", "a plugin doing 9 ms of legal work per call"),
+    ] {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let evil = tokio::spawn(bad_neighbour(server.addr.clone(), command, stop_rx));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (median, p99) = percentiles(echoes(&mut good, "bad:good", calls).await?);
+        stop_tx.send_replace(true);
+        let evil_calls = evil.await??;
+        println!(
+            "neighbour: echo round trip beside {what}: median {median:.1} µs, p99 {p99:.1} µs ({evil_calls} calls next door)"
+        );
+    }
+    server.child.kill().await?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count = |default: usize| args.get(1).and_then(|n| n.parse().ok()).unwrap_or(default);
@@ -196,7 +292,10 @@ fn main() -> anyhow::Result<()> {
             match args.first().map(String::as_str) {
                 Some("idle") => idle(count(10_000)).await,
                 Some("first-join") => first_join(count(1_000)).await,
-                _ => anyhow::bail!("usage: cinder-bench idle [SOCKETS] | first-join [ROOMS]"),
+                Some("neighbour") => neighbour(count(2_000)).await,
+                _ => anyhow::bail!(
+                    "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS]"
+                ),
             }
         };
         tokio::time::timeout(LIMIT, work)
