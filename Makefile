@@ -2,7 +2,7 @@
 # Both install what they need (the wasm32-wasip2 target, the JS test dependencies).
 
 CARGO ?= cargo
-EXAMPLES := chat notifications
+EXAMPLES := chat notifications presence
 TEST_ONLY := misbehave
 PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
@@ -41,7 +41,7 @@ test-rust: plugins
 test-js: plugins
 	$(CARGO) build -p cinder
 	cd tests/js && npm ci --no-audit --no-fund
-	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) node --test --test-concurrency=1
+	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
 
 # The whole suite.
 test: lint test-rust test-js

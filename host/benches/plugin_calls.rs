@@ -6,11 +6,14 @@
 //! individually timed calls.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cinder::channel::{ChannelSocket, LogicFactory as _, RoomLogic};
 use cinder::config::Limits;
+use cinder::presence::Tracker;
 use cinder::protocol::Payload;
+use cinder::pubsub::LocalPubSub;
 use cinder::runtime::{Manifest, Plugin, Runtime};
 
 fn plugins_dir() -> PathBuf {
@@ -32,6 +35,7 @@ fn load(runtime: &Runtime, name: &str) -> Plugin {
 
 fn socket(topic: &str) -> ChannelSocket {
     ChannelSocket {
+        channel: 1,
         id: Some("user_socket:1".into()),
         topic: topic.into(),
         join_ref: Some("1".into()),
@@ -85,7 +89,12 @@ fn main() {
             max_rooms: 2000,
             ..Limits::default()
         };
-        let runtime = Runtime::new(&limits, Default::default()).expect("runtime");
+        let runtime = Runtime::new(
+            &limits,
+            Default::default(),
+            Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
+        )
+        .expect("runtime");
         let chat = load(&runtime, "chat");
         let misbehave = load(&runtime, "misbehave");
         let n = 20_000;

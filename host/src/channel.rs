@@ -17,6 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::Limits;
+use crate::presence::Tracker;
 use crate::protocol::{self, Message, Payload, Status, event, reason};
 use crate::pubsub::{Broadcast, PubSub, Subscriber, SubscriberId};
 use crate::stats::Stats;
@@ -30,6 +31,8 @@ pub type MemberId = SubscriberId;
 /// The channel a plugin call is about.
 #[derive(Debug, Clone)]
 pub struct ChannelSocket {
+    /// Which channel: unique on this node, the owner of its presence entries.
+    pub channel: MemberId,
     /// `user_socket:<user_id>` or none.
     pub id: Option<Arc<str>>,
     /// The topic.
@@ -151,12 +154,12 @@ pub trait RoomLogic: Send + 'static {
         message: Payload,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>>;
-    /// Phoenix `terminate/2`.
+    /// Phoenix `terminate/2`; its effects are applied after the channel is gone.
     fn terminate<'a>(
         &'a mut self,
         reason: &'a str,
         socket: &'a ChannelSocket,
-    ) -> BoxFuture<'a, Result<(), CallError>>;
+    ) -> BoxFuture<'a, Result<Vec<Effect>, CallError>>;
 }
 
 /// Makes room instances of one plugin.
@@ -295,14 +298,17 @@ pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
 
 impl OutboundTx {
     /// Enqueues without waiting. Past the byte limit the queue is marked overflowed (the
-    /// socket task then disconnects the slow client) and the item is dropped.
+    /// socket task then disconnects the slow client) and the item is dropped. An item
+    /// reaching an empty queue is always taken.
     pub fn send(&self, item: Outbound) {
         if self.state.overflowed.load(Ordering::Relaxed) {
             return;
         }
         let cost = item.cost();
-        let queued = self.state.bytes.fetch_add(cost, Ordering::Relaxed) + cost;
-        if queued > self.state.limit {
+        let before = self.state.bytes.fetch_add(cost, Ordering::Relaxed);
+        // The limit bounds the backlog: one item larger than it (a big presence_state) is
+        // still delivered to a client that has read everything else.
+        if before > 0 && before + cost > self.state.limit {
             self.state.bytes.fetch_sub(cost, Ordering::Relaxed);
             self.state.overflowed.store(true, Ordering::Relaxed);
             self.state.overflow.notify_one();
@@ -395,6 +401,7 @@ pub struct Hub {
     rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
     router: Arc<dyn Router>,
     pubsub: Arc<dyn PubSub>,
+    presence: Arc<Tracker>,
     limits: Limits,
     stats: Arc<Stats>,
     next_id: AtomicU64,
@@ -452,6 +459,7 @@ impl Hub {
     pub fn new(
         router: Arc<dyn Router>,
         pubsub: Arc<dyn PubSub>,
+        presence: Arc<Tracker>,
         limits: Limits,
         stats: Arc<Stats>,
     ) -> Arc<Self> {
@@ -459,6 +467,7 @@ impl Hub {
             rooms: Mutex::default(),
             router,
             pubsub,
+            presence,
             limits,
             stats,
             next_id: AtomicU64::new(1),
@@ -601,9 +610,11 @@ impl Room {
             }
             if let Flow::Crashed(cause) = flow {
                 self.route.factory.crashed(&self.topic, &cause);
-                for (id, member) in self.members.drain() {
-                    self.hub.pubsub.unsubscribe(&self.topic, id);
-                    notify_down(id, &member, true);
+                let ids: Vec<MemberId> = self.members.keys().copied().collect();
+                for id in ids {
+                    if let Some(member) = self.detach(id) {
+                        notify_down(id, &member, true);
+                    }
                 }
                 break;
             }
@@ -705,16 +716,10 @@ impl Room {
                 )
                 .await
             }
-            RoomMsg::Leave { member, reason } => {
-                let Some(m) = self.members.remove(&member) else {
-                    return Flow::Continue;
-                };
-                self.hub.pubsub.unsubscribe(&self.topic, member);
-                match logic.terminate(reason, &m.socket).await {
-                    Err(CallError::Crashed(e)) => Flow::Crashed(e),
-                    _ => Flow::Continue,
-                }
-            }
+            RoomMsg::Leave { member, reason } => match self.detach(member) {
+                Some(m) => self.terminate(logic, member, &m, reason).await,
+                None => Flow::Continue,
+            },
             RoomMsg::Intercepted(b) => self.handle_out(logic, &b).await,
             RoomMsg::Info { member, message } => {
                 let Some(m) = self.members.get(&member) else {
@@ -771,8 +776,7 @@ impl Room {
             Err(CallError::Failed(e)) => {
                 Stats::bump(&self.hub.stats.channel_errors);
                 tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
-                if let Some(m) = self.members.remove(&member) {
-                    self.hub.pubsub.unsubscribe(&self.topic, member);
+                if let Some(m) = self.detach(member) {
                     notify_down(member, &m, true);
                 }
                 Flow::Continue
@@ -783,15 +787,37 @@ impl Room {
 
     /// A handler asked to stop the channel: `phx_close`, then `terminate`.
     async fn stop(&mut self, logic: &mut dyn RoomLogic, member: MemberId, reason: &str) -> Flow {
-        let Some(m) = self.members.remove(&member) else {
+        let Some(m) = self.detach(member) else {
             return Flow::Continue;
         };
-        self.hub.pubsub.unsubscribe(&self.topic, member);
         notify_down(member, &m, false);
+        self.terminate(logic, member, &m, reason).await
+    }
+
+    /// Calls `terminate` for a channel already detached and applies what it asked for.
+    async fn terminate(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        m: &Member,
+        reason: &str,
+    ) -> Flow {
         match logic.terminate(reason, &m.socket).await {
+            Ok(effects) => {
+                self.apply(member, effects);
+                Flow::Continue
+            }
             Err(CallError::Crashed(e)) => Flow::Crashed(e),
-            _ => Flow::Continue,
+            Err(CallError::Failed(_)) => Flow::Continue,
         }
+    }
+
+    /// Takes a channel out of the room: no more broadcasts, its presence entries leave.
+    fn detach(&mut self, member: MemberId) -> Option<Member> {
+        let m = self.members.remove(&member)?;
+        self.hub.pubsub.unsubscribe(&self.topic, member);
+        self.hub.presence.untrack_owner(&self.topic, member);
+        Some(m)
     }
 
     fn reply(&self, member: MemberId, msg_ref: Option<String>, status: Status, payload: Payload) {
@@ -1009,6 +1035,7 @@ impl Session {
         }
         let member = self.hub.next_id();
         let socket = ChannelSocket {
+            channel: member,
             id: self.socket_id.clone(),
             topic: topic.clone(),
             join_ref: msg.join_ref.clone(),

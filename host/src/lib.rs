@@ -7,6 +7,7 @@
 //! - [`transport`]: the WebSocket endpoint and one task per socket.
 //! - [`channel`]: the per-socket session and the room actor (one plugin instance per topic).
 //! - [`pubsub`]: topic fan-out, encoded once per serializer.
+//! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes).
 //! - [`runtime`]: wasmtime, the `cinder:channel` world, plugin loading and routing.
 //! - [`api`]: the HTTP API (server push).
 //! - [`config`]: defaults, file, environment and flags; every limit.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod presence;
 pub mod protocol;
 pub mod pubsub;
 pub mod runtime;
@@ -63,7 +65,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let stats = Arc::new(stats::Stats::default());
-    let runtime = Runtime::new(&config.limits, stats.clone())?;
+    let pubsub: Arc<dyn pubsub::PubSub> = Arc::new(LocalPubSub::new());
+    let tracker = Arc::new(presence::Tracker::new(pubsub.clone()));
+    let runtime = Runtime::new(&config.limits, stats.clone(), tracker.clone())?;
     let plugins = match &config.plugins_dir {
         Some(dir) => Plugins::load_dir(&runtime, dir)?,
         None => {
@@ -80,7 +84,8 @@ pub async fn serve(
         .collect();
     let hub = Hub::new(
         Arc::new(plugins),
-        Arc::new(LocalPubSub::new()),
+        pubsub,
+        tracker,
         config.limits.clone(),
         stats,
     );

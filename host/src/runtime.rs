@@ -26,6 +26,7 @@ use crate::channel::{
     JoinOutcome, LogicFactory, RoomLogic, Route, Router,
 };
 use crate::config::{Limits, MAX_PLUGIN_CALL_MS};
+use crate::presence::{PRESENCE_STATE, Tracker};
 use crate::protocol::{self, Payload, Status};
 use crate::stats::Stats;
 
@@ -57,13 +58,14 @@ pub struct Runtime {
     engine: Engine,
     limits: Limits,
     stats: Arc<Stats>,
+    presence: Arc<Tracker>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Runtime {
     /// An engine sized from `limits`: pooling allocator slots for `max_rooms` instances,
     /// memories capped at `plugin_memory_bytes`, epoch interruption every millisecond.
-    pub fn new(limits: &Limits, stats: Arc<Stats>) -> anyhow::Result<Self> {
+    pub fn new(limits: &Limits, stats: Arc<Stats>, presence: Arc<Tracker>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         // Component-model async is not used; its bookkeeping costs every call.
@@ -103,6 +105,7 @@ impl Runtime {
             engine,
             limits: limits.clone(),
             stats,
+            presence,
             ticker_stop,
         })
     }
@@ -153,6 +156,7 @@ impl Runtime {
             call_time,
             crashes: Mutex::default(),
             stats: self.stats.clone(),
+            presence: self.presence.clone(),
             log_limiter: Arc::new(LogLimiter::new(self.limits.plugin_log_lines_per_sec)),
         })
     }
@@ -274,6 +278,7 @@ pub struct Plugin {
     call_time: Duration,
     crashes: Mutex<CrashRecord>,
     stats: Arc<Stats>,
+    presence: Arc<Tracker>,
     log_limiter: Arc<LogLimiter>,
 }
 
@@ -336,6 +341,8 @@ impl Plugin {
             plugin: self.name.clone(),
             topic,
             limits: self.limits.clone(),
+            presence: self.presence.clone(),
+            channel: 0,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|d| &mut d.store_limits);
@@ -546,6 +553,9 @@ struct RoomData {
     plugin: Arc<str>,
     topic: Arc<str>,
     limits: Limits,
+    presence: Arc<Tracker>,
+    /// The channel the current call is about: owner of the presence it tracks.
+    channel: u64,
 }
 
 impl WasiView for RoomData {
@@ -597,6 +607,43 @@ fn check_event(event: &str) -> Result<(), String> {
 }
 
 impl wit::Host for RoomData {}
+
+impl bindings::cinder::channel::presence::Host for RoomData {
+    fn track(&mut self, key: String, meta: String) -> Result<(), String> {
+        if self.effects.len() >= self.limits.max_messages_per_call {
+            return Err(format!(
+                "more than {} messages in one call",
+                self.limits.max_messages_per_call
+            ));
+        }
+        self.presence
+            .track(&self.topic, self.channel, &key, &meta)
+            .map_err(|e| e.to_string())?;
+        // The tracking channel gets the whole presence once the call returns.
+        let state = self.presence.list(&self.topic);
+        self.effects.push(Effect::Push {
+            event: PRESENCE_STATE.into(),
+            payload: state,
+        });
+        Ok(())
+    }
+
+    fn update(&mut self, key: String, meta: String) -> Result<(), String> {
+        self.presence
+            .update(&self.topic, self.channel, &key, &meta)
+            .map_err(|e| e.to_string())
+    }
+
+    fn untrack(&mut self, key: String) -> Result<(), String> {
+        self.presence
+            .untrack(&self.topic, self.channel, &key)
+            .map_err(|e| e.to_string())
+    }
+
+    fn list(&mut self, topic: String) -> String {
+        self.presence.list_json(&topic)
+    }
+}
 
 impl bindings::cinder::channel::host::Host for RoomData {
     fn broadcast(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
@@ -733,12 +780,13 @@ struct WasmRoom {
 }
 
 impl WasmRoom {
-    fn begin(&mut self) -> Result<(), CallError> {
+    fn begin(&mut self, socket: &ChannelSocket) -> Result<(), CallError> {
         if let Some(cause) = &self.dead {
             return Err(CallError::Crashed(cause.clone()));
         }
         let data = self.store.data_mut();
         data.effects.clear();
+        data.channel = socket.channel;
         data.deadline = Instant::now() + self.call_time;
         self.store.set_epoch_deadline(1);
         Ok(())
@@ -769,7 +817,7 @@ impl RoomLogic for WasmRoom {
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<JoinOutcome>> {
         Box::pin(async move {
-            self.begin()?;
+            self.begin(socket)?;
             let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
                 .bindings
@@ -807,7 +855,7 @@ impl RoomLogic for WasmRoom {
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InOutcome>> {
         Box::pin(async move {
-            self.begin()?;
+            self.begin(socket)?;
             let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
                 .bindings
@@ -848,7 +896,7 @@ impl RoomLogic for WasmRoom {
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
         Box::pin(async move {
-            self.begin()?;
+            self.begin(socket)?;
             let r = self
                 .bindings
                 .cinder_channel_handler()
@@ -870,7 +918,7 @@ impl RoomLogic for WasmRoom {
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
         Box::pin(async move {
-            self.begin()?;
+            self.begin(socket)?;
             let r = self
                 .bindings
                 .cinder_channel_handler()
@@ -889,16 +937,15 @@ impl RoomLogic for WasmRoom {
         &'a mut self,
         reason: &'a str,
         socket: &'a ChannelSocket,
-    ) -> BoxFuture<'a, Result<(), CallError>> {
+    ) -> BoxFuture<'a, Result<Vec<Effect>, CallError>> {
         Box::pin(async move {
-            self.begin()?;
+            self.begin(socket)?;
             let r = self
                 .bindings
                 .cinder_channel_handler()
                 .call_terminate(&mut self.store, reason, &to_wit_socket(socket))
                 .await;
-            // A channel that is going away cannot push; effects of terminate are dropped.
-            self.finish(r.map(Ok)).map(|_| ())
+            self.finish(r.map(Ok)).map(|((), effects)| effects)
         })
     }
 }

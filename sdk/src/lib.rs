@@ -8,8 +8,8 @@
 //! The WIT contract (`cinder:channel`, in the repository's `wit/` folder) explains the
 //! execution model; this crate hides the generated bindings behind a small API:
 //! [`Payload`] for message bodies (JSON text or bytes) with serde helpers, [`Socket`] for
-//! the channel a call is about and its assigns, and the host functions [`broadcast`],
-//! [`broadcast_from`], [`push`], [`send_after`] and [`log`].
+//! the channel a call is about and its assigns, the host functions [`broadcast`],
+//! [`broadcast_from`], [`push`], [`send_after`] and [`log`], and [`presence`].
 //!
 //! # Example: a chat room
 //!
@@ -401,6 +401,35 @@ pub fn push(event: &str, payload: impl Into<Payload>) -> Result<(), Error> {
 pub fn send_after(delay: Duration, message: impl Into<Payload>) -> Result<(), Error> {
     let ms = u32::try_from(delay.as_millis()).map_err(|_| Error("delay too long".into()))?;
     host::send_after(ms, &message.into().into()).map_err(Error)
+}
+
+/// Presence kept by the host (Phoenix.Presence) for the current topic. Entries belong to
+/// the current channel and leave with it; clients see `presence_state` and `presence_diff`.
+pub mod presence {
+    use super::Error;
+    use crate::wit::cinder::channel::presence as p;
+    use serde_json::Value;
+
+    /// Track `key` (e.g. the user id) with `meta` (a JSON object). The channel gets
+    /// `presence_state` after the call; the topic gets a `presence_diff`.
+    pub fn track(key: &str, meta: &Value) -> Result<(), Error> {
+        p::track(key, &meta.to_string()).map_err(Error)
+    }
+
+    /// Replace this channel's meta for `key` (a leave and a join with `phx_ref_prev`).
+    pub fn update(key: &str, meta: &Value) -> Result<(), Error> {
+        p::update(key, &meta.to_string()).map_err(Error)
+    }
+
+    /// Stop tracking `key` for this channel.
+    pub fn untrack(key: &str) -> Result<(), Error> {
+        p::untrack(key).map_err(Error)
+    }
+
+    /// The presence of `topic` on this node: `{"<key>": {"metas": [...]}}`.
+    pub fn list(topic: &str) -> Result<Value, Error> {
+        Ok(serde_json::from_str(&p::list(topic))?)
+    }
 }
 
 /// Log severity.

@@ -47,6 +47,9 @@ export async function startServer(extraArgs = []) {
     exited,
     stderr: () => stderr,
     async stop() {
+      // Sockets a failed test left open would reconnect forever and keep node running.
+      for (const socket of sockets) socket.disconnect();
+      sockets.clear();
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
       await exited;
       rmSync(dataDir, { recursive: true, force: true });
@@ -64,6 +67,8 @@ export function mint(userId, { secret = SECRET, expiresIn = 3600 } = {}) {
   return `${header}.${body}.${sig}`;
 }
 
+const sockets = new Set();
+
 /** A connected official client; `opts` go to the phoenix Socket. */
 export function connect(server, userId, opts = {}) {
   const socket = new Socket(server.socketUrl, {
@@ -73,6 +78,7 @@ export function connect(server, userId, opts = {}) {
     rejoinAfterMs: () => 50,
     ...opts,
   });
+  sockets.add(socket);
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("socket did not open")), 5000);
     socket.onOpen(() => { clearTimeout(timer); resolve(socket); });

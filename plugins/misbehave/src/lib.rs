@@ -1,5 +1,6 @@
 //! A test plugin that obeys commands sent as events, to prove the host survives what an
-//! untrusted plugin may do. Serves `bad:*`; every join is accepted.
+//! untrusted plugin may do. Serves `bad:*`; every join is accepted, and join params
+//! `{"track": key}` track the channel's presence under `key`.
 //!
 //! Events: `count` (reply the room's call count: a fresh instance starts at 1), `echo`,
 //! `error` (return an error: this channel crashes), `panic` (trap: the room crashes), `stop`
@@ -60,9 +61,14 @@ impl Channel for Misbehave {
     fn join(
         &mut self,
         _topic: &str,
-        _payload: Payload,
+        payload: Payload,
         _socket: &mut Socket,
     ) -> Result<Join, Error> {
+        // `{"track": key}` in the join params tracks the channel's presence under `key`.
+        let params = payload.parse::<Value>().unwrap_or_default();
+        if let Some(key) = params.get("track").and_then(Value::as_str) {
+            cinder_sdk::presence::track(key, &json!({}))?;
+        }
         Ok(Join::ok())
     }
 

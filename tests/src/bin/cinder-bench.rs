@@ -50,7 +50,12 @@ async fn start_server() -> anyhow::Result<Server> {
         .arg(&data)
         // Load, not abuse: lift the per-socket rate limit and the crash quarantine.
         .args(["--max-rooms", "2000", "--crash-limit", "1000000"])
-        .args(["--messages-per-sec", "1000000", "--message-burst", "1000000"])
+        .args([
+            "--messages-per-sec",
+            "1000000",
+            "--message-burst",
+            "1000000",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -1,0 +1,433 @@
+//! Presence owned by the host (Phoenix.Presence): who is in each topic, with metadata.
+//!
+//! [`state`] is the pure CRDT (testable alone, ready to replicate between nodes). The
+//! [`Tracker`] here is the thin layer around it: one state per topic, channels as owners of
+//! their entries, `phx_ref`s, and the `presence_state` / `presence_diff` payloads, each diff
+//! published once through PubSub. A join or leave costs O(1) state work plus one diff for
+//! the whole topic; only a joining channel's `presence_state` is as large as the topic.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+
+use self::state::{Diff, Dot, Replica, State};
+use crate::protocol::Payload;
+use crate::pubsub::{Broadcast, PubSub};
+
+/// Event pushed to a channel with the whole presence of its topic.
+pub const PRESENCE_STATE: &str = "presence_state";
+/// Event broadcast to a topic with what joined and left.
+pub const PRESENCE_DIFF: &str = "presence_diff";
+
+/// Why a presence call was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PresenceError {
+    /// Metadata must be a JSON object.
+    #[error("presence meta must be a JSON object")]
+    MetaNotObject,
+    /// The channel does not track this key.
+    #[error("not tracking key {0:?}")]
+    NotTracked(String),
+    /// The channel already tracks this key.
+    #[error("already tracking key {0:?}")]
+    AlreadyTracked(String),
+}
+
+#[derive(Default)]
+struct Topic {
+    state: Option<State>,
+    /// (owner, key) -> the dot of that entry.
+    owned: HashMap<(u64, String), Dot>,
+}
+
+/// The presence of every topic on this node.
+pub struct Tracker {
+    replica: Replica,
+    pubsub: Arc<dyn PubSub>,
+    topics: Mutex<HashMap<Arc<str>, Arc<Mutex<Topic>>>>,
+}
+
+impl Tracker {
+    /// A tracker publishing diffs through `pubsub`; a random replica id keeps `phx_ref`s
+    /// unique across restarts.
+    pub fn new(pubsub: Arc<dyn PubSub>) -> Self {
+        Tracker {
+            replica: rand::random(),
+            pubsub,
+            topics: Mutex::default(),
+        }
+    }
+
+    fn topic(&self, topic: &Arc<str>) -> Arc<Mutex<Topic>> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.entry(topic.clone()).or_default().clone()
+    }
+
+    fn existing(&self, topic: &str) -> Option<Arc<Mutex<Topic>>> {
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// Runs `f` on a topic's state (created on demand), publishes the diff it made, and
+    /// forgets the topic once no one is present.
+    fn mutate<T>(&self, topic: &Arc<str>, f: impl FnOnce(&mut Topic, Replica) -> (T, Diff)) -> T {
+        let cell = self.topic(topic);
+        let (value, diff, empty) = {
+            let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            let (value, diff) = f(&mut t, self.replica);
+            (value, diff, t.state.as_ref().is_none_or(State::is_empty))
+        };
+        if !diff.is_empty() {
+            let payload = diff_payload(&diff);
+            self.pubsub.publish(Arc::new(Broadcast::new(
+                topic.clone(),
+                PRESENCE_DIFF.into(),
+                payload,
+                None,
+            )));
+        }
+        if empty {
+            let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            let idle = topics.get(topic).is_some_and(|c| {
+                Arc::strong_count(c) <= 2
+                    && c.lock().unwrap_or_else(|p| p.into_inner()).owned.is_empty()
+            });
+            if idle {
+                topics.remove(topic);
+            }
+        }
+        value
+    }
+
+    /// `owner` (a channel) tracks `key` with `meta` (a JSON object) on `topic`.
+    pub fn track(
+        &self,
+        topic: &Arc<str>,
+        owner: u64,
+        key: &str,
+        meta: &str,
+    ) -> Result<(), PresenceError> {
+        check_meta(meta)?;
+        self.mutate(topic, |t, replica| {
+            if t.owned.contains_key(&(owner, key.to_owned())) {
+                return (
+                    Err(PresenceError::AlreadyTracked(key.to_owned())),
+                    Diff::default(),
+                );
+            }
+            let state = t.state.get_or_insert_with(|| State::new(replica));
+            let (_, diff) = state.add(key, owner, meta.to_owned(), None);
+            if let Some((dot, _)) = diff.joins.first() {
+                t.owned.insert((owner, key.to_owned()), *dot);
+            }
+            (Ok(()), diff)
+        })
+    }
+
+    /// `owner` replaces its meta for `key`: a leave of the old entry and a join of the new
+    /// one, which carries `phx_ref_prev`.
+    pub fn update(
+        &self,
+        topic: &Arc<str>,
+        owner: u64,
+        key: &str,
+        meta: &str,
+    ) -> Result<(), PresenceError> {
+        check_meta(meta)?;
+        self.mutate(topic, |t, replica| {
+            let Some(old) = t.owned.get(&(owner, key.to_owned())).copied() else {
+                return (
+                    Err(PresenceError::NotTracked(key.to_owned())),
+                    Diff::default(),
+                );
+            };
+            let state = t.state.get_or_insert_with(|| State::new(replica));
+            let (_, mut diff) = state.remove(&[old]);
+            let (_, joined) = state.add(key, owner, meta.to_owned(), Some(old));
+            diff.joins = joined.joins;
+            if let Some((dot, _)) = diff.joins.first() {
+                t.owned.insert((owner, key.to_owned()), *dot);
+            }
+            (Ok(()), diff)
+        })
+    }
+
+    /// `owner` stops tracking `key`.
+    pub fn untrack(&self, topic: &Arc<str>, owner: u64, key: &str) -> Result<(), PresenceError> {
+        self.mutate(topic, |t, _| {
+            let Some(dot) = t.owned.remove(&(owner, key.to_owned())) else {
+                return (
+                    Err(PresenceError::NotTracked(key.to_owned())),
+                    Diff::default(),
+                );
+            };
+            let diff = t
+                .state
+                .as_mut()
+                .map(|s| s.remove(&[dot]).1)
+                .unwrap_or_default();
+            (Ok(()), diff)
+        })
+    }
+
+    /// Every entry of `owner` leaves (its channel left, closed or crashed).
+    pub fn untrack_owner(&self, topic: &Arc<str>, owner: u64) {
+        if self.existing(topic).is_none() {
+            return;
+        }
+        self.mutate(topic, |t, _| {
+            let mut dots = Vec::new();
+            t.owned.retain(|(o, _), dot| {
+                let mine = *o == owner;
+                if mine {
+                    dots.push(*dot);
+                }
+                !mine
+            });
+            let diff = match (&mut t.state, dots.is_empty()) {
+                (Some(state), false) => state.remove(&dots).1,
+                _ => Diff::default(),
+            };
+            ((), diff)
+        })
+    }
+
+    /// The `presence_state` payload of `topic`: `{key: {"metas": [...]}}`.
+    pub fn list(&self, topic: &str) -> Payload {
+        json(self.list_json(topic))
+    }
+
+    /// [`Tracker::list`] as JSON text.
+    pub fn list_json(&self, topic: &str) -> String {
+        let mut out = String::from("{");
+        if let Some(cell) = self.existing(topic) {
+            let t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = &t.state {
+                for (i, (key, entries)) in state.by_key().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    push_key_metas(&mut out, key, entries);
+                }
+            }
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn check_meta(meta: &str) -> Result<(), PresenceError> {
+    match serde_json::from_str::<serde_json::Value>(meta) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        _ => Err(PresenceError::MetaNotObject),
+    }
+}
+
+fn json(text: String) -> Payload {
+    Payload::json(text).unwrap_or_else(|e| unreachable!("presence payloads are built as JSON: {e}"))
+}
+
+/// `phx_ref` of an entry: url-safe base64 of its dot, unique per entry.
+pub fn phx_ref(dot: &Dot) -> String {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&dot.replica.to_be_bytes());
+    bytes[8..].copy_from_slice(&dot.counter.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Appends an entry's meta with `phx_ref` (and `phx_ref_prev`) added.
+fn push_meta(out: &mut String, dot: &Dot, entry: &state::Entry) {
+    // The meta is a checked JSON object: open it and append the refs.
+    let body = entry.meta.trim();
+    let inner = body[1..body.len() - 1].trim();
+    out.push('{');
+    out.push_str(inner);
+    if !inner.is_empty() {
+        out.push(',');
+    }
+    let _ = write!(out, "\"phx_ref\":\"{}\"", phx_ref(dot));
+    if let Some(prev) = &entry.prev {
+        let _ = write!(out, ",\"phx_ref_prev\":\"{}\"", phx_ref(prev));
+    }
+    out.push('}');
+}
+
+fn push_key_metas<'a>(
+    out: &mut String,
+    key: &str,
+    entries: impl Iterator<Item = (&'a Dot, &'a state::Entry)>,
+) {
+    out.push_str(&serde_json::to_string(key).unwrap_or_else(|_| unreachable!("strings serialize")));
+    out.push_str(":{\"metas\":[");
+    for (i, (dot, entry)) in entries.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_meta(out, dot, entry);
+    }
+    out.push_str("]}");
+}
+
+fn push_group(out: &mut String, entries: &[(Dot, state::Entry)]) {
+    let mut keys: Vec<&str> = entries.iter().map(|(_, e)| e.key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    out.push('{');
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_key_metas(
+            out,
+            key,
+            entries
+                .iter()
+                .filter(|(_, e)| e.key == *key)
+                .map(|(d, e)| (d, e)),
+        );
+    }
+    out.push('}');
+}
+
+/// The `presence_diff` payload: `{"joins": {...}, "leaves": {...}}`.
+fn diff_payload(diff: &Diff) -> Payload {
+    let mut out = String::from("{\"joins\":");
+    push_group(&mut out, &diff.joins);
+    out.push_str(",\"leaves\":");
+    push_group(&mut out, &diff.leaves);
+    out.push('}');
+    json(out)
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pubsub::{LocalPubSub, Subscriber};
+    use serde_json::{Value, json};
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Value>>);
+    impl Subscriber for Collect {
+        fn deliver(&self, b: &Arc<Broadcast>) {
+            let Payload::Json(raw) = &b.payload else {
+                panic!("json")
+            };
+            self.0
+                .lock()
+                .expect("lock")
+                .push(serde_json::from_str(raw.get()).expect("valid JSON"));
+        }
+    }
+
+    fn setup() -> (Tracker, Arc<Collect>, Arc<str>) {
+        let pubsub = Arc::new(LocalPubSub::new());
+        let seen = Arc::new(Collect::default());
+        let topic: Arc<str> = "presence:lobby".into();
+        pubsub.subscribe(&topic, 1, seen.clone());
+        (Tracker::new(pubsub), seen, topic)
+    }
+
+    fn parse(p: Payload) -> Value {
+        let Payload::Json(raw) = p else {
+            panic!("json")
+        };
+        serde_json::from_str(raw.get()).expect("valid JSON")
+    }
+
+    #[test]
+    fn track_lists_and_diffs_in_phoenix_shapes() {
+        let (tracker, seen, topic) = setup();
+        tracker
+            .track(&topic, 10, "alice", r#"{"online_at":1}"#)
+            .expect("tracks");
+        tracker
+            .track(&topic, 11, "alice", r#"{"online_at":2}"#)
+            .expect("tracks");
+        tracker.track(&topic, 12, "bob", "{}").expect("tracks");
+        let state = parse(tracker.list(&topic));
+        assert_eq!(state["alice"]["metas"].as_array().map(Vec::len), Some(2));
+        assert_eq!(state["alice"]["metas"][0]["online_at"], 1);
+        assert!(state["bob"]["metas"][0]["phx_ref"].is_string());
+        let diffs = seen.0.lock().expect("lock").clone();
+        assert_eq!(diffs.len(), 3);
+        assert_eq!(diffs[0]["joins"]["alice"]["metas"][0]["online_at"], 1);
+        assert_eq!(diffs[0]["leaves"], json!({}));
+    }
+
+    #[test]
+    fn update_is_a_leave_and_a_join_with_phx_ref_prev() {
+        let (tracker, seen, topic) = setup();
+        tracker
+            .track(&topic, 10, "alice", r#"{"status":"here"}"#)
+            .expect("tracks");
+        tracker
+            .update(&topic, 10, "alice", r#"{"status":"away"}"#)
+            .expect("updates");
+        let diffs = seen.0.lock().expect("lock").clone();
+        let old_ref = diffs[0]["joins"]["alice"]["metas"][0]["phx_ref"].clone();
+        assert_eq!(diffs[1]["leaves"]["alice"]["metas"][0]["phx_ref"], old_ref);
+        assert_eq!(
+            diffs[1]["joins"]["alice"]["metas"][0]["phx_ref_prev"],
+            old_ref
+        );
+        assert_eq!(diffs[1]["joins"]["alice"]["metas"][0]["status"], "away");
+        assert_eq!(
+            parse(tracker.list(&topic))["alice"]["metas"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn an_owner_leaving_removes_its_entries_and_empty_topics_are_forgotten() {
+        let (tracker, seen, topic) = setup();
+        tracker.track(&topic, 10, "alice", "{}").expect("tracks");
+        tracker
+            .track(&topic, 10, "alice-bot", "{}")
+            .expect("tracks");
+        tracker.untrack_owner(&topic, 10);
+        let diffs = seen.0.lock().expect("lock").clone();
+        let leaves = diffs[2]["leaves"].as_object().expect("object");
+        assert_eq!(leaves.len(), 2);
+        assert_eq!(parse(tracker.list(&topic)), json!({}));
+        assert!(tracker.existing(&topic).is_none());
+    }
+
+    #[test]
+    fn bad_calls_are_errors() {
+        let (tracker, _, topic) = setup();
+        assert_eq!(
+            tracker.track(&topic, 1, "a", "[1]"),
+            Err(PresenceError::MetaNotObject)
+        );
+        assert_eq!(
+            tracker.untrack(&topic, 1, "a"),
+            Err(PresenceError::NotTracked("a".into()))
+        );
+        assert_eq!(
+            tracker.update(&topic, 1, "a", "{}"),
+            Err(PresenceError::NotTracked("a".into()))
+        );
+        tracker.track(&topic, 1, "a", "{}").expect("tracks");
+        assert_eq!(
+            tracker.track(&topic, 1, "a", "{}"),
+            Err(PresenceError::AlreadyTracked("a".into()))
+        );
+    }
+}
