@@ -98,19 +98,18 @@ fn main() {
             .expect("track");
     }
     let mut joins = Vec::new();
+    let mut leaves = Vec::new();
     for i in 0..2000u64 {
+        let owner = MEMBERS + i;
         let start = Instant::now();
         quiet
-            .track(&topic, MEMBERS + i, &format!("n{i}"), meta)
+            .track(&topic, owner, &format!("n{i}"), meta)
             .expect("track");
         joins.push(start.elapsed());
-        quiet.untrack_owner(&topic, MEMBERS + i);
+        let start = Instant::now();
+        quiet.untrack_owner(&topic, owner);
+        leaves.push(start.elapsed());
     }
     report("join into 10k present, tracker only (no fan-out)", joins);
-    let _ = pubsub.publish(Arc::new(Broadcast::new(
-        "x".into(),
-        "e".into(),
-        cinder::protocol::Payload::empty(),
-        None,
-    )));
+    report("leave from 10k present, tracker only (no fan-out)", leaves);
 }

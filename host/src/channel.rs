@@ -644,48 +644,17 @@ impl Room {
                 payload,
                 msg_ref,
                 done,
-            } => match logic.join(payload, &socket).await {
-                Ok(handled) => {
-                    let result = match handled.outcome {
-                        JoinOutcome::Ok(reply) => {
-                            let mut socket = socket;
-                            if let Some(assigns) = handled.assigns {
-                                socket.assigns = assigns;
-                            }
-                            out.send(Outbound::Reply {
-                                join_ref: socket.join_ref.clone(),
-                                msg_ref,
-                                topic: self.topic.clone(),
-                                status: Status::Ok,
-                                payload: reply,
-                            });
-                            let sink = MemberSink {
-                                out: out.clone(),
-                                intercepts: self.route.intercepts.clone(),
-                            };
-                            self.hub
-                                .pubsub
-                                .subscribe(&self.topic, member, Arc::new(sink));
-                            self.members.insert(member, Member { socket, out });
-                            self.apply(member, handled.effects);
-                            JoinResult::Joined
-                        }
-                        JoinOutcome::Refused(reply) => JoinResult::Refused(reply),
-                    };
-                    let _ = done.send(result);
-                    Flow::Continue
+            } => {
+                let (result, flow) = self
+                    .join(logic, member, socket, out, payload, msg_ref)
+                    .await;
+                if !matches!(result, JoinResult::Joined) {
+                    // A join that did not happen leaves nothing behind, presence included.
+                    self.hub.presence.untrack_owner(&self.topic, member);
                 }
-                Err(CallError::Failed(e)) => {
-                    Stats::bump(&self.hub.stats.channel_errors);
-                    tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
-                    let _ = done.send(JoinResult::Crashed);
-                    Flow::Continue
-                }
-                Err(CallError::Crashed(e)) => {
-                    let _ = done.send(JoinResult::Crashed);
-                    Flow::Crashed(e)
-                }
-            },
+                let _ = done.send(result);
+                flow
+            }
             RoomMsg::In {
                 member,
                 event,
@@ -728,6 +697,57 @@ impl Room {
                 let result = logic.handle_info(message, &m.socket).await;
                 self.after_call(logic, member, result, info_stop).await
             }
+        }
+    }
+
+    /// Calls `join`; on success queues the ok reply, then subscribes the channel (so no
+    /// broadcast overtakes the reply), then applies the call's effects.
+    async fn join(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        mut socket: ChannelSocket,
+        out: OutboundTx,
+        payload: Payload,
+        msg_ref: Option<String>,
+    ) -> (JoinResult, Flow) {
+        match logic.join(payload, &socket).await {
+            Ok(Handled {
+                outcome: JoinOutcome::Ok(reply),
+                assigns,
+                effects,
+            }) => {
+                if let Some(assigns) = assigns {
+                    socket.assigns = assigns;
+                }
+                out.send(Outbound::Reply {
+                    join_ref: socket.join_ref.clone(),
+                    msg_ref,
+                    topic: self.topic.clone(),
+                    status: Status::Ok,
+                    payload: reply,
+                });
+                let sink = MemberSink {
+                    out: out.clone(),
+                    intercepts: self.route.intercepts.clone(),
+                };
+                self.hub
+                    .pubsub
+                    .subscribe(&self.topic, member, Arc::new(sink));
+                self.members.insert(member, Member { socket, out });
+                self.apply(member, effects);
+                (JoinResult::Joined, Flow::Continue)
+            }
+            Ok(Handled {
+                outcome: JoinOutcome::Refused(reply),
+                ..
+            }) => (JoinResult::Refused(reply), Flow::Continue),
+            Err(CallError::Failed(e)) => {
+                Stats::bump(&self.hub.stats.channel_errors);
+                tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
+                (JoinResult::Crashed, Flow::Continue)
+            }
+            Err(CallError::Crashed(e)) => (JoinResult::Crashed, Flow::Crashed(e)),
         }
     }
 
@@ -802,14 +822,17 @@ impl Room {
         m: &Member,
         reason: &str,
     ) -> Flow {
-        match logic.terminate(reason, &m.socket).await {
+        let flow = match logic.terminate(reason, &m.socket).await {
             Ok(effects) => {
                 self.apply(member, effects);
                 Flow::Continue
             }
             Err(CallError::Crashed(e)) => Flow::Crashed(e),
             Err(CallError::Failed(_)) => Flow::Continue,
-        }
+        };
+        // Presence tracked by a channel that is already gone must not stay behind.
+        self.hub.presence.untrack_owner(&self.topic, member);
+        flow
     }
 
     /// Takes a channel out of the room: no more broadcasts, its presence entries leave.

@@ -41,7 +41,8 @@ pub enum PresenceError {
 struct Topic {
     state: Option<State>,
     /// (owner, key) -> the dot of that entry.
-    owned: HashMap<(u64, String), Dot>,
+    /// owner -> key -> the dot of that entry: a channel's entries in O(1).
+    owned: HashMap<u64, HashMap<String, Dot>>,
 }
 
 /// The presence of every topic on this node.
@@ -116,7 +117,10 @@ impl Tracker {
     ) -> Result<(), PresenceError> {
         check_meta(meta)?;
         self.mutate(topic, |t, replica| {
-            if t.owned.contains_key(&(owner, key.to_owned())) {
+            if t.owned
+                .get(&owner)
+                .is_some_and(|keys| keys.contains_key(key))
+            {
                 return (
                     Err(PresenceError::AlreadyTracked(key.to_owned())),
                     Diff::default(),
@@ -125,7 +129,10 @@ impl Tracker {
             let state = t.state.get_or_insert_with(|| State::new(replica));
             let (_, diff) = state.add(key, owner, meta.to_owned(), None);
             if let Some((dot, _)) = diff.joins.first() {
-                t.owned.insert((owner, key.to_owned()), *dot);
+                t.owned
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.to_owned(), *dot);
             }
             (Ok(()), diff)
         })
@@ -142,7 +149,7 @@ impl Tracker {
     ) -> Result<(), PresenceError> {
         check_meta(meta)?;
         self.mutate(topic, |t, replica| {
-            let Some(old) = t.owned.get(&(owner, key.to_owned())).copied() else {
+            let Some(old) = t.owned.get(&owner).and_then(|keys| keys.get(key)).copied() else {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
@@ -153,7 +160,10 @@ impl Tracker {
             let (_, joined) = state.add(key, owner, meta.to_owned(), Some(old));
             diff.joins = joined.joins;
             if let Some((dot, _)) = diff.joins.first() {
-                t.owned.insert((owner, key.to_owned()), *dot);
+                t.owned
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.to_owned(), *dot);
             }
             (Ok(()), diff)
         })
@@ -162,12 +172,16 @@ impl Tracker {
     /// `owner` stops tracking `key`.
     pub fn untrack(&self, topic: &Arc<str>, owner: u64, key: &str) -> Result<(), PresenceError> {
         self.mutate(topic, |t, _| {
-            let Some(dot) = t.owned.remove(&(owner, key.to_owned())) else {
+            let keys = t.owned.get_mut(&owner);
+            let Some(dot) = keys.and_then(|keys| keys.remove(key)) else {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
                 );
             };
+            if t.owned.get(&owner).is_some_and(HashMap::is_empty) {
+                t.owned.remove(&owner);
+            }
             let diff = t
                 .state
                 .as_mut()
@@ -183,14 +197,11 @@ impl Tracker {
             return;
         }
         self.mutate(topic, |t, _| {
-            let mut dots = Vec::new();
-            t.owned.retain(|(o, _), dot| {
-                let mine = *o == owner;
-                if mine {
-                    dots.push(*dot);
-                }
-                !mine
-            });
+            let dots: Vec<Dot> = t
+                .owned
+                .remove(&owner)
+                .map(|keys| keys.into_values().collect())
+                .unwrap_or_default();
             let diff = match (&mut t.state, dots.is_empty()) {
                 (Some(state), false) => state.remove(&dots).1,
                 _ => Diff::default(),

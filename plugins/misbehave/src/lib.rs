@@ -1,6 +1,7 @@
 //! A test plugin that obeys commands sent as events, to prove the host survives what an
-//! untrusted plugin may do. Serves `bad:*`; every join is accepted, and join params
-//! `{"track": key}` track the channel's presence under `key`.
+//! untrusted plugin may do. Serves `bad:*`. Join params `{"track": key}` track the
+//! channel's presence under `key`; `"refuse": true` refuses the join after that; every other
+//! join is accepted.
 //!
 //! Events: `count` (reply the room's call count: a fresh instance starts at 1), `echo`,
 //! `error` (return an error: this channel crashes), `panic` (trap: the room crashes), `stop`
@@ -64,10 +65,14 @@ impl Channel for Misbehave {
         payload: Payload,
         _socket: &mut Socket,
     ) -> Result<Join, Error> {
-        // `{"track": key}` in the join params tracks the channel's presence under `key`.
+        // `{"track": key}` in the join params tracks the channel's presence under `key`;
+        // `"refuse": true` then refuses the join anyway.
         let params = payload.parse::<Value>().unwrap_or_default();
         if let Some(key) = params.get("track").and_then(Value::as_str) {
             cinder_sdk::presence::track(key, &json!({}))?;
+        }
+        if params.get("refuse") == Some(&Value::Bool(true)) {
+            return Ok(Join::refuse(json!({"reason": "refused after tracking"})));
         }
         Ok(Join::ok())
     }
