@@ -85,7 +85,7 @@ pub struct ServeArgs {
     /// Pushes and broadcasts one plugin call may make [default: 1024].
     #[arg(long)]
     pub max_messages_per_call: Option<usize>,
-    /// Largest payload a plugin may push or broadcast, in bytes [default: 1048576].
+    /// Payload bytes one plugin call may send in total, and the largest reply [default: 1048576].
     #[arg(long)]
     pub max_plugin_payload_bytes: Option<usize>,
     /// Pending send-after timers per channel [default: 64].
@@ -156,7 +156,8 @@ pub struct Limits {
     pub plugin_call_ms: u64,
     /// Pushes and broadcasts one plugin call may make, so a loop cannot flood the host.
     pub max_messages_per_call: usize,
-    /// Largest payload a plugin may push or broadcast, in bytes.
+    /// Payload bytes one plugin call may push, broadcast or schedule in total, and the
+    /// largest reply.
     pub max_plugin_payload_bytes: usize,
     /// Pending `send-after` timers per channel.
     pub max_timers_per_channel: usize,

@@ -35,7 +35,18 @@ pub enum PresenceError {
     /// The channel already tracks this key.
     #[error("already tracking key {0:?}")]
     AlreadyTracked(String),
+    /// Metadata over [`MAX_META_BYTES`].
+    #[error("presence meta over {MAX_META_BYTES} bytes")]
+    MetaTooLarge,
+    /// The channel tracks [`MAX_KEYS_PER_CHANNEL`] keys already.
+    #[error("a channel may track at most {MAX_KEYS_PER_CHANNEL} keys")]
+    TooManyKeys,
 }
+
+/// Largest meta one entry may carry: presence lives in host memory.
+pub const MAX_META_BYTES: usize = 64 << 10;
+/// Keys one channel may track at once.
+pub const MAX_KEYS_PER_CHANNEL: usize = 32;
 
 #[derive(Default)]
 struct Topic {
@@ -117,14 +128,17 @@ impl Tracker {
     ) -> Result<(), PresenceError> {
         check_meta(meta)?;
         self.mutate(topic, |t, replica| {
-            if t.owned
-                .get(&owner)
-                .is_some_and(|keys| keys.contains_key(key))
-            {
-                return (
-                    Err(PresenceError::AlreadyTracked(key.to_owned())),
-                    Diff::default(),
-                );
+            if let Some(keys) = t.owned.get(&owner) {
+                let refused = if keys.contains_key(key) {
+                    Some(PresenceError::AlreadyTracked(key.to_owned()))
+                } else if keys.len() >= MAX_KEYS_PER_CHANNEL {
+                    Some(PresenceError::TooManyKeys)
+                } else {
+                    None
+                };
+                if let Some(e) = refused {
+                    return (Err(e), Diff::default());
+                }
             }
             let state = t.state.get_or_insert_with(|| State::new(replica));
             let (_, diff) = state.add(key, owner, meta.to_owned(), None);
@@ -235,6 +249,9 @@ impl Tracker {
 }
 
 fn check_meta(meta: &str) -> Result<(), PresenceError> {
+    if meta.len() > MAX_META_BYTES {
+        return Err(PresenceError::MetaTooLarge);
+    }
     match serde_json::from_str::<serde_json::Value>(meta) {
         Ok(serde_json::Value::Object(_)) => Ok(()),
         _ => Err(PresenceError::MetaNotObject),
@@ -439,6 +456,20 @@ mod tests {
         assert_eq!(
             tracker.track(&topic, 1, "a", "{}"),
             Err(PresenceError::AlreadyTracked("a".into()))
+        );
+        let big = format!("{{\"x\":\"{}\"}}", "y".repeat(MAX_META_BYTES));
+        assert_eq!(
+            tracker.track(&topic, 2, "b", &big),
+            Err(PresenceError::MetaTooLarge)
+        );
+        for i in 1..MAX_KEYS_PER_CHANNEL {
+            tracker
+                .track(&topic, 1, &format!("k{i}"), "{}")
+                .expect("tracks");
+        }
+        assert_eq!(
+            tracker.track(&topic, 1, "one-more", "{}"),
+            Err(PresenceError::TooManyKeys)
         );
     }
 }

@@ -50,6 +50,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
 /// Memories and tables one component may have.
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
+/// be able to grow them without bound.
+const MAX_ASSIGNS_BYTES: usize = 64 << 10;
 /// Longest log line a plugin may write; the rest is cut.
 const MAX_LOG_LINE: usize = 4096;
 
@@ -337,6 +340,7 @@ impl Plugin {
                 .trap_on_grow_failure(true)
                 .build(),
             effects: Vec::new(),
+            effect_bytes: 0,
             deadline: Instant::now(),
             plugin: self.name.clone(),
             topic,
@@ -548,6 +552,8 @@ struct RoomData {
     store_limits: StoreLimits,
     /// Host calls of the current call.
     effects: Vec<Effect>,
+    /// Bytes of payload in `effects`.
+    effect_bytes: usize,
     /// When the current call must have returned.
     deadline: Instant,
     plugin: Arc<str>,
@@ -569,15 +575,7 @@ impl WasiView for RoomData {
 
 impl RoomData {
     fn payload(&self, payload: wit::Payload) -> Result<Payload, String> {
-        let payload = from_wit_payload(payload).map_err(|e| e.to_string())?;
-        if payload.len() > self.limits.max_plugin_payload_bytes {
-            return Err(format!(
-                "payload of {} bytes is over the limit of {}",
-                payload.len(),
-                self.limits.max_plugin_payload_bytes
-            ));
-        }
-        Ok(payload)
+        from_wit_payload(payload).map_err(|e| e.to_string())
     }
 
     fn effect(
@@ -591,6 +589,15 @@ impl RoomData {
             ));
         }
         let effect = effect(self)?;
+        let bytes = match &effect {
+            Effect::Push { payload, .. } | Effect::Broadcast { payload, .. } => payload.len(),
+            Effect::SendAfter { message, .. } => message.len(),
+        };
+        let max = self.limits.max_plugin_payload_bytes;
+        if self.effect_bytes + bytes > max {
+            return Err(format!("more than {max} bytes of messages in one call"));
+        }
+        self.effect_bytes += bytes;
         self.effects.push(effect);
         Ok(())
     }
@@ -747,6 +754,10 @@ fn status(s: wit::Status) -> Status {
 fn check_assigns(assigns: Option<String>) -> Result<Option<String>, CallError> {
     match assigns {
         None => Ok(None),
+        Some(text) if text.len() > MAX_ASSIGNS_BYTES => Err(CallError::Failed(format!(
+            "assigns of {} bytes are over the limit of {MAX_ASSIGNS_BYTES}",
+            text.len()
+        ))),
         Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(serde_json::Value::Object(_)) => Ok(Some(text)),
             _ => Err(CallError::Failed("assigns must be a JSON object".into())),
@@ -786,6 +797,7 @@ impl WasmRoom {
         }
         let data = self.store.data_mut();
         data.effects.clear();
+        data.effect_bytes = 0;
         data.channel = socket.channel;
         data.deadline = Instant::now() + self.call_time;
         self.store.set_epoch_deadline(1);

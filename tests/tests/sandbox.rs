@@ -384,3 +384,43 @@ async fn huge_refs_and_topics_within_the_frame_limit_are_answered_not_fatal() {
     assert_eq!(c.join("1", &topic, json!({})).await[4]["status"], "ok");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_bytes_one_call_may_send_are_capped() {
+    let server = TestServer::start_with(|c| c.limits.max_plugin_payload_bytes = 256 << 10).await;
+    let mut c = member(&server, "f", "bad:bytes").await;
+    c.send(json!(["1", "2", "bad:bytes", "push-flood", {"n": 100, "bytes": 32 << 10}]))
+        .await;
+    let mut pushes = 0;
+    let accepted = loop {
+        let frame = c.recv().await;
+        if frame[3] == "phx_reply" {
+            break frame[4]["response"]["accepted"].as_u64().expect("a count");
+        }
+        pushes += 1;
+    };
+    // 256 KiB in 32 KiB payloads: seven fit, the eighth would pass the cap.
+    assert_eq!(accepted, 7);
+    assert_eq!(pushes, accepted);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn assigns_a_plugin_grows_past_the_cap_crash_the_channel() {
+    let server = TestServer::start().await;
+    let mut c = member(&server, "a", "bad:assigns").await;
+    assert_eq!(
+        call(&mut c, "bad:assigns", "2", "assign", json!({"bytes": 1000})).await[4]["status"],
+        "ok"
+    );
+    let crashed = call(
+        &mut c,
+        "bad:assigns",
+        "3",
+        "assign",
+        json!({"bytes": 100_000}),
+    )
+    .await;
+    assert!(is_crash(&crashed, "bad:assigns"), "{crashed}");
+    server.stop().await;
+}

@@ -6,8 +6,9 @@
 //! Events: `count` (reply the room's call count: a fresh instance starts at 1), `echo`,
 //! `error` (return an error: this channel crashes), `panic` (trap: the room crashes), `stop`
 //! (stop this channel), `loop` (never return), `recurse` (overflow the stack), `alloc`
-//! `{"bytes"}` (allocate and touch), `push-flood` `{"n"}` (push n times, reply how many the
-//! host accepted), `big-reply` `{"bytes"}`, `sleep-ish` `{"ms"}` (legal busy work), `later`
+//! `{"bytes"}` (allocate and touch), `push-flood` `{"n", "bytes"?}` (push n times, padded,
+//! reply how many the host accepted), `assign` `{"bytes"}` (grow the channel's assigns),
+//! `big-reply` `{"bytes"}`, `sleep-ish` `{"ms"}` (legal busy work), `later`
 //! `{"ms"}` (a timer; its `handle_info` pushes `tick`), `caps` (try the filesystem, the
 //! environment, arguments, the network, clocks and random; reply what worked), `print`
 //! `{"n"}` (n lines to stdout and n to stderr).
@@ -81,7 +82,7 @@ impl Channel for Misbehave {
         &mut self,
         event: &str,
         payload: Payload,
-        _socket: &mut Socket,
+        socket: &mut Socket,
     ) -> Result<InOutcome, Error> {
         self.calls += 1;
         let reply = |v: Value| Ok(InOutcome::Reply(Reply::ok(v)));
@@ -105,10 +106,22 @@ impl Channel for Misbehave {
             }
             "push-flood" => {
                 let n = arg(&payload, "n");
+                let pad = "x".repeat(arg(&payload, "bytes") as usize);
+                let message = |i| {
+                    if pad.is_empty() {
+                        json!({"i": i})
+                    } else {
+                        json!({"i": i, "pad": pad})
+                    }
+                };
                 let accepted = (0..n)
-                    .take_while(|i| push("flood", json!({"i": i})).is_ok())
+                    .take_while(|i| push("flood", message(*i)).is_ok())
                     .count();
                 reply(json!({"accepted": accepted}))
+            }
+            "assign" => {
+                socket.assign("blob", "x".repeat(arg(&payload, "bytes") as usize));
+                reply(json!({"assigned": true}))
             }
             "big-reply" => reply(json!({"data": "x".repeat(arg(&payload, "bytes") as usize)})),
             "sleep-ish" => {
