@@ -53,8 +53,6 @@ const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
 /// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
 /// be able to grow them without bound.
 const MAX_ASSIGNS_BYTES: usize = 64 << 10;
-/// Longest log line a plugin may write; the rest is cut.
-const MAX_LOG_LINE: usize = 4096;
 
 /// The wasmtime engine with Cinder's configuration and its epoch ticker.
 pub struct Runtime {
@@ -702,8 +700,8 @@ impl bindings::cinder::channel::host::Host for RoomData {
 
     fn log(&mut self, level: wit::Level, message: String) {
         let mut message = message;
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
+        if message.len() > output::MAX_LINE {
+            let mut cut = output::MAX_LINE;
             while !message.is_char_boundary(cut) {
                 cut -= 1;
             }

@@ -13,7 +13,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use crate::stats::Stats;
 
-/// Longest line logged; the rest is cut.
+/// Longest plugin log line (stdout, stderr or the `log` import); the rest is cut.
 pub const MAX_LINE: usize = 4096;
 
 /// A token bucket of log lines, shared by every instance of one plugin.
