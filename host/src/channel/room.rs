@@ -1,0 +1,574 @@
+//! The live rooms of a node (the hub) and the room actor: one task per live topic that owns
+//! the topic's plugin instance, serialises every call into it, and applies what the calls
+//! asked for (pushes, broadcasts, timers) to its members.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::outbound::{Outbound, OutboundTx};
+use super::{
+    CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome, JoinOutcome,
+    MemberId, RoomLogic, Route, Router,
+};
+use crate::config::Limits;
+use crate::presence::Tracker;
+use crate::protocol::{Payload, Status, reason};
+use crate::pubsub::{Broadcast, PubSub, Subscriber};
+use crate::stats::Stats;
+
+/// Fastlane subscriber for one channel: non-intercepted broadcasts straight to the socket.
+struct MemberSink {
+    out: OutboundTx,
+    intercepts: Arc<[String]>,
+}
+
+impl Subscriber for MemberSink {
+    fn deliver(&self, broadcast: &Arc<Broadcast>) {
+        if !self.intercepts.iter().any(|e| *e == broadcast.event) {
+            self.out.send(Outbound::Broadcast(broadcast.clone()));
+        }
+    }
+}
+
+/// The room's own subscriber: intercepted broadcasts from elsewhere (the HTTP API) go to
+/// the room, which runs `handle_out` once per member.
+struct RoomSink {
+    tx: mpsc::Sender<RoomMsg>,
+    intercepts: Arc<[String]>,
+    topic: Arc<str>,
+}
+
+impl Subscriber for RoomSink {
+    fn deliver(&self, broadcast: &Arc<Broadcast>) {
+        if self.intercepts.iter().any(|e| *e == broadcast.event)
+            && self
+                .tx
+                .try_send(RoomMsg::Intercepted(broadcast.clone()))
+                .is_err()
+        {
+            tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
+        }
+    }
+}
+
+/// The live rooms of this node and what they need: routing, PubSub, limits.
+pub struct Hub {
+    rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
+    router: Arc<dyn Router>,
+    pubsub: Arc<dyn PubSub>,
+    presence: Arc<Tracker>,
+    limits: Limits,
+    stats: Arc<Stats>,
+    next_id: AtomicU64,
+}
+
+#[derive(Clone)]
+pub(super) struct RoomHandle {
+    id: u64,
+    pub(super) tx: mpsc::Sender<RoomMsg>,
+}
+
+pub(super) enum RoomMsg {
+    Join {
+        member: MemberId,
+        socket: ChannelSocket,
+        out: OutboundTx,
+        payload: Payload,
+        msg_ref: Option<String>,
+        done: oneshot::Sender<JoinResult>,
+    },
+    In {
+        member: MemberId,
+        event: String,
+        payload: Payload,
+        msg_ref: Option<String>,
+    },
+    Leave {
+        member: MemberId,
+        reason: &'static str,
+    },
+    Intercepted(Arc<Broadcast>),
+    Info {
+        member: MemberId,
+        message: Payload,
+    },
+}
+
+/// How a join ended, as the session needs to know.
+pub(super) enum JoinResult {
+    /// Joined; the room already queued the ok reply (before any broadcast can reach the
+    /// channel).
+    Joined,
+    /// Refused by the plugin, with its reply.
+    Refused(Payload),
+    /// The plugin failed in `join`.
+    Crashed,
+    /// No instance could be made.
+    Unavailable,
+    /// The room was closing; ask the hub again.
+    Retry,
+}
+
+impl Hub {
+    /// A hub with no rooms yet.
+    pub fn new(
+        router: Arc<dyn Router>,
+        pubsub: Arc<dyn PubSub>,
+        presence: Arc<Tracker>,
+        limits: Limits,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
+        Arc::new(Hub {
+            rooms: Mutex::default(),
+            router,
+            pubsub,
+            presence,
+            limits,
+            stats,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The event counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The PubSub rooms publish through.
+    pub fn pubsub(&self) -> &Arc<dyn PubSub> {
+        &self.pubsub
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Number of live rooms.
+    pub fn room_count(&self) -> usize {
+        self.lock_rooms().len()
+    }
+
+    pub(super) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock_rooms(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, RoomHandle>> {
+        // A std lock: held for a map lookup or insert, never across an await.
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The room of `topic`, started if needed. `Err` when no plugin serves the topic or the
+    /// node is at its room cap.
+    pub(super) fn room(self: &Arc<Self>, topic: &Arc<str>) -> Result<RoomHandle, &'static str> {
+        let mut rooms = self.lock_rooms();
+        if let Some(room) = rooms.get(topic) {
+            return Ok(room.clone());
+        }
+        let route = self.router.route(topic).ok_or(reason::UNMATCHED_TOPIC)?;
+        if rooms.len() >= self.limits.max_rooms as usize {
+            Stats::bump(&self.stats.rooms_refused);
+            tracing::warn!(%topic, max_rooms = self.limits.max_rooms, "room cap reached: join refused");
+            return Err(reason::AT_CAPACITY);
+        }
+        let (tx, rx) = mpsc::channel(self.limits.room_mailbox);
+        let handle = RoomHandle {
+            id: self.next_id(),
+            tx,
+        };
+        rooms.insert(topic.clone(), handle.clone());
+        let room = Room {
+            id: handle.id,
+            topic: topic.clone(),
+            hub: self.clone(),
+            route,
+            tx: handle.tx.downgrade(),
+            members: HashMap::new(),
+            pending_out: VecDeque::new(),
+            timers: JoinSet::new(),
+        };
+        tokio::spawn(room.run(rx));
+        Ok(handle)
+    }
+
+    fn remove_room(&self, topic: &str, id: u64) {
+        let mut rooms = self.lock_rooms();
+        if rooms.get(topic).is_some_and(|r| r.id == id) {
+            rooms.remove(topic);
+        }
+    }
+}
+
+struct Member {
+    socket: ChannelSocket,
+    out: OutboundTx,
+}
+
+struct Room {
+    id: u64,
+    topic: Arc<str>,
+    hub: Arc<Hub>,
+    route: Route,
+    tx: mpsc::WeakSender<RoomMsg>,
+    members: HashMap<MemberId, Member>,
+    /// Intercepted broadcasts made by this room's own calls, handled after the current one.
+    pending_out: VecDeque<Arc<Broadcast>>,
+    /// `send-after` timers; dropped (aborted) with the room.
+    timers: JoinSet<()>,
+}
+
+/// A room ends when it has no members left or its instance crashed.
+enum Flow {
+    Continue,
+    Crashed(String),
+}
+
+impl Room {
+    async fn run(mut self, mut rx: mpsc::Receiver<RoomMsg>) {
+        let logic = self.route.factory.instantiate(&self.topic).await;
+        let mut logic = match logic {
+            Ok(logic) => logic,
+            Err(e) => {
+                tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin instantiation failed");
+                self.hub.remove_room(&self.topic, self.id);
+                rx.close();
+                while let Some(msg) = rx.recv().await {
+                    if let RoomMsg::Join { done, .. } = msg {
+                        let _ = done.send(JoinResult::Unavailable);
+                    }
+                }
+                return;
+            }
+        };
+        // The hub holds a sender until this room removes itself, so the upgrade succeeds.
+        let room_sink = match (self.route.intercepts.is_empty(), self.tx.upgrade()) {
+            (false, Some(tx)) => {
+                let id = self.hub.next_id();
+                let sink = RoomSink {
+                    tx,
+                    intercepts: self.route.intercepts.clone(),
+                    topic: self.topic.clone(),
+                };
+                self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
+                Some(id)
+            }
+            _ => None,
+        };
+        while let Some(msg) = rx.recv().await {
+            let mut flow = self.handle(&mut *logic, msg).await;
+            while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
+                flow = self.handle_out(&mut *logic, &b).await;
+            }
+            if let Flow::Crashed(cause) = flow {
+                self.route.factory.crashed(&self.topic, &cause);
+                let ids: Vec<MemberId> = self.members.keys().copied().collect();
+                for id in ids {
+                    if let Some(member) = self.detach(id) {
+                        notify_down(id, &member, true);
+                    }
+                }
+                break;
+            }
+            while self.timers.try_join_next().is_some() {}
+            if self.members.is_empty() {
+                break;
+            }
+        }
+        if let Some(id) = room_sink {
+            self.hub.pubsub.unsubscribe(&self.topic, id);
+        }
+        self.hub.remove_room(&self.topic, self.id);
+        rx.close();
+        while let Some(msg) = rx.recv().await {
+            if let RoomMsg::Join { done, .. } = msg {
+                let _ = done.send(JoinResult::Retry);
+            }
+        }
+    }
+
+    async fn handle(&mut self, logic: &mut dyn RoomLogic, msg: RoomMsg) -> Flow {
+        match msg {
+            RoomMsg::Join {
+                member,
+                socket,
+                out,
+                payload,
+                msg_ref,
+                done,
+            } => {
+                let (result, flow) = self
+                    .join(logic, member, socket, out, payload, msg_ref)
+                    .await;
+                if !matches!(result, JoinResult::Joined) {
+                    // A join that did not happen leaves nothing behind, presence included.
+                    self.hub.presence.untrack_owner(&self.topic, member);
+                }
+                let _ = done.send(result);
+                flow
+            }
+            RoomMsg::In {
+                member,
+                event,
+                payload,
+                msg_ref,
+            } => {
+                let Some(m) = self.members.get(&member) else {
+                    return Flow::Continue;
+                };
+                let result = logic.handle_in(&event, payload, &m.socket).await;
+                self.after_call(
+                    logic,
+                    member,
+                    result,
+                    |room, member, outcome| match outcome {
+                        InOutcome::NoReply => None,
+                        InOutcome::Reply(status, payload) => {
+                            room.reply(member, msg_ref, status, payload);
+                            None
+                        }
+                        InOutcome::Stop(reason, reply) => {
+                            if let Some((status, payload)) = reply {
+                                room.reply(member, msg_ref, status, payload);
+                            }
+                            Some(reason)
+                        }
+                    },
+                )
+                .await
+            }
+            RoomMsg::Leave { member, reason } => match self.detach(member) {
+                Some(m) => self.terminate(logic, member, &m, reason).await,
+                None => Flow::Continue,
+            },
+            RoomMsg::Intercepted(b) => self.handle_out(logic, &b).await,
+            RoomMsg::Info { member, message } => {
+                let Some(m) = self.members.get(&member) else {
+                    return Flow::Continue;
+                };
+                let result = logic.handle_info(message, &m.socket).await;
+                self.after_call(logic, member, result, info_stop).await
+            }
+        }
+    }
+
+    /// Calls `join`; on success queues the ok reply, then subscribes the channel (so no
+    /// broadcast overtakes the reply), then applies the call's effects.
+    async fn join(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        mut socket: ChannelSocket,
+        out: OutboundTx,
+        payload: Payload,
+        msg_ref: Option<String>,
+    ) -> (JoinResult, Flow) {
+        match logic.join(payload, &socket).await {
+            Ok(Handled {
+                outcome: JoinOutcome::Ok(reply),
+                assigns,
+                effects,
+            }) => {
+                if let Some(assigns) = assigns {
+                    socket.assigns = assigns;
+                }
+                out.send(Outbound::Reply {
+                    join_ref: socket.join_ref.clone(),
+                    msg_ref,
+                    topic: self.topic.clone(),
+                    status: Status::Ok,
+                    payload: reply,
+                });
+                let sink = MemberSink {
+                    out: out.clone(),
+                    intercepts: self.route.intercepts.clone(),
+                };
+                self.hub
+                    .pubsub
+                    .subscribe(&self.topic, member, Arc::new(sink));
+                self.members.insert(member, Member { socket, out });
+                self.apply(member, effects);
+                (JoinResult::Joined, Flow::Continue)
+            }
+            Ok(Handled {
+                outcome: JoinOutcome::Refused(reply),
+                ..
+            }) => (JoinResult::Refused(reply), Flow::Continue),
+            Err(CallError::Failed(e)) => {
+                Stats::bump(&self.hub.stats.channel_errors);
+                tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
+                (JoinResult::Crashed, Flow::Continue)
+            }
+            Err(CallError::Crashed(e)) => (JoinResult::Crashed, Flow::Crashed(e)),
+        }
+    }
+
+    /// Runs `handle_out` for every member the broadcast is for.
+    async fn handle_out(&mut self, logic: &mut dyn RoomLogic, b: &Broadcast) -> Flow {
+        let targets: Vec<MemberId> = self
+            .members
+            .keys()
+            .copied()
+            .filter(|id| b.except != Some(*id))
+            .collect();
+        for member in targets {
+            let Some(m) = self.members.get(&member) else {
+                continue;
+            };
+            let result = logic
+                .handle_out(&b.event, b.payload.clone(), &m.socket)
+                .await;
+            if let Flow::Crashed(e) = self.after_call(logic, member, result, info_stop).await {
+                return Flow::Crashed(e);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Applies a call's assigns and effects, then its outcome (`decide` returns a stop
+    /// reason); a failed call crashes that channel, a crashed one the room.
+    async fn after_call<T>(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        result: CallResult<T>,
+        decide: impl FnOnce(&mut Self, MemberId, T) -> Option<String>,
+    ) -> Flow {
+        match result {
+            Ok(handled) => {
+                if let (Some(assigns), Some(m)) = (handled.assigns, self.members.get_mut(&member)) {
+                    m.socket.assigns = assigns;
+                }
+                self.apply(member, handled.effects);
+                match decide(self, member, handled.outcome) {
+                    None => Flow::Continue,
+                    Some(reason) => self.stop(logic, member, &reason).await,
+                }
+            }
+            Err(CallError::Failed(e)) => {
+                Stats::bump(&self.hub.stats.channel_errors);
+                tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
+                if let Some(m) = self.detach(member) {
+                    notify_down(member, &m, true);
+                }
+                Flow::Continue
+            }
+            Err(CallError::Crashed(e)) => Flow::Crashed(e),
+        }
+    }
+
+    /// A handler asked to stop the channel: `phx_close`, then `terminate`.
+    async fn stop(&mut self, logic: &mut dyn RoomLogic, member: MemberId, reason: &str) -> Flow {
+        let Some(m) = self.detach(member) else {
+            return Flow::Continue;
+        };
+        notify_down(member, &m, false);
+        self.terminate(logic, member, &m, reason).await
+    }
+
+    /// Calls `terminate` for a channel already detached and applies what it asked for.
+    async fn terminate(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        m: &Member,
+        reason: &str,
+    ) -> Flow {
+        let flow = match logic.terminate(reason, &m.socket).await {
+            Ok(effects) => {
+                self.apply(member, effects);
+                Flow::Continue
+            }
+            Err(CallError::Crashed(e)) => Flow::Crashed(e),
+            Err(CallError::Failed(_)) => Flow::Continue,
+        };
+        // Presence tracked by a channel that is already gone must not stay behind.
+        self.hub.presence.untrack_owner(&self.topic, member);
+        flow
+    }
+
+    /// Takes a channel out of the room: no more broadcasts, its presence entries leave.
+    fn detach(&mut self, member: MemberId) -> Option<Member> {
+        let m = self.members.remove(&member)?;
+        self.hub.pubsub.unsubscribe(&self.topic, member);
+        self.hub.presence.untrack_owner(&self.topic, member);
+        Some(m)
+    }
+
+    fn reply(&self, member: MemberId, msg_ref: Option<String>, status: Status, payload: Payload) {
+        if let Some(m) = self.members.get(&member) {
+            m.out.send(Outbound::Reply {
+                join_ref: m.socket.join_ref.clone(),
+                msg_ref,
+                topic: self.topic.clone(),
+                status,
+                payload,
+            });
+        }
+    }
+
+    fn apply(&mut self, member: MemberId, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Push { event, payload } => {
+                    if let Some(m) = self.members.get(&member) {
+                        m.out.send(Outbound::Push {
+                            join_ref: m.socket.join_ref.clone(),
+                            topic: self.topic.clone(),
+                            event,
+                            payload,
+                        });
+                    }
+                }
+                Effect::Broadcast {
+                    event,
+                    payload,
+                    exclude_self,
+                } => {
+                    let except = exclude_self.then_some(member);
+                    let intercepted = self.route.intercepts.contains(&event);
+                    let b = Arc::new(Broadcast::new(self.topic.clone(), event, payload, except));
+                    if intercepted {
+                        self.pending_out.push_back(b);
+                    } else {
+                        self.hub.pubsub.publish(b);
+                    }
+                }
+                Effect::SendAfter { delay, message } => {
+                    if self.timers.len()
+                        >= self.hub.limits.max_timers_per_channel * self.members.len().max(1)
+                    {
+                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "too many pending timers: send-after dropped");
+                        continue;
+                    }
+                    let tx = self.tx.clone();
+                    self.timers.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if let Some(tx) = tx.upgrade() {
+                            let _ = tx.send(RoomMsg::Info { member, message }).await;
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn info_stop(_: &mut Room, _: MemberId, outcome: InfoOutcome) -> Option<String> {
+    match outcome {
+        InfoOutcome::NoReply => None,
+        InfoOutcome::Stop(reason) => Some(reason),
+    }
+}
+
+fn notify_down(id: MemberId, m: &Member, crashed: bool) {
+    m.out.send(Outbound::ChannelDown {
+        topic: m.socket.topic.clone(),
+        join_ref: m.socket.join_ref.clone(),
+        member: id,
+        crashed,
+    });
+}

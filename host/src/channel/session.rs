@@ -1,0 +1,255 @@
+//! One socket's channels and the protocol rules that govern them: heartbeats, joins one at
+//! a time, join refs (stale messages dropped), duplicate joins, leaves, the channel cap.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::outbound::{Outbound, OutboundTx};
+use super::room::{Hub, JoinResult, RoomHandle, RoomMsg};
+use super::{ChannelSocket, MemberId};
+use crate::protocol::{self, Message, Payload, Status, event, reason};
+
+struct Joined {
+    join_ref: Option<String>,
+    member: MemberId,
+    room: RoomHandle,
+}
+
+/// The channels of one socket and the protocol rules that govern them.
+pub struct Session {
+    hub: Arc<Hub>,
+    socket_id: Option<Arc<str>>,
+    assigns: String,
+    out: OutboundTx,
+    channels: HashMap<Arc<str>, Joined>,
+}
+
+/// Terminate reason for a channel replaced by a duplicate join.
+const DUPLICATE_JOIN: &str = "duplicate_join";
+/// How often a join is retried when it meets a room that is closing.
+const JOIN_RETRIES: usize = 3;
+
+impl Session {
+    /// A session for a socket with this identity, writing to `out`.
+    pub fn new(
+        hub: Arc<Hub>,
+        socket_id: Option<String>,
+        assigns: &serde_json::Map<String, serde_json::Value>,
+        out: OutboundTx,
+    ) -> Self {
+        let assigns = serde_json::to_string(assigns).unwrap_or_else(|_| "{}".into());
+        Session {
+            hub,
+            socket_id: socket_id.map(Arc::from),
+            assigns,
+            out,
+            channels: HashMap::new(),
+        }
+    }
+
+    fn reply(&self, msg: &Message, topic: Arc<str>, status: Status, payload: Payload) {
+        self.out.send(Outbound::Reply {
+            join_ref: msg.join_ref.clone(),
+            msg_ref: msg.msg_ref.clone(),
+            topic,
+            status,
+            payload,
+        });
+    }
+
+    /// Answers a message with an error reply instead of handling it (messages without a
+    /// ref get nothing).
+    pub fn refuse(&self, msg: &Message, why: &str) {
+        if msg.msg_ref.is_some() {
+            self.reply(
+                msg,
+                Arc::from(msg.topic.as_str()),
+                Status::Error,
+                protocol::reason_payload(why),
+            );
+        }
+    }
+
+    /// Handles one client message.
+    pub async fn handle(&mut self, msg: Message) {
+        let topic: Arc<str> = Arc::from(msg.topic.as_str());
+        if msg.topic == protocol::PHOENIX_TOPIC && msg.event == event::HEARTBEAT {
+            return self.reply(&msg, topic, Status::Ok, Payload::empty());
+        }
+        match msg.event.as_str() {
+            event::JOIN => self.join(msg, topic).await,
+            event::LEAVE => {
+                if self
+                    .channels
+                    .get(&topic)
+                    .is_some_and(|c| is_stale(&msg, &c.join_ref))
+                {
+                    return;
+                }
+                self.reply(&msg, topic.clone(), Status::Ok, Payload::empty());
+                if let Some(joined) = self.channels.remove(&topic) {
+                    self.out.send(Outbound::Close {
+                        topic,
+                        join_ref: joined.join_ref,
+                    });
+                    let _ = joined
+                        .room
+                        .tx
+                        .send(RoomMsg::Leave {
+                            member: joined.member,
+                            reason: reason::LEFT,
+                        })
+                        .await;
+                }
+            }
+            _ => match self.channels.get(&topic) {
+                None => self.reply(
+                    &msg,
+                    topic,
+                    Status::Error,
+                    protocol::reason_payload(reason::UNMATCHED_TOPIC),
+                ),
+                Some(joined) if is_stale(&msg, &joined.join_ref) => {}
+                Some(joined) => {
+                    let room = joined.room.tx.clone();
+                    let m = RoomMsg::In {
+                        member: joined.member,
+                        event: msg.event,
+                        payload: msg.payload,
+                        msg_ref: msg.msg_ref,
+                    };
+                    let _ = room.send(m).await;
+                }
+            },
+        }
+    }
+
+    async fn join(&mut self, msg: Message, topic: Arc<str>) {
+        let replaced = self.channels.remove(&topic);
+        if let Some(old) = &replaced {
+            let _ = old
+                .room
+                .tx
+                .send(RoomMsg::Leave {
+                    member: old.member,
+                    reason: DUPLICATE_JOIN,
+                })
+                .await;
+        } else if self.channels.len() >= self.hub.limits().max_channels_per_socket {
+            return self.reply(
+                &msg,
+                topic,
+                Status::Error,
+                protocol::reason_payload(reason::TOO_MANY_CHANNELS),
+            );
+        }
+        let member = self.hub.next_id();
+        let socket = ChannelSocket {
+            channel: member,
+            id: self.socket_id.clone(),
+            topic: topic.clone(),
+            join_ref: msg.join_ref.clone(),
+            assigns: self.assigns.clone(),
+        };
+        let mut outcome = JoinResult::Retry;
+        let mut joined_room = None;
+        for _ in 0..JOIN_RETRIES {
+            let room = match self.hub.room(&topic) {
+                Ok(room) => room,
+                Err(why) => {
+                    outcome = JoinResult::Refused(protocol::reason_payload(why));
+                    break;
+                }
+            };
+            let (done, result) = oneshot::channel();
+            let m = RoomMsg::Join {
+                member,
+                socket: socket.clone(),
+                out: self.out.clone(),
+                payload: msg.payload.clone(),
+                msg_ref: msg.msg_ref.clone(),
+                done,
+            };
+            if room.tx.send(m).await.is_err() {
+                continue;
+            }
+            outcome = result.await.unwrap_or(JoinResult::Retry);
+            if !matches!(outcome, JoinResult::Retry) {
+                joined_room = Some(room);
+                break;
+            }
+        }
+        match (outcome, joined_room) {
+            (JoinResult::Joined, Some(room)) => {
+                self.channels.insert(
+                    topic.clone(),
+                    Joined {
+                        join_ref: msg.join_ref.clone(),
+                        member,
+                        room,
+                    },
+                );
+            }
+            (JoinResult::Refused(reply), _) => {
+                self.reply(&msg, topic.clone(), Status::Error, reply)
+            }
+            (JoinResult::Crashed, _) => self.reply(
+                &msg,
+                topic.clone(),
+                Status::Error,
+                protocol::reason_payload(reason::JOIN_CRASHED),
+            ),
+            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined, _) => self.reply(
+                &msg,
+                topic.clone(),
+                Status::Error,
+                protocol::reason_payload(reason::PLUGIN_UNAVAILABLE),
+            ),
+        }
+        if let Some(old) = replaced {
+            self.out.send(Outbound::Close {
+                topic,
+                join_ref: old.join_ref,
+            });
+        }
+    }
+
+    /// The room ended a channel; returns whether the socket should tell the client (false
+    /// when the notice is about a channel this socket already replaced or left).
+    pub fn channel_down(&mut self, topic: &str, member: MemberId) -> bool {
+        match self.channels.get(topic) {
+            Some(joined) if joined.member == member => {
+                self.channels.remove(topic);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a broadcast for `topic` is for a channel this socket has.
+    pub fn is_joined(&self, topic: &str) -> bool {
+        self.channels.contains_key(topic)
+    }
+
+    /// The socket closed: every channel leaves with reason `closed`.
+    pub async fn close(&mut self) {
+        for (_, joined) in self.channels.drain() {
+            let _ = joined
+                .room
+                .tx
+                .send(RoomMsg::Leave {
+                    member: joined.member,
+                    reason: reason::CLOSED,
+                })
+                .await;
+        }
+    }
+}
+
+/// A message whose join_ref is not the channel's current one is dropped (V1 clients send
+/// none and are never stale).
+fn is_stale(msg: &Message, current: &Option<String>) -> bool {
+    msg.join_ref.is_some() && msg.join_ref != *current
+}
