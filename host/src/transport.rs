@@ -294,7 +294,7 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
             biased;
             () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
             () = overflow.wait() => break too_slow(&app),
-            Some(item) = rx.recv() => {
+            item = rx.recv() => {
                 // A client that does not read blocks this write; overflow and shutdown
                 // must still end it.
                 let written = tokio::select! {

@@ -2,10 +2,11 @@
 //! broadcasts, channel closes) in the order it was made, bounded in bytes so a client that
 //! does not read is cut off instead of growing server memory.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::MemberId;
 use crate::protocol::{Payload, Status};
@@ -73,41 +74,56 @@ impl Outbound {
     }
 }
 
+/// The queue itself. A plain `VecDeque` behind a lock: an idle socket's queue allocates
+/// nothing (a channel would keep a block of slots per socket).
 struct QueueState {
-    bytes: AtomicUsize,
+    items: Mutex<Items>,
     limit: usize,
     overflowed: AtomicBool,
     overflow: Notify,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Items {
+    queue: VecDeque<(Outbound, usize)>,
+    bytes: usize,
+    /// The receiver is gone: drop what is sent.
+    closed: bool,
+}
+
+impl QueueState {
+    fn items(&self) -> MutexGuard<'_, Items> {
+        // Held for a push or a pop, never across an await.
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Sending side of a socket's outbound queue, bounded in bytes. Cheap to clone.
 #[derive(Clone)]
 pub struct OutboundTx {
-    tx: mpsc::UnboundedSender<(Outbound, usize)>,
     state: Arc<QueueState>,
 }
 
 /// Receiving side of a socket's outbound queue.
 pub struct OutboundRx {
-    rx: mpsc::UnboundedReceiver<(Outbound, usize)>,
     state: Arc<QueueState>,
 }
 
 /// A queue for one socket holding at most `limit_bytes`.
 pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let state = Arc::new(QueueState {
-        bytes: AtomicUsize::new(0),
+        items: Mutex::default(),
         limit: limit_bytes,
         overflowed: AtomicBool::new(false),
         overflow: Notify::new(),
+        ready: Notify::new(),
     });
     (
         OutboundTx {
-            tx,
             state: state.clone(),
         },
-        OutboundRx { rx, state },
+        OutboundRx { state },
     )
 }
 
@@ -120,39 +136,61 @@ impl OutboundTx {
             return;
         }
         let cost = item.cost();
-        let before = self.state.bytes.fetch_add(cost, Ordering::Relaxed);
-        // The limit bounds the backlog: one item larger than it (a big presence_state) is
-        // still delivered to a client that has read everything else.
-        if before > 0 && before + cost > self.state.limit {
-            self.state.bytes.fetch_sub(cost, Ordering::Relaxed);
-            self.state.overflowed.store(true, Ordering::Relaxed);
-            self.state.overflow.notify_one();
-            return;
+        {
+            let mut items = self.state.items();
+            if items.closed {
+                return;
+            }
+            // The limit bounds the backlog: one item larger than it (a big presence_state)
+            // is still delivered to a client that has read everything else.
+            if items.bytes > 0 && items.bytes + cost > self.state.limit {
+                drop(items);
+                self.state.overflowed.store(true, Ordering::Relaxed);
+                self.state.overflow.notify_one();
+                return;
+            }
+            items.bytes += cost;
+            items.queue.push_back((item, cost));
         }
-        if self.tx.send((item, cost)).is_err() {
-            self.state.bytes.fetch_sub(cost, Ordering::Relaxed);
-        }
+        self.state.ready.notify_one();
     }
 }
 
 impl OutboundRx {
-    /// The next item.
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let (item, cost) = self.rx.recv().await?;
-        self.state.bytes.fetch_sub(cost, Ordering::Relaxed);
-        Some(item)
+    /// The next item, waiting for one.
+    pub async fn recv(&mut self) -> Outbound {
+        loop {
+            if let Some(item) = self.try_recv() {
+                return item;
+            }
+            // A send between the check and here leaves a permit: no wake-up is lost.
+            self.state.ready.notified().await;
+        }
     }
 
     /// The next item if one is ready.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        let (item, cost) = self.rx.try_recv().ok()?;
-        self.state.bytes.fetch_sub(cost, Ordering::Relaxed);
+        let mut items = self.state.items();
+        let (item, cost) = items.queue.pop_front()?;
+        items.bytes -= cost;
+        if items.queue.is_empty() {
+            // Give the memory of a burst back.
+            items.queue = VecDeque::new();
+        }
         Some(item)
     }
 
     /// A handle that resolves once the queue went over its limit.
     pub fn overflow(&self) -> Overflow {
         Overflow(self.state.clone())
+    }
+}
+
+impl Drop for OutboundRx {
+    fn drop(&mut self) {
+        let mut items = self.state.items();
+        items.closed = true;
+        items.queue.clear();
     }
 }
 
@@ -169,5 +207,50 @@ impl Overflow {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(n: usize) -> Outbound {
+        Outbound::Push {
+            join_ref: None,
+            topic: "t".into(),
+            event: "e".into(),
+            payload: Payload::Binary(vec![0; n].into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn items_come_out_in_order_and_a_backlog_past_the_limit_overflows() {
+        let (tx, mut rx) = outbound_queue(1000);
+        tx.send(push(10));
+        tx.send(push(20));
+        assert!(matches!(rx.recv().await, Outbound::Push { payload, .. } if payload.len() == 10));
+        assert!(
+            matches!(rx.try_recv(), Some(Outbound::Push { payload, .. }) if payload.len() == 20)
+        );
+        assert!(rx.try_recv().is_none());
+        // Alone, an item larger than the limit is taken; behind a backlog it overflows.
+        tx.send(push(5000));
+        tx.send(push(10));
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.overflow().wait())
+            .await
+            .expect("overflowed");
+        assert!(rx.try_recv().is_some());
+        assert!(
+            rx.try_recv().is_none(),
+            "nothing is queued after an overflow"
+        );
+    }
+
+    #[tokio::test]
+    async fn sends_after_the_receiver_is_gone_are_dropped() {
+        let (tx, rx) = outbound_queue(1000);
+        drop(rx);
+        tx.send(push(10));
+        assert!(tx.state.items().queue.is_empty());
     }
 }
