@@ -38,8 +38,10 @@ lint:
 test-rust: plugins
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
 
+# The binary is built with the workspace's features, as `cargo test --workspace` built
+# everything else, so nothing is compiled twice.
 test-js: plugins
-	$(CARGO) build -p cinder
+	$(CARGO) build --workspace --bins
 	cd tests/js && npm ci --no-audit --no-fund
 	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
 
