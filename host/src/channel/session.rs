@@ -17,6 +17,21 @@ struct Joined {
     room: RoomHandle,
 }
 
+impl Joined {
+    /// Tells the room this channel is gone; it runs `terminate(reason)`.
+    async fn leave(&self, reason: &'static str) {
+        // A room that is already gone has nothing left to tell.
+        let _ = self
+            .room
+            .tx
+            .send(RoomMsg::Leave {
+                member: self.member,
+                reason,
+            })
+            .await;
+    }
+}
+
 /// The channels of one socket and the protocol rules that govern them.
 pub struct Session {
     hub: Arc<Hub>,
@@ -92,16 +107,9 @@ impl Session {
                 if let Some(joined) = self.channels.remove(&topic) {
                     self.out.send(Outbound::Close {
                         topic,
-                        join_ref: joined.join_ref,
+                        join_ref: joined.join_ref.clone(),
                     });
-                    let _ = joined
-                        .room
-                        .tx
-                        .send(RoomMsg::Leave {
-                            member: joined.member,
-                            reason: reason::LEFT,
-                        })
-                        .await;
+                    joined.leave(reason::LEFT).await;
                 }
             }
             _ => match self.channels.get(&topic) {
@@ -129,14 +137,7 @@ impl Session {
     async fn join(&mut self, msg: Message, topic: Arc<str>) {
         let replaced = self.channels.remove(&topic);
         if let Some(old) = &replaced {
-            let _ = old
-                .room
-                .tx
-                .send(RoomMsg::Leave {
-                    member: old.member,
-                    reason: DUPLICATE_JOIN,
-                })
-                .await;
+            old.leave(DUPLICATE_JOIN).await;
         } else if self.channels.len() >= self.hub.limits().max_channels_per_socket {
             return self.reply(
                 &msg,
@@ -236,14 +237,7 @@ impl Session {
     /// The socket closed: every channel leaves with reason `closed`.
     pub async fn close(&mut self) {
         for (_, joined) in self.channels.drain() {
-            let _ = joined
-                .room
-                .tx
-                .send(RoomMsg::Leave {
-                    member: joined.member,
-                    reason: reason::CLOSED,
-                })
-                .await;
+            joined.leave(reason::CLOSED).await;
         }
     }
 }

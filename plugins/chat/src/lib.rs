@@ -3,12 +3,11 @@
 //! - Joining `room:lobby` is allowed; any other room is refused with
 //!   `{"reason":"unauthorized"}`.
 //! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`.
-//! - `new_message` is intercepted, so each subscriber's copy goes through `handle_out`,
-//!   which pushes it (the place to filter or personalise per user).
+//! - `new_message` is intercepted (see `cinder.toml`), so each subscriber's copy goes
+//!   through `handle_out`; the SDK's default `handle_out` pushes it as is. Override it to
+//!   filter or personalise per user.
 
-use cinder_sdk::{
-    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push,
-};
+use cinder_sdk::{Channel, Error, InOutcome, Join, Payload, Reply, Socket, broadcast};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -56,16 +55,6 @@ impl Channel for Chat {
                 json!({"reason": format!("unknown event {event}")}),
             ))),
         }
-    }
-
-    fn handle_out(
-        &mut self,
-        event: &str,
-        payload: Payload,
-        _socket: &mut Socket,
-    ) -> Result<Outcome, Error> {
-        push(event, payload)?;
-        Ok(Outcome::NoReply)
     }
 }
 

@@ -104,20 +104,30 @@ async fn open(addr: &str, user: usize) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
+/// The next text frame, as JSON.
+async fn next_frame(ws: &mut Ws) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let Some(msg) = ws.next().await else {
+            anyhow::bail!("socket closed")
+        };
+        if let Message::Text(text) = msg? {
+            return Ok(serde_json::from_str(&text)?);
+        }
+    }
+}
+
 async fn join(ws: &mut Ws, join_ref: &str, topic: &str) -> anyhow::Result<()> {
     ws.send(Message::text(
         json!([join_ref, join_ref, topic, "phx_join", {}]).to_string(),
     ))
     .await?;
-    while let Some(msg) = ws.next().await {
-        let Message::Text(text) = msg? else { continue };
-        let frame: serde_json::Value = serde_json::from_str(&text)?;
+    loop {
+        let frame = next_frame(ws).await?;
         if frame[1] == join_ref && frame[3] == "phx_reply" {
-            anyhow::ensure!(frame[4]["status"] == "ok", "join refused: {text}");
+            anyhow::ensure!(frame[4]["status"] == "ok", "join refused: {frame}");
             return Ok(());
         }
     }
-    anyhow::bail!("socket closed during join")
 }
 
 async fn idle(sockets: usize) -> anyhow::Result<()> {
@@ -205,16 +215,7 @@ async fn echoes(ws: &mut Ws, topic: &str, calls: usize) -> anyhow::Result<Vec<Du
             json!(["1", msg_ref, topic, "echo", {"i": i}]).to_string(),
         ))
         .await?;
-        loop {
-            let Some(msg) = ws.next().await else {
-                anyhow::bail!("socket closed")
-            };
-            let Message::Text(text) = msg? else { continue };
-            let frame: serde_json::Value = serde_json::from_str(&text)?;
-            if frame[1] == msg_ref.as_str() {
-                break;
-            }
-        }
+        while next_frame(ws).await?[1] != msg_ref.as_str() {}
         samples.push(start.elapsed());
     }
     Ok(samples)
@@ -242,11 +243,7 @@ async fn bad_neighbour(
             ))
             .await?;
             loop {
-                let Some(msg) = ws.next().await else {
-                    anyhow::bail!("socket closed")
-                };
-                let Message::Text(text) = msg? else { continue };
-                let frame: serde_json::Value = serde_json::from_str(&text)?;
+                let frame = next_frame(&mut ws).await?;
                 if frame[3] == "phx_error" {
                     break 'calls;
                 }
