@@ -98,17 +98,15 @@ pub async fn serve(
         shutdown: watch::Sender::new(false),
         live_sockets: AtomicUsize::new(0),
     });
+    let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
     let router = axum::Router::new()
         .route("/", get(api::index))
-        .route(
-            &format!("{}{}", config.mount, protocol::WEBSOCKET_PATH),
-            get(transport::websocket),
-        )
+        .route(&socket_path, get(transport::websocket))
         .route("/api/broadcast", post(api::broadcast))
         .route("/api/stats", get(api::stats))
         .layer(DefaultBodyLimit::max(config.limits.max_frame_bytes))
         .with_state(app.clone());
-    tracing::info!(addr = %listener.local_addr()?, socket = %format!("{}{}", config.mount, protocol::WEBSOCKET_PATH), "cinder listening");
+    tracing::info!(addr = %listener.local_addr()?, socket = %socket_path, "cinder listening");
     let stop = app.clone();
     // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
     let listener = listener.tap_io(|tcp| {
