@@ -22,7 +22,7 @@ use crate::stats::Stats;
 
 /// Close codes Cinder uses (RFC 6455); never 1000, so the JS client reconnects.
 pub mod close_code {
-    /// The server is going away: idle timeout.
+    /// The server is going away: idle timeout, or a `disconnect` broadcast on the socket id.
     pub const GOING_AWAY: u16 = 1001;
     /// The client broke the WebSocket protocol.
     pub const PROTOCOL_ERROR: u16 = 1002;
@@ -142,6 +142,7 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
             }
             return b.frame(vsn).cloned().and_then(to_ws);
         }
+        Outbound::Disconnect => return None,
         Outbound::Close { topic, join_ref } => {
             Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
         }
@@ -170,18 +171,23 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
     }
 }
 
-/// Writes the ready part of the queue, starting with `first`, in one flush.
+/// Writes the ready part of the queue, starting with `first`, in one flush. Returns whether
+/// a `disconnect` for this socket came up.
 async fn write_batch(
     ws: &mut WebSocket,
     vsn: Vsn,
     session: &mut Session,
     rx: &mut OutboundRx,
     first: Outbound,
-) -> Result<(), axum::Error> {
+) -> Result<bool, axum::Error> {
     use futures_util::SinkExt as _;
     let mut item = Some(first);
     let mut written = 0;
     while let Some(next) = item.take() {
+        if matches!(next, Outbound::Disconnect) {
+            ws.flush().await?;
+            return Ok(true);
+        }
         if let Some(msg) = encode(vsn, session, next) {
             ws.feed(msg).await?;
             written += 1;
@@ -190,7 +196,7 @@ async fn write_batch(
             item = rx.try_recv();
         }
     }
-    ws.flush().await
+    ws.flush().await.map(|()| false)
 }
 
 /// Resolves once the server is shutting down.
@@ -305,8 +311,10 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
                     () = overflow.wait() => break too_slow(&app),
                     written = write_batch(&mut ws, vsn, &mut session, &mut rx, item) => written,
                 };
-                if written.is_err() {
-                    break None;
+                match written {
+                    Ok(false) => {}
+                    Ok(true) => break close(close_code::GOING_AWAY, "disconnected"),
+                    Err(_) => break None,
                 }
             }
             incoming = ws.recv() => {

@@ -421,3 +421,34 @@ async fn disconnects_a_client_that_does_not_read_and_keeps_serving_readers() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_disconnect_broadcast_on_the_socket_id_closes_every_socket_with_it() {
+    let server = TestServer::start().await;
+    let mut tab1 = server.client("42").await;
+    let mut tab2 = server.client("42").await;
+    let mut other = server.client("7").await;
+    tab1.join("1", "room:lobby", json!({})).await;
+    other.join("1", "room:lobby", json!({})).await;
+    let body = r#"{"topic":"user_socket:42","event":"disconnect","payload":{}}"#;
+    assert!(
+        http_post(server.addr, "/api/broadcast", Some(ADMIN), body)
+            .await
+            .starts_with("HTTP/1.1 202")
+    );
+    for tab in [&mut tab1, &mut tab2] {
+        let frame = tab.closed().await.expect("a close frame");
+        assert_eq!(
+            (u16::from(frame.code), frame.reason.as_str()),
+            (1001, "disconnected")
+        );
+    }
+    other
+        .send(json!(["1", "2", "room:lobby", "new_message", {"body": "still here"}]))
+        .await;
+    assert_eq!(
+        other.recv().await,
+        json!(["1", null, "room:lobby", "new_message", {"body": "still here"}])
+    );
+    server.stop().await;
+}

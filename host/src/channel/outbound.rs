@@ -48,6 +48,8 @@ pub enum Outbound {
         /// Join reference of the channel.
         join_ref: Option<String>,
     },
+    /// A `disconnect` broadcast on the socket's id: close the socket.
+    Disconnect,
     /// The room ended a channel: `phx_close` (stopped) or `phx_error` (crashed).
     ChannelDown {
         /// Topic.
@@ -69,7 +71,7 @@ impl Outbound {
             + match self {
                 Outbound::Reply { payload, .. } | Outbound::Push { payload, .. } => payload.len(),
                 Outbound::Broadcast(b) => b.payload.len(),
-                Outbound::Close { .. } | Outbound::ChannelDown { .. } => 0,
+                Outbound::Close { .. } | Outbound::ChannelDown { .. } | Outbound::Disconnect => 0,
             }
     }
 }

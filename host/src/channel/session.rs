@@ -10,6 +10,21 @@ use super::outbound::{Outbound, OutboundTx};
 use super::room::{Hub, JoinResult, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
 use crate::protocol::{self, Message, Payload, Status, event, reason};
+use crate::pubsub::{Broadcast, Subscriber, SubscriberId};
+
+/// Listens on a socket's id for `disconnect` (Phoenix's `Endpoint.broadcast(socket_id,
+/// "disconnect", %{})`, e.g. after a logout elsewhere).
+struct DisconnectSink {
+    out: OutboundTx,
+}
+
+impl Subscriber for DisconnectSink {
+    fn deliver(&self, broadcast: &Arc<Broadcast>) {
+        if broadcast.event == event::DISCONNECT {
+            self.out.send(Outbound::Disconnect);
+        }
+    }
+}
 
 struct Joined {
     join_ref: Option<String>,
@@ -36,6 +51,8 @@ impl Joined {
 pub struct Session {
     hub: Arc<Hub>,
     socket_id: Option<Arc<str>>,
+    /// The subscription on `socket_id` that listens for `disconnect`.
+    id_subscription: Option<SubscriberId>,
     assigns: String,
     out: OutboundTx,
     channels: HashMap<Arc<str>, Joined>,
@@ -55,9 +72,18 @@ impl Session {
         out: OutboundTx,
     ) -> Self {
         let assigns = serde_json::to_string(assigns).unwrap_or_else(|_| "{}".into());
+        let socket_id: Option<Arc<str>> = socket_id.map(Arc::from);
+        // A socket with an id listens on it: a `disconnect` broadcast there closes it.
+        let id_subscription = socket_id.as_ref().map(|id| {
+            let subscription = hub.next_id();
+            let sink = Arc::new(DisconnectSink { out: out.clone() });
+            hub.pubsub().subscribe(id, subscription, sink);
+            subscription
+        });
         Session {
             hub,
-            socket_id: socket_id.map(Arc::from),
+            socket_id,
+            id_subscription,
             assigns,
             out,
             channels: HashMap::new(),
@@ -236,6 +262,9 @@ impl Session {
 
     /// The socket closed: every channel leaves with reason `closed`.
     pub async fn close(&mut self) {
+        if let (Some(id), Some(subscription)) = (&self.socket_id, self.id_subscription.take()) {
+            self.hub.pubsub().unsubscribe(id, subscription);
+        }
         for (_, joined) in self.channels.drain() {
             joined.leave(reason::CLOSED).await;
         }
