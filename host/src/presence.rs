@@ -56,6 +56,28 @@ struct Topic {
     owned: HashMap<u64, HashMap<String, Dot>>,
 }
 
+impl Topic {
+    /// Adds an entry for `owner` under `key` and records that the owner holds it.
+    fn add(
+        &mut self,
+        replica: Replica,
+        owner: u64,
+        key: &str,
+        meta: &str,
+        prev: Option<Dot>,
+    ) -> Diff {
+        let state = self.state.get_or_insert_with(|| State::new(replica));
+        let (_, diff) = state.add(key, owner, meta.to_owned(), prev);
+        if let Some((dot, _)) = diff.joins.first() {
+            self.owned
+                .entry(owner)
+                .or_default()
+                .insert(key.to_owned(), *dot);
+        }
+        diff
+    }
+}
+
 /// The presence of every topic on this node.
 pub struct Tracker {
     replica: Replica,
@@ -140,14 +162,7 @@ impl Tracker {
                     return (Err(e), Diff::default());
                 }
             }
-            let state = t.state.get_or_insert_with(|| State::new(replica));
-            let (_, diff) = state.add(key, owner, meta.to_owned(), None);
-            if let Some((dot, _)) = diff.joins.first() {
-                t.owned
-                    .entry(owner)
-                    .or_default()
-                    .insert(key.to_owned(), *dot);
-            }
+            let diff = t.add(replica, owner, key, meta, None);
             (Ok(()), diff)
         })
     }
@@ -171,14 +186,7 @@ impl Tracker {
             };
             let state = t.state.get_or_insert_with(|| State::new(replica));
             let (_, mut diff) = state.remove(&[old]);
-            let (_, joined) = state.add(key, owner, meta.to_owned(), Some(old));
-            diff.joins = joined.joins;
-            if let Some((dot, _)) = diff.joins.first() {
-                t.owned
-                    .entry(owner)
-                    .or_default()
-                    .insert(key.to_owned(), *dot);
-            }
+            diff.joins = t.add(replica, owner, key, meta, Some(old)).joins;
             (Ok(()), diff)
         })
     }

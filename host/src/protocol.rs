@@ -635,31 +635,30 @@ pub fn encode_broadcast(
 
 /// The server closed a channel: `[join_ref, join_ref, topic, "phx_close", {}]`.
 pub fn encode_close(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
-    let empty = empty_object();
-    let out = Out {
-        join_ref,
-        msg_ref: join_ref,
-        topic,
-        event: event::CLOSE,
-        body: Body::Json(&empty),
-    };
-    match vsn {
-        Vsn::V2 => encode_v2_text(&out),
-        Vsn::V1 => encode_v1_text(&out),
-    }
+    encode_channel_end(vsn, join_ref, topic, event::CLOSE, &empty_object())
 }
 
 /// A channel crashed: `[join_ref, join_ref, topic, "phx_error", {"reason":"channel_crash"}]`.
 pub fn encode_crash(vsn: Vsn, join_ref: Option<&str>, topic: &str) -> Frame {
-    let Payload::Json(reason) = reason_payload(reason::CHANNEL_CRASH) else {
-        unreachable!("reason payloads are JSON")
-    };
+    let reason = RawValue::from_string(format!("{{\"reason\":\"{}\"}}", reason::CHANNEL_CRASH))
+        .unwrap_or_else(|_| unreachable!("a fixed JSON object"));
+    encode_channel_end(vsn, join_ref, topic, event::ERROR, &reason)
+}
+
+/// `phx_close` and `phx_error` both carry the join ref as their ref, and JSON bodies only.
+fn encode_channel_end(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    body: &RawValue,
+) -> Frame {
     let out = Out {
         join_ref,
         msg_ref: join_ref,
         topic,
-        event: event::ERROR,
-        body: Body::Json(&reason),
+        event,
+        body: Body::Json(body),
     };
     match vsn {
         Vsn::V2 => encode_v2_text(&out),
