@@ -2,11 +2,13 @@
 # Both install what they need (the wasm32-wasip2 target, the JS test dependencies).
 
 CARGO ?= cargo
-EXAMPLES := chat notifications presence
+EXAMPLES := chat notifications presence counter
 TEST_ONLY := misbehave
 PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
+# Versions the hot-reload tests upload at run time (not served at start).
+UPLOAD_DIR := target/test-uploads
 
 .PHONY: run test plugins wasm-target lint test-rust test-js bench
 
@@ -14,10 +16,13 @@ wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
-# in $(PLUGIN_DIR), the examples and the test plugins in $(TEST_PLUGIN_DIR).
+# in $(PLUGIN_DIR), the examples and the test plugins in $(TEST_PLUGIN_DIR), and version 2
+# of `counter` in $(UPLOAD_DIR) as counter-2.0.0.wasm + .toml.
 plugins: wasm-target
+	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR) $(UPLOAD_DIR)
+	$(CARGO) build --profile plugin --target wasm32-wasip2 -p counter --features v2
+	cp $(PLUGIN_OUT)/counter.wasm $(UPLOAD_DIR)/counter-2.0.0.wasm && cp plugins/counter/cinder-v2.toml $(UPLOAD_DIR)/counter-2.0.0.toml
 	$(CARGO) build --profile plugin --target wasm32-wasip2 $(addprefix -p ,$(EXAMPLES) $(TEST_ONLY))
-	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR)
 	@for p in $(EXAMPLES); do \
 		cp $(PLUGIN_OUT)/$$p.wasm $(PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(PLUGIN_DIR)/$$p.toml; \
 	done

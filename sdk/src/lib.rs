@@ -75,7 +75,7 @@ extern crate self as cinder_sdk;
 pub mod wit {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "channel",
+        world: "stateful-channel",
         pub_export_macro: true,
         export_macro_name: "__export_cinder_channel",
         default_bindings_module: "cinder_sdk::wit",
@@ -90,6 +90,7 @@ pub use wit_bindgen::rt as __rt;
 
 use wit::cinder::channel::{host, types as w};
 use wit::exports::cinder::channel::handler::Guest;
+use wit::exports::cinder::channel::state::Guest as StateGuest;
 
 /// An error from a plugin or from a host call. Returned from a callback, it crashes the
 /// channel the call was about (`phx_error`), or refuses a join with `join crashed`.
@@ -380,6 +381,19 @@ pub trait Channel: Default + 'static {
 
     /// The channel is going away (`left`, `closed`, or a stop reason).
     fn terminate(&mut self, _reason: &str, _socket: &Socket) {}
+
+    /// The room's state as bytes, handed to the next version on hot reload. The default
+    /// (empty) hands nothing over: the new version starts the room from `Default`.
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Takes over the state `snapshot` of version `from_version` made (an older version,
+    /// or a newer one on rollback). Called on a fresh `Default` value before any other
+    /// callback. An error keeps the room on the running version.
+    fn restore(&mut self, _state: &[u8], _from_version: &str) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Broadcast to every subscriber of the current topic.
@@ -534,7 +548,18 @@ impl<T: Channel> Guest for Export<T> {
     }
 }
 
-/// Exports a [`Channel`] implementation as the plugin's `cinder:channel/handler`.
+impl<T: Channel> StateGuest for Export<T> {
+    fn snapshot() -> Vec<u8> {
+        with_room(|room: &mut T| room.snapshot())
+    }
+
+    fn restore(state: Vec<u8>, from_version: String) -> Result<(), String> {
+        with_room(|room: &mut T| room.restore(&state, &from_version)).map_err(|e| e.0)
+    }
+}
+
+/// Exports a [`Channel`] implementation as the plugin's `cinder:channel/handler` (and
+/// `cinder:channel/state`, for hot reload).
 ///
 /// ```no_run
 /// use cinder_sdk::{Channel, Error, InOutcome, Join, Payload, Socket};

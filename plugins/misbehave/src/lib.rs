@@ -12,6 +12,9 @@
 //! `{"ms"}` (a timer; its `handle_info` pushes `tick`), `caps` (try the filesystem, the
 //! environment, arguments, the network, clocks and random; reply what worked), `print`
 //! `{"n"}` (n lines to stdout and n to stderr).
+//!
+//! On hot reload it refuses any state it is handed (`restore` fails), so activating it
+//! over a plugin that snapshots shows a failed swap.
 
 use std::time::{Duration, Instant};
 
@@ -155,6 +158,13 @@ impl Channel for Misbehave {
     fn handle_info(&mut self, message: Payload, _socket: &mut Socket) -> Result<Outcome, Error> {
         push("tick", message)?;
         Ok(Outcome::NoReply)
+    }
+
+    fn restore(&mut self, state: &[u8], from_version: &str) -> Result<(), Error> {
+        Err(Error(format!(
+            "misbehave refuses {} bytes of state from version {from_version}",
+            state.len()
+        )))
     }
 }
 
