@@ -30,7 +30,8 @@ fn load(runtime: &Runtime, name: &str) -> Plugin {
     )
     .expect("manifest parses");
     let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).expect("wasm: run `make plugins`");
-    runtime.load(manifest, &wasm).expect("plugin loads")
+    let component = runtime.compile_uncached(&wasm).expect("plugin compiles");
+    runtime.load(manifest, &component).expect("plugin loads")
 }
 
 fn socket(topic: &str) -> ChannelSocket {

@@ -1,12 +1,12 @@
-//! The HTTP API: the landing page at `/` and server push (`POST /api/broadcast`), which
-//! sends an event to every subscriber of a topic from outside any channel (Phoenix's
-//! `Endpoint.broadcast`). Authenticated with the admin bearer token.
+//! The HTTP API: the landing page at `/`, server push (`POST /api/broadcast`, Phoenix's
+//! `Endpoint.broadcast`), stats, and plugin administration under `/api/plugins` (upload,
+//! list, activate, roll back, delete). Everything but `/` needs the admin bearer token.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -16,6 +16,8 @@ use serde_json::value::RawValue;
 use crate::AppState;
 use crate::protocol::{self, Payload};
 use crate::pubsub::Broadcast;
+use crate::registry::Refusal;
+use crate::store::Source;
 
 /// `GET /`: what this server is and where its socket is.
 pub async fn index(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -25,7 +27,9 @@ pub async fn index(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> 
         "about": "Phoenix Channels server; channel logic runs in WebAssembly plugins",
         "socket": format!("{}{}", app.mount, protocol::WEBSOCKET_PATH),
         "serializers": ["1.0.0", "2.0.0"],
-        "plugins": app.plugin_summary,
+        "plugins": app.registry.list(&app.hub).unwrap_or_default().into_iter().filter_map(|p| {
+            Some(json!({ "name": p.name, "version": p.active?, "topics": p.topics, "description": p.description }))
+        }).collect::<Vec<_>>(),
     }))
 }
 
@@ -106,6 +110,219 @@ pub async fn broadcast(
     );
     app.hub.pubsub().publish(Arc::new(b));
     (StatusCode::ACCEPTED, Json(json!({ "status": "ok" }))).into_response()
+}
+
+fn refused(refusal: Refusal) -> Response {
+    let status = match &refusal {
+        Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+        Refusal::Conflict(_) => StatusCode::CONFLICT,
+        Refusal::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, refusal.to_string())
+}
+
+/// Query of `POST /api/plugins`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    /// Activate the version once stored (default true).
+    activate: Option<bool>,
+}
+
+/// `POST /api/plugins`, multipart with a `manifest` part (TOML) and a `wasm` part (the
+/// component): validate, store durably, and (unless `?activate=false`) activate, moving
+/// the plugin's live rooms to the new version. 201 when stored, 200 when that exact
+/// version was already stored.
+pub async fn upload(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<UploadQuery>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    const USAGE: &str = "send multipart/form-data with a `manifest` part (TOML) and a `wasm` part (the component), e.g. curl -F manifest=@cinder.toml -F wasm=@plugin.wasm";
+    let mut multipart = match multipart {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}: {USAGE}")),
+    };
+    let (mut manifest, mut wasm) = (None, None);
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return multipart_error(&app, &e),
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let bytes = match field.bytes().await {
+            Ok(bytes) => bytes,
+            Err(e) => return multipart_error(&app, &e),
+        };
+        match name.as_str() {
+            "manifest" => match String::from_utf8(bytes.to_vec()) {
+                Ok(text) => manifest = Some(text),
+                Err(_) => return error(StatusCode::BAD_REQUEST, "the manifest is not UTF-8"),
+            },
+            "wasm" => wasm = Some(bytes.to_vec()),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unexpected part {other:?}: {USAGE}"),
+                );
+            }
+        }
+    }
+    let (Some(manifest), Some(wasm)) = (manifest, wasm) else {
+        return error(StatusCode::BAD_REQUEST, format!("missing part: {USAGE}"));
+    };
+    let activate = query.activate.unwrap_or(true);
+    match app
+        .registry
+        .add(&app.hub, &manifest, wasm, Source::Upload, activate)
+        .await
+    {
+        Ok(up) => {
+            let status = if up.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(up)).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "plugin upload refused");
+            refused(e)
+        }
+    }
+}
+
+fn multipart_error(app: &AppState, e: &axum::extract::multipart::MultipartError) -> Response {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        let max = app.hub.limits().max_upload_bytes;
+        return error(
+            status,
+            format!("upload over the limit of {max} bytes (max_upload_bytes)"),
+        );
+    }
+    error(
+        status,
+        format!("malformed multipart body: {}", e.body_text()),
+    )
+}
+
+/// `GET /api/plugins`: every plugin with its versions, active version and live rooms.
+pub async fn list_plugins(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    match app.registry.list(&app.hub) {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VersionBody {
+    version: Option<String>,
+}
+
+/// An optional JSON body `{"version": "..."}`; the error says what is wrong.
+fn version_body(body: &[u8]) -> Result<Option<String>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice::<VersionBody>(body)
+        .map(|b| b.version)
+        .map_err(|e| format!("body must be JSON {{\"version\": \"x.y.z\"}}: {e}"))
+}
+
+/// `POST /api/plugins/{name}/activate` with `{"version"}`: make that version active and
+/// move the live rooms to it; the answer says how each room's swap went.
+pub async fn activate(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    let version = match version_body(&body) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body must name the version: {\"version\": \"x.y.z\"}",
+            );
+        }
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match app.registry.activate(&app.hub, &name, &version).await {
+        Ok(activation) => Json(activation).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+/// `POST /api/plugins/{name}/rollback`, optionally with `{"version"}`: go back to that
+/// version, or to the one active before the current.
+pub async fn rollback(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    let version = match version_body(&body) {
+        Ok(v) => v,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match app
+        .registry
+        .rollback(&app.hub, &name, version.as_deref())
+        .await
+    {
+        Ok(activation) => Json(activation).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+/// `DELETE /api/plugins/{name}`: remove a plugin with every version (refused while it has
+/// live rooms).
+pub async fn delete_plugin(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    match app.registry.delete_plugin(&app.hub, &name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+/// `DELETE /api/plugins/{name}/versions/{version}`: remove a stored version (never the
+/// active one).
+pub async fn delete_version(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
+    }
+    match app.registry.delete_version(&name, &version).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => refused(e),
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a connect token (JWT, HS256) signed with the configured secret.
     Token(TokenArgs),
+    /// Manage the plugins of a running server: push, list, activate, rollback, delete.
+    Plugin(crate::client::PluginArgs),
 }
 
 /// Options of `cinder serve`; each also settable in the config file and most by environment.
@@ -52,9 +54,17 @@ pub struct ServeArgs {
     /// Directory for Cinder's own files [default: ./cinder-data].
     #[arg(long, env = "CINDER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Directory of plugins to serve: `<name>.wasm` beside `<name>.toml`.
+    /// Directory of plugins to take at start: `<name>.wasm` beside `<name>.toml`. A version
+    /// new to the store becomes active.
     #[arg(long, env = "CINDER_PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
+    /// A plugins dir to take at start and then follow: a changed wasm is reloaded into the
+    /// running server (the dev loop).
+    #[arg(long)]
+    pub watch: Option<PathBuf>,
+    /// Directory of compiled plugin artifacts [default: <data dir>/cache].
+    #[arg(long, env = "CINDER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Socket mount path; the WebSocket is at `<mount>/websocket` [default: /socket].
     #[arg(long)]
     pub mount: Option<String>,
@@ -88,6 +98,9 @@ pub struct ServeArgs {
     /// Payload bytes one plugin call may send in total, and the largest reply [default: 1048576].
     #[arg(long)]
     pub max_plugin_payload_bytes: Option<usize>,
+    /// Largest plugin upload (wasm plus manifest), in bytes [default: 67108864].
+    #[arg(long)]
+    pub max_upload_bytes: Option<usize>,
     /// Pending send-after timers per channel [default: 64].
     #[arg(long)]
     pub max_timers_per_channel: Option<usize>,
@@ -159,6 +172,9 @@ pub struct Limits {
     /// Payload bytes one plugin call may push, broadcast or schedule in total, and the
     /// largest reply.
     pub max_plugin_payload_bytes: usize,
+    /// 64 MiB per plugin upload: room for interpreters compiled to wasm (Python, JS),
+    /// small enough that an upload cannot exhaust memory.
+    pub max_upload_bytes: usize,
     /// Pending `send-after` timers per channel.
     pub max_timers_per_channel: usize,
     /// Longest `send-after` delay, in milliseconds (one day).
@@ -194,6 +210,7 @@ impl Default for Limits {
             plugin_call_ms: 10,
             max_messages_per_call: 1024,
             max_plugin_payload_bytes: 1 << 20,
+            max_upload_bytes: 64 << 20,
             max_timers_per_channel: 64,
             max_timer_delay_ms: 86_400_000,
             crash_limit: 5,
@@ -232,8 +249,12 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Data directory.
     pub data_dir: PathBuf,
-    /// Plugins directory.
+    /// Plugins directory, taken at start.
     pub plugins_dir: Option<PathBuf>,
+    /// Plugins directory taken at start and followed for changes.
+    pub watch: Option<PathBuf>,
+    /// Compiled-artifact cache; `<data_dir>/cache` when unset.
+    pub cache_dir: Option<PathBuf>,
     /// Limits.
     pub limits: Limits,
 }
@@ -247,12 +268,21 @@ impl Default for Config {
             admin_token: None,
             data_dir: PathBuf::from("cinder-data"),
             plugins_dir: None,
+            watch: None,
+            cache_dir: None,
             limits: Limits::default(),
         }
     }
 }
 
 impl Config {
+    /// Where compiled artifacts are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("cache"))
+    }
+
     /// Defaults, then the config file named by `args` (if any), then `args` (flags and
     /// environment).
     pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -287,6 +317,8 @@ impl Config {
         set_opt(&mut self.admin_token, &a.admin_token);
         set(&mut self.data_dir, &a.data_dir);
         set_opt(&mut self.plugins_dir, &a.plugins_dir);
+        set_opt(&mut self.watch, &a.watch);
+        set_opt(&mut self.cache_dir, &a.cache_dir);
         let l = &mut self.limits;
         set(&mut l.idle_timeout_secs, &a.idle_timeout_secs);
         set(&mut l.max_channels_per_socket, &a.max_channels_per_socket);
@@ -298,6 +330,7 @@ impl Config {
         set(&mut l.plugin_call_ms, &a.plugin_call_ms);
         set(&mut l.max_messages_per_call, &a.max_messages_per_call);
         set(&mut l.max_plugin_payload_bytes, &a.max_plugin_payload_bytes);
+        set(&mut l.max_upload_bytes, &a.max_upload_bytes);
         set(&mut l.max_timers_per_channel, &a.max_timers_per_channel);
         set(&mut l.max_timer_delay_ms, &a.max_timer_delay_ms);
         set(&mut l.crash_limit, &a.crash_limit);
@@ -367,21 +400,17 @@ impl Secrets {
                 false,
             ));
         }
-        let path = config.data_dir.join(SECRETS_FILE);
-        let (stored, generated) = match std::fs::read_to_string(&path) {
-            Ok(text) => (
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
-                false,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let (stored, generated) = match Self::read(config)? {
+            Some(stored) => (stored, false),
+            None => {
                 let fresh = Secrets {
                     jwt_secret: random_token(),
                     admin_token: random_token(),
                 };
+                let path = config.data_dir.join(SECRETS_FILE);
                 write_private(&path, &toml::to_string(&fresh)?)?;
                 (fresh, true)
             }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         Ok((
             Secrets {
@@ -390,6 +419,20 @@ impl Secrets {
             },
             generated,
         ))
+    }
+}
+
+impl Secrets {
+    /// The secrets kept in the data dir, if any were generated there.
+    pub fn read(config: &Config) -> anyhow::Result<Option<Secrets>> {
+        let path = config.data_dir.join(SECRETS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
     }
 }
 

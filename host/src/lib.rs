@@ -8,8 +8,12 @@
 //! - [`channel`]: the per-socket session and the room actor (one plugin instance per topic).
 //! - [`pubsub`]: topic fan-out, encoded once per serializer.
 //! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes).
-//! - [`runtime`]: wasmtime, the `cinder:channel` world, plugin loading and routing.
-//! - [`api`]: the HTTP API (server push).
+//! - [`runtime`]: wasmtime, the `cinder:channel` world, the manifest, compiling and checking.
+//! - [`registry`]: plugins and their versions: upload, activate (hot reload), roll back,
+//!   delete, routing, the plugins dir and the watched dir.
+//! - [`store`]: the durable plugin store and artifact cache in the data dir.
+//! - [`api`]: the HTTP API (server push, plugin administration).
+//! - [`client`]: `cinder plugin ...`, the admin API from the command line.
 //! - [`config`]: defaults, file, environment and flags; every limit.
 //!
 //! The binary only parses arguments and calls [`serve`], so tests start a server on port 0
@@ -18,12 +22,15 @@
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod client;
 pub mod config;
 pub mod presence;
 pub mod protocol;
 pub mod pubsub;
+pub mod registry;
 pub mod runtime;
 pub mod stats;
+pub mod store;
 pub mod transport;
 
 use std::future::Future;
@@ -32,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,7 +47,9 @@ use tokio::sync::watch;
 use crate::channel::Hub;
 use crate::config::{Config, Secrets};
 use crate::pubsub::LocalPubSub;
-use crate::runtime::{Plugins, Runtime};
+use crate::registry::Registry;
+use crate::runtime::Runtime;
+use crate::store::{PluginStore, Source};
 
 /// How long shutdown waits for sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -51,7 +60,7 @@ pub struct AppState {
     verifier: auth::Verifier,
     admin_token: String,
     mount: String,
-    plugin_summary: serde_json::Value,
+    registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
     live_sockets: AtomicUsize,
 }
@@ -67,34 +76,36 @@ pub async fn serve(
     let stats = Arc::new(stats::Stats::default());
     let pubsub: Arc<dyn pubsub::PubSub> = Arc::new(LocalPubSub::new());
     let tracker = Arc::new(presence::Tracker::new(pubsub.clone()));
-    let runtime = Runtime::new(&config.limits, stats.clone(), tracker.clone())?;
-    let plugins = match &config.plugins_dir {
-        Some(dir) => Plugins::load_dir(&runtime, dir)?,
-        None => {
-            tracing::warn!("no plugins dir configured: every join will be refused as unmatched");
-            Plugins::empty()
-        }
-    };
-    let plugin_summary = plugins
-        .iter()
-        .map(|p| {
-            let m = p.manifest();
-            serde_json::json!({ "name": m.name, "version": m.version, "topics": m.topics, "description": m.description })
-        })
-        .collect();
+    let runtime = Arc::new(Runtime::new(
+        &config.limits,
+        stats.clone(),
+        tracker.clone(),
+    )?);
+    let store = PluginStore::open(&config.data_dir, &config.cache_dir())?;
+    let registry = Arc::new(Registry::open(runtime.clone(), store, config.limits.clone()).await?);
     let hub = Hub::new(
-        Arc::new(plugins),
+        registry.clone(),
         pubsub,
         tracker,
         config.limits.clone(),
         stats,
     );
+    if let Some(dir) = &config.plugins_dir {
+        registry.add_dir(&hub, dir, Source::Dir).await?;
+    }
+    if let Some(dir) = &config.watch {
+        registry.add_dir(&hub, dir, Source::Dir).await?;
+    }
+    let watcher = config.watch.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), "watching for plugin changes");
+        tokio::spawn(registry.clone().watch(hub.clone(), dir))
+    });
     let app = Arc::new(AppState {
         hub,
         verifier: auth::Verifier::hs256(&secrets.jwt_secret),
         admin_token: secrets.admin_token,
         mount: config.mount.clone(),
-        plugin_summary,
+        registry,
         shutdown: watch::Sender::new(false),
         live_sockets: AtomicUsize::new(0),
     });
@@ -104,7 +115,20 @@ pub async fn serve(
         .route(&socket_path, get(transport::websocket))
         .route("/api/broadcast", post(api::broadcast))
         .route("/api/stats", get(api::stats))
+        .route("/api/plugins/{name}/activate", post(api::activate))
+        .route("/api/plugins/{name}/rollback", post(api::rollback))
+        .route("/api/plugins/{name}", delete(api::delete_plugin))
+        .route(
+            "/api/plugins/{name}/versions/{version}",
+            delete(api::delete_version),
+        )
         .layer(DefaultBodyLimit::max(config.limits.max_frame_bytes))
+        .route(
+            "/api/plugins",
+            get(api::list_plugins)
+                .post(api::upload)
+                .layer(DefaultBodyLimit::max(config.limits.max_upload_bytes)),
+        )
         .with_state(app.clone());
     tracing::info!(addr = %listener.local_addr()?, socket = %socket_path, "cinder listening");
     let stop = app.clone();
@@ -124,6 +148,9 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while app.live_sockets.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(watcher) = watcher {
+        watcher.abort();
     }
     drop(runtime);
     Ok(())

@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Plugin(args)) => cinder::client::run(args),
         None => serve(cli.serve),
     }
 }

@@ -67,6 +67,9 @@ pub trait PubSub: Send + Sync {
     fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>);
     /// Removes a subscriber; unknown ids are ignored.
     fn unsubscribe(&self, topic: &str, id: SubscriberId);
+    /// Swaps the sinks of subscribers of `topic` in one step, so no broadcast is missed
+    /// or delivered twice in between; ids not subscribed are ignored.
+    fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>);
     /// Delivers to every subscriber of the broadcast's topic; returns how many received it.
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize;
 }
@@ -102,6 +105,18 @@ impl PubSub for LocalPubSub {
             subs.retain(|(sid, _)| *sid != id);
             if subs.is_empty() {
                 topics.remove(topic);
+            }
+        }
+    }
+
+    fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>) {
+        let mut new: HashMap<SubscriberId, Arc<dyn Subscriber>> = subscribers.into_iter().collect();
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(subs) = topics.get_mut(topic) {
+            for (id, sub) in subs.iter_mut() {
+                if let Some(replacement) = new.remove(id) {
+                    *sub = replacement;
+                }
             }
         }
     }
@@ -162,6 +177,13 @@ mod tests {
         assert_eq!(ps.publish(broadcast("room:1", "w", None)), 1);
         assert_eq!(*a.0.lock().expect("lock"), ["room:1:x", "room:1:w"]);
         assert_eq!(*b.0.lock().expect("lock"), ["room:1:x", "room:1:y"]);
+
+        // Swapping a sink: the new one gets what follows, once; unknown ids are ignored.
+        let c = Arc::new(Collect::default());
+        ps.resubscribe("room:1", vec![(1, c.clone()), (7, c.clone())]);
+        assert_eq!(ps.publish(broadcast("room:1", "v", None)), 1);
+        assert_eq!(*a.0.lock().expect("lock"), ["room:1:x", "room:1:w"]);
+        assert_eq!(*c.0.lock().expect("lock"), ["room:1:v"]);
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The WebAssembly runtime: the wasmtime engine and its limits (epoch deadline per call,
 //! memory cap per instance, pooling allocator), the only `bindgen!` of the `cinder:channel`
-//! world, the host imports, plugin loading (component + manifest) and topic routing.
+//! world, the host imports, the plugin manifest, compiling (through the artifact cache) and
+//! checking a component against the world.
 //!
-//! It implements the channel module's [`RoomLogic`], [`LogicFactory`] and [`Router`] traits
-//! and knows nothing of sockets.
+//! It implements the channel module's [`RoomLogic`] and [`LogicFactory`] traits and knows
+//! nothing of sockets; which plugin serves which topic is the registry's.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use serde::Deserialize;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
     StoreLimitsBuilder, UpdateDeadline,
@@ -23,12 +24,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::channel::{
     BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
-    JoinOutcome, LogicFactory, RoomLogic, Route, Router,
+    JoinOutcome, LogicFactory, MemberId, RoomLogic,
 };
 use crate::config::{Limits, MAX_PLUGIN_CALL_MS};
 use crate::presence::{PRESENCE_STATE, Tracker};
 use crate::protocol::{self, Payload, Status};
 use crate::stats::Stats;
+use crate::store::PluginStore;
 
 mod output;
 use output::{LogLimiter, LogTarget};
@@ -36,13 +38,24 @@ use output::{LogLimiter, LogTarget};
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "channel",
+        world: "stateful-channel",
         exports: { default: async },
     });
 }
 
+use bindings::StatefulChannel;
 use bindings::cinder::channel::types as wit;
-use bindings::{Channel, ChannelPre};
+use bindings::exports::cinder::channel::handler::{
+    Guest as HandlerExports, GuestIndices as HandlerIndices,
+};
+use bindings::exports::cinder::channel::state::{
+    Guest as StateExports, GuestIndices as StateIndices,
+};
+
+/// The handler interface every plugin exports.
+const HANDLER_INTERFACE: &str = "cinder:channel/handler@0.1.0";
+/// The optional state interface (hot reload).
+const STATE_INTERFACE: &str = "cinder:channel/state@0.1.0";
 
 /// How often the epoch advances; the granularity of the per-call time limit.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -50,6 +63,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
 /// Memories and tables one component may have.
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// The channel of a call that is about no channel (snapshot, restore): host calls fail.
+const NO_CHANNEL: MemberId = 0;
 /// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
 /// be able to grow them without bound.
 const MAX_ASSIGNS_BYTES: usize = 64 << 10;
@@ -72,13 +87,18 @@ impl Runtime {
         // Component-model async is not used; its bookkeeping costs every call.
         config.concurrency_support(false);
         config.max_wasm_stack(512 << 10);
-        let rooms = limits.max_rooms;
+        // A slot per room, plus headroom for the second instance a room holds while it
+        // swaps versions and for the test instance of an upload.
+        let slots = limits
+            .max_rooms
+            .saturating_add(limits.max_rooms / 8)
+            .saturating_add(16);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(rooms)
-            .total_core_instances(rooms.saturating_mul(4))
-            .total_memories(rooms.saturating_mul(2))
-            .total_tables(rooms.saturating_mul(2))
-            .total_stacks(rooms)
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(4))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(2))
+            .total_stacks(slots)
             .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
             .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
             .max_tables_per_component(MAX_MEMORIES_PER_COMPONENT)
@@ -111,30 +131,80 @@ impl Runtime {
         })
     }
 
-    /// Compiles a component and links it against the host; fails with a clear message when
-    /// the bytes are not a component or do not fit the `cinder:channel` world.
-    pub fn load(&self, manifest: Manifest, wasm: &[u8]) -> anyhow::Result<Plugin> {
+    /// The cache key of a component's compiled artifact: its hash, the wasmtime version and
+    /// everything in the engine's configuration that changes compiled code.
+    fn artifact_key(&self, sha256: &str) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        "wasmtime 48.0.8".hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{sha256}-{:016x}", hasher.finish())
+    }
+
+    /// The compiled component of `wasm` (whose SHA-256 is `sha256`): from the artifact cache
+    /// when it holds it, else compiled now and cached. Slow (up to seconds for big guests):
+    /// call it off the async workers. Returns whether the cache served it.
+    pub fn compile(
+        &self,
+        wasm: &[u8],
+        sha256: &str,
+        store: &PluginStore,
+    ) -> anyhow::Result<(Component, bool)> {
+        let key = self.artifact_key(sha256);
+        if let Some(artifact) = store.artifact(&key) {
+            #[allow(unsafe_code)]
+            // SAFETY: artifacts are written only by `put_artifact` below, from
+            // `Component::serialize` of an engine with this configuration (the key covers
+            // wasmtime's version and compatibility hash), and `artifact` checked the SHA-256
+            // each carries before handing the bytes over; wasmtime checks the header again.
+            // The cache dir is trusted like the binary itself (docs/plugins.md).
+            let component = unsafe { Component::deserialize(&self.engine, &artifact) };
+            match component {
+                Ok(component) => {
+                    Stats::bump(&self.stats.artifact_cache_hits);
+                    return Ok((component, true));
+                }
+                Err(e) => tracing::warn!(error = %e, "cached artifact refused: recompiling"),
+            }
+        }
+        let component = self.compile_uncached(wasm)?;
+        Stats::bump(&self.stats.artifact_compiles);
+        match component.serialize() {
+            Ok(artifact) => store.put_artifact(&key, &artifact),
+            Err(e) => tracing::warn!(error = %e, "cannot serialize a compiled component"),
+        }
+        Ok((component, false))
+    }
+
+    /// Compiles a component without the cache.
+    pub fn compile_uncached(&self, wasm: &[u8]) -> anyhow::Result<Component> {
+        Component::new(&self.engine, wasm)
+            .map_err(|e| anyhow::anyhow!("not a loadable component: {e:#}"))
+    }
+
+    /// Links a compiled component against the host; fails with a message naming the
+    /// problem when it does not fit the `cinder:channel` world (an import the host does not
+    /// offer, a missing export).
+    pub fn load(&self, manifest: Manifest, component: &Component) -> anyhow::Result<Plugin> {
         manifest.validate(&self.limits)?;
-        let component = Component::new(&self.engine, wasm).map_err(|e| {
-            anyhow::anyhow!("plugin {}: not a loadable component: {e}", manifest.name)
-        })?;
         let mut linker: Linker<RoomData> = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
-        Channel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d)
+        StatefulChannel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d)
             .map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin {}: imports do not match the host: {e}",
-                manifest.name
-            )
-        })?;
-        let pre = ChannelPre::new(pre).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin {}: exports do not match cinder:channel/handler: {e}",
-                manifest.name
-            )
-        })?;
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(|e| anyhow::anyhow!("imports do not match what the host offers: {e:#}"))?;
+        let handler = HandlerIndices::new(&pre)
+            .map_err(|e| anyhow::anyhow!("missing export {HANDLER_INTERFACE}: {e:#}"))?;
+        let state =
+            match component.get_export_index(None, STATE_INTERFACE) {
+                None => None,
+                Some(_) => Some(StateIndices::new(&pre).map_err(|e| {
+                    anyhow::anyhow!("export {STATE_INTERFACE} is incomplete: {e:#}")
+                })?),
+            };
         let memory_bytes = manifest
             .limits
             .memory_bytes
@@ -147,10 +217,12 @@ impl Runtime {
         );
         Ok(Plugin {
             name: manifest.name.as_str().into(),
-            version: manifest.version.clone(),
+            version: manifest.version.as_str().into(),
             intercepts: manifest.intercept.clone().into(),
             manifest,
             pre,
+            handler,
+            state,
             engine: self.engine.clone(),
             limits: self.limits.clone(),
             memory_bytes,
@@ -202,6 +274,26 @@ pub struct PluginLimits {
 }
 
 impl Manifest {
+    /// Parses and checks a manifest.
+    pub fn parse(text: &str, server: &Limits) -> anyhow::Result<Manifest> {
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("manifest: {}", e.message()))?;
+        manifest.validate(server)?;
+        Ok(manifest)
+    }
+
+    /// Whether a topic pattern of this manifest overlaps one of `other`'s: some topic
+    /// would match both. Returns the two patterns.
+    pub fn clash<'a>(&'a self, other: &'a Manifest) -> Option<(&'a str, &'a str)> {
+        self.topics.iter().find_map(|a| {
+            other
+                .topics
+                .iter()
+                .find(|b| patterns_overlap(a, b))
+                .map(|b| (a.as_str(), b.as_str()))
+        })
+    }
+
     fn validate(&self, server: &Limits) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.name.is_empty()
@@ -211,6 +303,12 @@ impl Manifest {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
             "plugin name {:?} must be non-empty ASCII letters, digits, - or _",
             self.name
+        );
+        anyhow::ensure!(
+            semver::Version::parse(&self.version).is_ok(),
+            "plugin {}: version {:?} is not semver (like 1.2.0)",
+            self.name,
+            self.version
         );
         anyhow::ensure!(
             !self.topics.is_empty(),
@@ -257,20 +355,32 @@ impl Manifest {
 }
 
 /// Whether `pattern` (exact or `prefix*`) covers `topic`.
-fn pattern_matches(pattern: &str, topic: &str) -> bool {
+pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => topic.starts_with(prefix),
         None => pattern == topic,
     }
 }
 
+/// Whether some topic matches both patterns.
+fn patterns_overlap(a: &str, b: &str) -> bool {
+    match (a.strip_suffix('*'), b.strip_suffix('*')) {
+        (Some(pa), Some(pb)) => pa.starts_with(pb) || pb.starts_with(pa),
+        (Some(prefix), None) => b.starts_with(prefix),
+        (None, Some(prefix)) => a.starts_with(prefix),
+        (None, None) => a == b,
+    }
+}
+
 /// A compiled plugin, ready to make room instances.
 pub struct Plugin {
     name: Arc<str>,
-    version: String,
+    version: Arc<str>,
     intercepts: Arc<[String]>,
     manifest: Manifest,
-    pre: ChannelPre<RoomData>,
+    pre: InstancePre<RoomData>,
+    handler: HandlerIndices,
+    state: Option<StateIndices>,
     engine: Engine,
     limits: Limits,
     /// Memory cap of one instance.
@@ -294,6 +404,47 @@ impl Plugin {
     /// The manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The plugin's version.
+    pub fn version(&self) -> &Arc<str> {
+        &self.version
+    }
+
+    /// Events that go through `handle-out`.
+    pub fn intercepts(&self) -> &Arc<[String]> {
+        &self.intercepts
+    }
+
+    /// Whether the plugin exports `cinder:channel/state` (hands room state over).
+    pub fn stateful(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Makes one instance in a throwaway store and checks every export's type, so a
+    /// component that traps on start or declares the wrong signatures is refused before it
+    /// serves a room.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        let mut store = self.new_store("");
+        store.data_mut().deadline = Instant::now() + self.call_time;
+        store.set_epoch_deadline(1);
+        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            anyhow::anyhow!("instantiation failed: {}", trap_cause(&e, self.call_time))
+        })?;
+        self.handler.load(&mut store, &instance).map_err(|e| {
+            anyhow::anyhow!("export {HANDLER_INTERFACE} does not match the world: {e:#}")
+        })?;
+        if let Some(state) = &self.state {
+            state.load(&mut store, &instance).map_err(|e| {
+                anyhow::anyhow!("export {STATE_INTERFACE} does not match the world: {e:#}")
+            })?;
+        }
+        Ok(())
     }
 
     /// When the plugin's quarantine ends, if it is quarantined now.
@@ -344,7 +495,7 @@ impl Plugin {
             topic,
             limits: self.limits.clone(),
             presence: self.presence.clone(),
-            channel: 0,
+            channel: NO_CHANNEL,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|d| &mut d.store_limits);
@@ -382,10 +533,25 @@ impl LogicFactory for Plugin {
             let mut store = self.new_store(topic);
             store.data_mut().deadline = Instant::now() + self.call_time;
             store.set_epoch_deadline(1);
-            match self.pre.instantiate_async(&mut store).await {
-                Ok(bindings) => Ok(Box::new(WasmRoom {
+            let loaded = match self.pre.instantiate_async(&mut store).await {
+                Ok(instance) => self
+                    .handler
+                    .load(&mut store, &instance)
+                    .and_then(|handler| {
+                        let state = match &self.state {
+                            Some(state) => Some(state.load(&mut store, &instance)?),
+                            None => None,
+                        };
+                        Ok((handler, state))
+                    }),
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok((handler, state)) => Ok(Box::new(WasmRoom {
                     store,
-                    bindings,
+                    handler,
+                    state,
+                    version: self.version.clone(),
                     call_time: self.call_time,
                     dead: None,
                 }) as Box<dyn RoomLogic>),
@@ -441,104 +607,6 @@ fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> String {
     }
 }
 
-/// Every loaded plugin, and which serves what.
-pub struct Plugins {
-    plugins: Vec<Arc<Plugin>>,
-}
-
-impl Plugins {
-    /// Loads every `<name>.wasm` with its `<name>.toml` from `dir`; refuses clashing
-    /// patterns and plugins that do not fit the world.
-    pub fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<Plugins> {
-        let mut wasm_files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading plugins dir {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-            .collect();
-        wasm_files.sort();
-        let mut plugins = Plugins {
-            plugins: Vec::new(),
-        };
-        for wasm_path in wasm_files {
-            let manifest_path = wasm_path.with_extension("toml");
-            let text = std::fs::read_to_string(&manifest_path).with_context(|| {
-                format!(
-                    "reading manifest {} for {}",
-                    manifest_path.display(),
-                    wasm_path.display()
-                )
-            })?;
-            let manifest: Manifest = toml::from_str(&text)
-                .with_context(|| format!("parsing manifest {}", manifest_path.display()))?;
-            let wasm = std::fs::read(&wasm_path)
-                .with_context(|| format!("reading {}", wasm_path.display()))?;
-            plugins.add(runtime.load(manifest, &wasm)?)?;
-        }
-        Ok(plugins)
-    }
-
-    /// No plugins.
-    pub fn empty() -> Self {
-        Plugins {
-            plugins: Vec::new(),
-        }
-    }
-
-    /// Adds a plugin unless its name or a topic pattern is taken.
-    pub fn add(&mut self, plugin: Plugin) -> anyhow::Result<()> {
-        for other in &self.plugins {
-            anyhow::ensure!(
-                other.name != plugin.name,
-                "plugin {} is loaded twice",
-                plugin.name
-            );
-            for pattern in &plugin.manifest.topics {
-                anyhow::ensure!(
-                    !other.manifest.topics.contains(pattern),
-                    "plugin {}: topic pattern {pattern:?} is already served by plugin {}",
-                    plugin.name,
-                    other.name
-                );
-            }
-        }
-        tracing::info!(plugin = %plugin.name, version = %plugin.version, topics = ?plugin.manifest.topics, "plugin loaded");
-        self.plugins.push(Arc::new(plugin));
-        Ok(())
-    }
-
-    /// The loaded plugins.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
-        self.plugins.iter()
-    }
-}
-
-impl Router for Plugins {
-    /// The plugin whose pattern covers the topic most specifically: an exact pattern, else
-    /// the longest prefix.
-    fn route(&self, topic: &str) -> Option<Route> {
-        let mut best: Option<(&Arc<Plugin>, usize)> = None;
-        for plugin in &self.plugins {
-            for pattern in &plugin.manifest.topics {
-                if pattern_matches(pattern, topic) {
-                    let score = if pattern.ends_with('*') {
-                        pattern.len() - 1
-                    } else {
-                        usize::MAX
-                    };
-                    if best.is_none_or(|(_, s)| score > s) {
-                        best = Some((plugin, score));
-                    }
-                }
-            }
-        }
-        best.map(|(plugin, _)| Route {
-            plugin: plugin.name.clone(),
-            intercepts: plugin.intercepts.clone(),
-            factory: plugin.clone(),
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // One room's instance
 // ---------------------------------------------------------------------------------------
@@ -559,7 +627,7 @@ struct RoomData {
     limits: Limits,
     presence: Arc<Tracker>,
     /// The channel the current call is about: owner of the presence it tracks.
-    channel: u64,
+    channel: MemberId,
 }
 
 impl WasiView for RoomData {
@@ -576,10 +644,19 @@ impl RoomData {
         from_wit_payload(payload).map_err(|e| e.to_string())
     }
 
+    /// Host calls act on the channel of the current call; snapshot and restore have none.
+    fn in_channel(&self) -> Result<(), String> {
+        if self.channel == NO_CHANNEL {
+            return Err("host calls are not available in snapshot and restore".into());
+        }
+        Ok(())
+    }
+
     fn effect(
         &mut self,
         effect: impl FnOnce(&Self) -> Result<Effect, String>,
     ) -> Result<(), String> {
+        self.in_channel()?;
         if self.effects.len() >= self.limits.max_messages_per_call {
             return Err(format!(
                 "more than {} messages in one call",
@@ -615,6 +692,7 @@ impl wit::Host for RoomData {}
 
 impl bindings::cinder::channel::presence::Host for RoomData {
     fn track(&mut self, key: String, meta: String) -> Result<(), String> {
+        self.in_channel()?;
         if self.effects.len() >= self.limits.max_messages_per_call {
             return Err(format!(
                 "more than {} messages in one call",
@@ -634,12 +712,14 @@ impl bindings::cinder::channel::presence::Host for RoomData {
     }
 
     fn update(&mut self, key: String, meta: String) -> Result<(), String> {
+        self.in_channel()?;
         self.presence
             .update(&self.topic, self.channel, &key, &meta)
             .map_err(|e| e.to_string())
     }
 
     fn untrack(&mut self, key: String) -> Result<(), String> {
+        self.in_channel()?;
         self.presence
             .untrack(&self.topic, self.channel, &key)
             .map_err(|e| e.to_string())
@@ -782,7 +862,9 @@ fn reply_payload(p: wit::Payload, max: usize) -> Result<Payload, CallError> {
 
 struct WasmRoom {
     store: Store<RoomData>,
-    bindings: Channel,
+    handler: HandlerExports,
+    state: Option<StateExports>,
+    version: Arc<str>,
     call_time: Duration,
     /// Why the instance can no longer be entered, once it trapped.
     dead: Option<String>,
@@ -790,13 +872,18 @@ struct WasmRoom {
 
 impl WasmRoom {
     fn begin(&mut self, socket: &ChannelSocket) -> Result<(), CallError> {
+        self.begin_for(socket.channel)
+    }
+
+    /// Starts a call about `channel` (`NO_CHANNEL` for snapshot and restore).
+    fn begin_for(&mut self, channel: MemberId) -> Result<(), CallError> {
         if let Some(cause) = &self.dead {
             return Err(CallError::Crashed(cause.clone()));
         }
         let data = self.store.data_mut();
         data.effects.clear();
         data.effect_bytes = 0;
-        data.channel = socket.channel;
+        data.channel = channel;
         data.deadline = Instant::now() + self.call_time;
         self.store.set_epoch_deadline(1);
         Ok(())
@@ -821,6 +908,38 @@ impl WasmRoom {
 }
 
 impl RoomLogic for WasmRoom {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn snapshot(&mut self) -> BoxFuture<'_, Result<Vec<u8>, CallError>> {
+        Box::pin(async move {
+            self.begin_for(NO_CHANNEL)?;
+            let Some(state) = &self.state else {
+                return Ok(Vec::new());
+            };
+            let r = state.call_snapshot(&mut self.store).await;
+            self.finish(r.map(Ok)).map(|(bytes, _)| bytes)
+        })
+    }
+
+    fn restore<'a>(
+        &'a mut self,
+        snapshot: Vec<u8>,
+        from_version: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CallError>> {
+        Box::pin(async move {
+            self.begin_for(NO_CHANNEL)?;
+            let Some(state) = &self.state else {
+                return Ok(false);
+            };
+            let r = state
+                .call_restore(&mut self.store, &snapshot, from_version)
+                .await;
+            self.finish(r).map(|((), _)| true)
+        })
+    }
+
     fn join<'a>(
         &'a mut self,
         payload: Payload,
@@ -830,8 +949,7 @@ impl RoomLogic for WasmRoom {
             self.begin(socket)?;
             let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
-                .bindings
-                .cinder_channel_handler()
+                .handler
                 .call_join(
                     &mut self.store,
                     &socket.topic,
@@ -868,8 +986,7 @@ impl RoomLogic for WasmRoom {
             self.begin(socket)?;
             let max = self.store.data().limits.max_plugin_payload_bytes;
             let r = self
-                .bindings
-                .cinder_channel_handler()
+                .handler
                 .call_handle_in(
                     &mut self.store,
                     event,
@@ -908,8 +1025,7 @@ impl RoomLogic for WasmRoom {
         Box::pin(async move {
             self.begin(socket)?;
             let r = self
-                .bindings
-                .cinder_channel_handler()
+                .handler
                 .call_handle_out(
                     &mut self.store,
                     event,
@@ -930,8 +1046,7 @@ impl RoomLogic for WasmRoom {
         Box::pin(async move {
             self.begin(socket)?;
             let r = self
-                .bindings
-                .cinder_channel_handler()
+                .handler
                 .call_handle_info(
                     &mut self.store,
                     &to_wit_payload(message),
@@ -951,8 +1066,7 @@ impl RoomLogic for WasmRoom {
         Box::pin(async move {
             self.begin(socket)?;
             let r = self
-                .bindings
-                .cinder_channel_handler()
+                .handler
                 .call_terminate(&mut self.store, reason, &to_wit_socket(socket))
                 .await;
             self.finish(r.map(Ok)).map(|((), effects)| effects)

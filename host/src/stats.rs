@@ -24,6 +24,14 @@ pub struct Stats {
     pub malformed_frames: AtomicU64,
     /// Plugin stdout/stderr lines dropped by the log rate limit.
     pub plugin_log_dropped: AtomicU64,
+    /// Components compiled (a version new to the artifact cache).
+    pub artifact_compiles: AtomicU64,
+    /// Components loaded from the artifact cache instead of compiled.
+    pub artifact_cache_hits: AtomicU64,
+    /// Live rooms moved to another plugin version.
+    pub room_swaps: AtomicU64,
+    /// Live rooms that stayed on their version because the swap failed.
+    pub room_swap_failures: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`] plus gauges.
@@ -49,6 +57,14 @@ pub struct Snapshot {
     pub malformed_frames: u64,
     /// See [`Stats::plugin_log_dropped`].
     pub plugin_log_dropped: u64,
+    /// See [`Stats::artifact_compiles`].
+    pub artifact_compiles: u64,
+    /// See [`Stats::artifact_cache_hits`].
+    pub artifact_cache_hits: u64,
+    /// See [`Stats::room_swaps`].
+    pub room_swaps: u64,
+    /// See [`Stats::room_swap_failures`].
+    pub room_swap_failures: u64,
 }
 
 impl Stats {
@@ -71,6 +87,10 @@ impl Stats {
             rate_limited: get(&self.rate_limited),
             malformed_frames: get(&self.malformed_frames),
             plugin_log_dropped: get(&self.plugin_log_dropped),
+            artifact_compiles: get(&self.artifact_compiles),
+            artifact_cache_hits: get(&self.artifact_cache_hits),
+            room_swaps: get(&self.room_swaps),
+            room_swap_failures: get(&self.room_swap_failures),
         }
     }
 }

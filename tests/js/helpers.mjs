@@ -11,19 +11,34 @@ import WebSocket from "ws";
 export const SECRET = "js-test-secret";
 export const ADMIN = "js-test-admin";
 
-const BIN = process.env.CINDER_BIN;
-const PLUGINS = process.env.CINDER_TEST_PLUGINS;
+export const BIN = process.env.CINDER_BIN;
+export const PLUGINS = process.env.CINDER_TEST_PLUGINS;
 if (!BIN || !PLUGINS) {
   throw new Error("set CINDER_BIN and CINDER_TEST_PLUGINS (make test-js does)");
 }
+/** Versions the hot-reload tests upload (`make plugins` builds them). */
+export const UPLOADS = joinPath(PLUGINS, "..", "test-uploads");
+/** One artifact cache for the suite's servers, so each plugin is compiled once. */
+const SHARED_CACHE = joinPath(PLUGINS, "..", "test-cache");
 
-/** Starts Cinder with the test plugins on 127.0.0.1:0; resolves once it listens. */
-export async function startServer(extraArgs = []) {
-  const dataDir = mkdtempSync(joinPath(tmpdir(), "cinder-js-"));
+/** A fresh temporary directory. */
+export const tempDir = (prefix = "cinder-js-") => mkdtempSync(joinPath(tmpdir(), prefix));
+
+/**
+ * Starts Cinder on 127.0.0.1:0 and resolves once it listens. Options: `dataDir` (kept on
+ * stop when given), `plugins` (the plugins dir, or null for none), `cacheDir` (null for the
+ * data dir's own cache).
+ */
+export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, cacheDir = SHARED_CACHE } = {}) {
+  const ownData = dataDir === undefined;
+  dataDir ??= tempDir();
+  const args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir,
+    "--jwt-secret", SECRET, "--admin-token", ADMIN, ...extraArgs];
+  if (plugins !== null) args.push("--plugins-dir", plugins);
+  if (cacheDir !== null) args.push("--cache-dir", cacheDir);
   const child = spawn(
     BIN,
-    ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--plugins-dir", PLUGINS,
-      "--jwt-secret", SECRET, "--admin-token", ADMIN, ...extraArgs],
+    args,
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" } },
   );
   let stderr = "";
@@ -45,6 +60,7 @@ export async function startServer(extraArgs = []) {
     socketUrl: `ws://${addr}/socket`,
     child,
     exited,
+    dataDir,
     stderr: () => stderr,
     async stop() {
       // Sockets a failed test left open would reconnect forever and keep node running.
@@ -52,7 +68,7 @@ export async function startServer(extraArgs = []) {
       sockets.clear();
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
       await exited;
-      rmSync(dataDir, { recursive: true, force: true });
+      if (ownData) rmSync(dataDir, { recursive: true, force: true });
     },
   };
 }
@@ -142,4 +158,30 @@ export function rawUpgrade(url, protocols) {
     ws.on("unexpected-response", (_req, res) => resolve({ status: res.statusCode }));
     ws.on("error", () => {});
   });
+}
+
+/** An admin API call; resolves with `{status, body}` (the JSON answer, or null). */
+export async function api(server, method, path, body) {
+  const headers = { authorization: `Bearer ${ADMIN}` };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(`${server.http}${path}`, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+/** `POST /api/plugins` with a manifest (text) and a wasm (bytes); `{status, body}`. */
+export async function uploadPlugin(server, manifest, wasm, { activate = true } = {}) {
+  const form = new FormData();
+  form.append("manifest", new Blob([manifest]), "cinder.toml");
+  form.append("wasm", new Blob([wasm]), "plugin.wasm");
+  const res = await fetch(`${server.http}/api/plugins${activate ? "" : "?activate=false"}`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}` },
+    body: form,
+  });
+  return { status: res.status, body: await res.json() };
 }

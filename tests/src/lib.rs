@@ -38,6 +38,68 @@ pub fn test_plugins_dir() -> PathBuf {
     dir
 }
 
+/// Where `make plugins` puts versions the tests upload at run time (counter 2.0.0).
+pub fn test_uploads_dir() -> PathBuf {
+    test_plugins_dir().join("../test-uploads")
+}
+
+/// One artifact cache for every test server, so each plugin is compiled once per run.
+fn shared_cache_dir() -> PathBuf {
+    test_plugins_dir().join("../test-cache")
+}
+
+/// Components (and not-components) that an upload must refuse, with the words the refusal
+/// must contain. Built from WAT here so the tests carry their own hostile inputs.
+pub fn bad_components() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let wat = |text: &str| wat::parse_str(text).expect("fixture WAT parses");
+    // A handler interface with the right names and the wrong signatures.
+    let wrong_types = |start: &str| {
+        wat(&format!(
+            r#"(component
+                (core module $m (func (export "f")) {start})
+                (core instance $i (instantiate $m))
+                (func $f (canon lift (core func $i "f")))
+                (instance $h
+                    (export "join" (func $f))
+                    (export "handle-in" (func $f))
+                    (export "handle-out" (func $f))
+                    (export "handle-info" (func $f))
+                    (export "terminate" (func $f)))
+                (export "cinder:channel/handler@0.1.0" (instance $h)))"#
+        ))
+    };
+    vec![
+        (
+            "not wasm",
+            b"#!/bin/sh\nrm -rf /\n".to_vec(),
+            "not a loadable component",
+        ),
+        ("a core module", wat("(module)"), "not a loadable component"),
+        (
+            "a component without the handler export",
+            wat("(component)"),
+            "missing export cinder:channel/handler@0.1.0",
+        ),
+        (
+            "a handler with the wrong signatures",
+            wrong_types(""),
+            "does not match the world",
+        ),
+        (
+            "an import the host does not offer",
+            wat(
+                r#"(component (import "evil:net/socket@1.0.0" (instance (export "connect" (func)))))"#,
+            ),
+            "imports do not match what the host offers",
+        ),
+        (
+            "a component that traps on start",
+            wrong_types("(func $boom unreachable) (start $boom)"),
+            "instantiation failed",
+        ),
+    ]
+}
+
 /// A server running in this process.
 pub struct TestServer {
     /// Where it listens.
@@ -72,6 +134,7 @@ impl TestServer {
             listen: "127.0.0.1:0".parse().expect("addr"),
             plugins_dir: Some(test_plugins_dir()),
             data_dir: data.clone(),
+            cache_dir: Some(shared_cache_dir()),
             ..Config::default()
         };
         tweak(&mut config);
@@ -293,6 +356,60 @@ pub async fn http_post(
         ),
     )
     .await
+}
+
+/// An admin API call: `method path` with an optional JSON body; the status and the JSON
+/// answer (`null` when empty).
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let body = body.unwrap_or_default();
+    let response = http(
+        addr,
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    parse_response(&response)
+}
+
+fn parse_response(response: &str) -> (u16, Value) {
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("an HTTP status");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let value = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
+    };
+    (status, value)
+}
+
+/// `POST /api/plugins` (`?activate=false` unless `activate`) with a manifest and a wasm;
+/// the status and the JSON answer.
+pub async fn upload(addr: SocketAddr, manifest: &str, wasm: &[u8], activate: bool) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body =
+        cinder::client::multipart("XyZ", &[("manifest", manifest.as_bytes()), ("wasm", wasm)]);
+    let path = if activate {
+        "/api/plugins"
+    } else {
+        "/api/plugins?activate=false"
+    };
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    // The server may answer (413) before reading the whole body.
+    let _ = s.write_all(&body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    parse_response(&String::from_utf8_lossy(&out))
 }
 
 /// `GET /api/stats` as JSON.

@@ -24,7 +24,7 @@ use crate::protocol::{Payload, Status};
 use crate::pubsub::SubscriberId;
 
 pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, outbound_queue};
-pub use room::Hub;
+pub use room::{Hub, SwapResult};
 pub use session::Session;
 
 /// A boxed future, so the room can hold any [`RoomLogic`] as a trait object.
@@ -133,6 +133,17 @@ pub enum InfoOutcome {
 
 /// The channel logic of one room: one plugin instance.
 pub trait RoomLogic: Send + 'static {
+    /// The plugin version this instance runs.
+    fn version(&self) -> &str;
+    /// Hot reload: the room's state to hand to the next version (empty: nothing).
+    fn snapshot(&mut self) -> BoxFuture<'_, Result<Vec<u8>, CallError>>;
+    /// Hot reload: takes over `state` that version `from_version` made. `Ok(false)` when
+    /// this plugin does not take state (the room starts fresh).
+    fn restore<'a>(
+        &'a mut self,
+        state: Vec<u8>,
+        from_version: &'a str,
+    ) -> BoxFuture<'a, Result<bool, CallError>>;
     /// Phoenix `join/3`.
     fn join<'a>(
         &'a mut self,
@@ -185,6 +196,8 @@ pub trait LogicFactory: Send + Sync {
 pub struct Route {
     /// Plugin name, for logs.
     pub plugin: Arc<str>,
+    /// Its version.
+    pub version: Arc<str>,
     /// Events that go through `handle_out`.
     pub intercepts: Arc<[String]>,
     /// Instances of the plugin.

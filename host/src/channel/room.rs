@@ -1,10 +1,12 @@
 //! The live rooms of a node (the hub) and the room actor: one task per live topic that owns
-//! the topic's plugin instance, serialises every call into it, and applies what the calls
-//! asked for (pushes, broadcasts, timers) to its members.
+//! the topic's plugin instance, serialises every call into it, applies what the calls
+//! asked for (pushes, broadcasts, timers) to its members, and swaps the instance for
+//! another plugin version between two messages (hot reload).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -69,8 +71,13 @@ pub struct Hub {
 #[derive(Clone)]
 pub(super) struct RoomHandle {
     id: u64,
+    plugin: Arc<str>,
     pub(super) tx: mpsc::Sender<RoomMsg>,
 }
+
+/// How one room's move to another version went: the pause it cost the room, or why it
+/// stayed on its version.
+pub type SwapResult = Result<Duration, String>;
 
 pub(super) enum RoomMsg {
     Join {
@@ -95,6 +102,11 @@ pub(super) enum RoomMsg {
     Info {
         member: MemberId,
         message: Payload,
+    },
+    /// Move to the plugin version of `route` (hot reload).
+    Upgrade {
+        route: Route,
+        done: oneshot::Sender<SwapResult>,
     },
 }
 
@@ -153,6 +165,45 @@ impl Hub {
         self.lock_rooms().len()
     }
 
+    /// Number of live rooms of `plugin`.
+    pub fn live_rooms(&self, plugin: &str) -> usize {
+        self.lock_rooms()
+            .values()
+            .filter(|r| &*r.plugin == plugin)
+            .count()
+    }
+
+    /// Asks every live room of `route`'s plugin to move to `route`'s version at its next
+    /// message boundary (behind the messages already queued, which the old version
+    /// handles). Returns each room's topic and how its swap went; a room that closes
+    /// before its turn has nothing to report.
+    pub async fn upgrade(&self, route: &Route) -> Vec<(Arc<str>, SwapResult)> {
+        let rooms: Vec<(Arc<str>, RoomHandle)> = self
+            .lock_rooms()
+            .iter()
+            .filter(|(_, r)| r.plugin == route.plugin)
+            .map(|(topic, r)| (topic.clone(), r.clone()))
+            .collect();
+        let mut pending = Vec::with_capacity(rooms.len());
+        for (topic, room) in rooms {
+            let (done, result) = oneshot::channel();
+            let msg = RoomMsg::Upgrade {
+                route: route.clone(),
+                done,
+            };
+            if room.tx.send(msg).await.is_ok() {
+                pending.push((topic, result));
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for (topic, result) in pending {
+            if let Ok(result) = result.await {
+                results.push((topic, result));
+            }
+        }
+        results
+    }
+
     pub(super) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -178,6 +229,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.limits.room_mailbox);
         let handle = RoomHandle {
             id: self.next_id(),
+            plugin: route.plugin.clone(),
             tx,
         };
         rooms.insert(topic.clone(), handle.clone());
@@ -190,6 +242,7 @@ impl Hub {
             members: HashMap::new(),
             pending_out: VecDeque::new(),
             timers: JoinSet::new(),
+            room_sink: None,
         };
         tokio::spawn(room.run(rx));
         Ok(handle)
@@ -219,6 +272,8 @@ struct Room {
     pending_out: VecDeque<Arc<Broadcast>>,
     /// `send-after` timers; dropped (aborted) with the room.
     timers: JoinSet<()>,
+    /// The room's own PubSub subscription, while its plugin intercepts events.
+    room_sink: Option<u64>,
 }
 
 /// A room ends when it has no members left or its instance crashed.
@@ -244,22 +299,9 @@ impl Room {
                 return;
             }
         };
-        // The hub holds a sender until this room removes itself, so the upgrade succeeds.
-        let room_sink = match (self.route.intercepts.is_empty(), self.tx.upgrade()) {
-            (false, Some(tx)) => {
-                let id = self.hub.next_id();
-                let sink = RoomSink {
-                    tx,
-                    intercepts: self.route.intercepts.clone(),
-                    topic: self.topic.clone(),
-                };
-                self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
-                Some(id)
-            }
-            _ => None,
-        };
+        self.subscribe_room_sink();
         while let Some(msg) = rx.recv().await {
-            let mut flow = self.handle(&mut *logic, msg).await;
+            let mut flow = self.handle(&mut logic, msg).await;
             while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
                 flow = self.handle_out(&mut *logic, &b).await;
             }
@@ -278,7 +320,7 @@ impl Room {
                 break;
             }
         }
-        if let Some(id) = room_sink {
+        if let Some(id) = self.room_sink.take() {
             self.hub.pubsub.unsubscribe(&self.topic, id);
         }
         self.hub.remove_room(&self.topic, self.id);
@@ -290,8 +332,102 @@ impl Room {
         }
     }
 
-    async fn handle(&mut self, logic: &mut dyn RoomLogic, msg: RoomMsg) -> Flow {
+    /// Subscribes the room itself to the topic when its plugin intercepts events, so
+    /// intercepted broadcasts from elsewhere (the HTTP API) reach `handle_out`.
+    fn subscribe_room_sink(&mut self) {
+        if let Some(id) = self.room_sink.take() {
+            self.hub.pubsub.unsubscribe(&self.topic, id);
+        }
+        // The hub holds a sender until this room removes itself, so the upgrade succeeds.
+        if let (false, Some(tx)) = (self.route.intercepts.is_empty(), self.tx.upgrade()) {
+            let id = self.hub.next_id();
+            let sink = RoomSink {
+                tx,
+                intercepts: self.route.intercepts.clone(),
+                topic: self.topic.clone(),
+            };
+            self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
+            self.room_sink = Some(id);
+        }
+    }
+
+    /// Moves the room to `route`'s version: snapshot the running instance, make one of the
+    /// new version, restore the snapshot into it, swap. Members, assigns, presence and
+    /// timers are the room's and stay. On any failure the room keeps its instance (unless
+    /// the snapshot trapped it: then the room crashes as on any trap).
+    async fn upgrade(
+        &mut self,
+        logic: &mut Box<dyn RoomLogic>,
+        route: Route,
+    ) -> (SwapResult, Flow) {
+        let started = Instant::now();
+        let from: Arc<str> = logic.version().into();
+        if route.version == from && Arc::ptr_eq(&route.factory, &self.route.factory) {
+            return (Ok(Duration::ZERO), Flow::Continue);
+        }
+        let failed = |room: &Self, why: String| {
+            Stats::bump(&room.hub.stats.room_swap_failures);
+            tracing::error!(plugin = %route.plugin, topic = %room.topic, from = %from, to = %route.version, error = %why, "room stays on its version: swap failed");
+            Err(why)
+        };
+        let state = match logic.snapshot().await {
+            Ok(state) => state,
+            Err(CallError::Failed(e)) => {
+                return (failed(self, format!("snapshot: {e}")), Flow::Continue);
+            }
+            Err(CallError::Crashed(e)) => {
+                let flow = Flow::Crashed(e.clone());
+                return (
+                    failed(self, format!("snapshot crashed the room: {e}")),
+                    flow,
+                );
+            }
+        };
+        let mut next = match route.factory.instantiate(&self.topic).await {
+            Ok(next) => next,
+            Err(e) => return (failed(self, e), Flow::Continue),
+        };
+        if !state.is_empty() {
+            match next.restore(state, &from).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(plugin = %route.plugin, topic = %self.topic, to = %route.version, "new version takes no state: room starts fresh");
+                }
+                Err(e) => return (failed(self, format!("restore: {e}")), Flow::Continue),
+            }
+        }
+        *logic = next;
+        let intercepts_changed = route.intercepts != self.route.intercepts;
+        self.route = route;
+        if intercepts_changed {
+            let sinks = self
+                .members
+                .iter()
+                .map(|(id, m)| {
+                    let sink: Arc<dyn Subscriber> = Arc::new(MemberSink {
+                        out: m.out.clone(),
+                        intercepts: self.route.intercepts.clone(),
+                    });
+                    (*id, sink)
+                })
+                .collect();
+            self.hub.pubsub.resubscribe(&self.topic, sinks);
+            self.subscribe_room_sink();
+        }
+        Stats::bump(&self.hub.stats.room_swaps);
+        let pause = started.elapsed();
+        tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
+        (Ok(pause), Flow::Continue)
+    }
+
+    async fn handle(&mut self, instance: &mut Box<dyn RoomLogic>, msg: RoomMsg) -> Flow {
+        let logic = &mut **instance;
         match msg {
+            RoomMsg::Upgrade { route, done } => {
+                let (result, flow) = self.upgrade(instance, route).await;
+                let _ = done.send(result);
+                flow
+            }
             RoomMsg::Join {
                 member,
                 socket,
