@@ -8,10 +8,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Token(args)) => {
             let config = Config::load(&args.serve)?;
-            let (secrets, _) = Secrets::resolve(&config)?;
+            // A given secret is used as is: nothing is generated or written.
+            let secret = match config.jwt_secret.clone() {
+                Some(secret) => secret,
+                None => Secrets::resolve(&config)?.0.jwt_secret,
+            };
             println!(
                 "{}",
-                cinder::auth::mint(&secrets.jwt_secret, &args.user_id, args.ttl_secs)?
+                cinder::auth::mint(&secret, &args.user_id, args.ttl_secs)?
             );
             Ok(())
         }
