@@ -158,7 +158,7 @@ impl Runtime {
             // `Component::serialize` of an engine with this configuration (the key covers
             // wasmtime's version and compatibility hash), and `artifact` checked the SHA-256
             // each carries before handing the bytes over; wasmtime checks the header again.
-            // The cache dir is trusted like the binary itself (docs/plugins.md).
+            // The cache dir is trusted like the binary itself (docs/plugins/versions.md).
             let component = unsafe { Component::deserialize(&self.engine, &artifact) };
             match component {
                 Ok(component) => {

@@ -103,9 +103,11 @@ pub(super) enum RoomMsg {
         member: MemberId,
         message: Payload,
     },
-    /// Move to the plugin version of `route` (hot reload).
+    /// Move to the plugin version of `route` (hot reload), whose instance for this room
+    /// was made beforehand (or could not be).
     Upgrade {
         route: Route,
+        next: Result<Box<dyn RoomLogic>, String>,
         done: oneshot::Sender<SwapResult>,
     },
 }
@@ -175,8 +177,10 @@ impl Hub {
 
     /// Asks every live room of `route`'s plugin to move to `route`'s version at its next
     /// message boundary (behind the messages already queued, which the old version
-    /// handles). Returns each room's topic and how its swap went; a room that closes
-    /// before its turn has nothing to report.
+    /// handles). Each room's new instance is made here first, so the room itself only
+    /// pauses for snapshot, restore and the swap; at most `SWAPS_IN_FLIGHT` spare
+    /// instances exist at once. Returns each room's topic and how its swap went; a room
+    /// that closes before its turn has nothing to report.
     pub async fn upgrade(&self, route: &Route) -> Vec<(Arc<str>, SwapResult)> {
         let rooms: Vec<(Arc<str>, RoomHandle)> = self
             .lock_rooms()
@@ -184,22 +188,25 @@ impl Hub {
             .filter(|(_, r)| r.plugin == route.plugin)
             .map(|(topic, r)| (topic.clone(), r.clone()))
             .collect();
-        let mut pending = Vec::with_capacity(rooms.len());
+        let mut pending = VecDeque::new();
+        let mut results = Vec::with_capacity(rooms.len());
         for (topic, room) in rooms {
+            if pending.len() >= SWAPS_IN_FLIGHT {
+                collect_swap(&mut pending, &mut results).await;
+            }
+            let next = route.factory.instantiate(&topic).await;
             let (done, result) = oneshot::channel();
             let msg = RoomMsg::Upgrade {
                 route: route.clone(),
+                next,
                 done,
             };
             if room.tx.send(msg).await.is_ok() {
-                pending.push((topic, result));
+                pending.push_back((topic, result));
             }
         }
-        let mut results = Vec::with_capacity(pending.len());
-        for (topic, result) in pending {
-            if let Ok(result) = result.await {
-                results.push((topic, result));
-            }
+        while !pending.is_empty() {
+            collect_swap(&mut pending, &mut results).await;
         }
         results
     }
@@ -253,6 +260,21 @@ impl Hub {
         if rooms.get(topic).is_some_and(|r| r.id == id) {
             rooms.remove(topic);
         }
+    }
+}
+
+/// Rooms swapping at once during an activation: bounds the spare instances (the pooling
+/// allocator keeps headroom for them).
+const SWAPS_IN_FLIGHT: usize = 8;
+
+type PendingSwaps = VecDeque<(Arc<str>, oneshot::Receiver<SwapResult>)>;
+
+/// Waits for the oldest pending swap.
+async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, SwapResult)>) {
+    if let Some((topic, result)) = pending.pop_front()
+        && let Ok(result) = result.await
+    {
+        results.push((topic, result));
     }
 }
 
@@ -351,24 +373,29 @@ impl Room {
         }
     }
 
-    /// Moves the room to `route`'s version: snapshot the running instance, make one of the
-    /// new version, restore the snapshot into it, swap. Members, assigns, presence and
-    /// timers are the room's and stay. On any failure the room keeps its instance (unless
-    /// the snapshot trapped it: then the room crashes as on any trap).
+    /// Moves the room to `route`'s version: snapshot the running instance, restore the
+    /// snapshot into `next` (made for this room beforehand), swap. Members, assigns,
+    /// presence and timers are the room's and stay. On any failure the room keeps its
+    /// instance (unless the snapshot trapped it: then the room crashes as on any trap).
     async fn upgrade(
         &mut self,
         logic: &mut Box<dyn RoomLogic>,
         route: Route,
+        next: Result<Box<dyn RoomLogic>, String>,
     ) -> (SwapResult, Flow) {
         let started = Instant::now();
         let from: Arc<str> = logic.version().into();
-        if route.version == from && Arc::ptr_eq(&route.factory, &self.route.factory) {
+        if route.version == from {
             return (Ok(Duration::ZERO), Flow::Continue);
         }
         let failed = |room: &Self, why: String| {
             Stats::bump(&room.hub.stats.room_swap_failures);
             tracing::error!(plugin = %route.plugin, topic = %room.topic, from = %from, to = %route.version, error = %why, "room stays on its version: swap failed");
             Err(why)
+        };
+        let mut next = match next {
+            Ok(next) => next,
+            Err(e) => return (failed(self, e), Flow::Continue),
         };
         let state = match logic.snapshot().await {
             Ok(state) => state,
@@ -382,10 +409,6 @@ impl Room {
                     flow,
                 );
             }
-        };
-        let mut next = match route.factory.instantiate(&self.topic).await {
-            Ok(next) => next,
-            Err(e) => return (failed(self, e), Flow::Continue),
         };
         if !state.is_empty() {
             match next.restore(state, &from).await {
@@ -423,8 +446,8 @@ impl Room {
     async fn handle(&mut self, instance: &mut Box<dyn RoomLogic>, msg: RoomMsg) -> Flow {
         let logic = &mut **instance;
         match msg {
-            RoomMsg::Upgrade { route, done } => {
-                let (result, flow) = self.upgrade(instance, route).await;
+            RoomMsg::Upgrade { route, next, done } => {
+                let (result, flow) = self.upgrade(instance, route, next).await;
                 let _ = done.send(result);
                 flow
             }
