@@ -163,7 +163,8 @@ fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 /// Creates `dir` (and its parents), fsyncing each parent that got a new entry.
 fn create_dir_synced(dir: &Path) -> anyhow::Result<()> {
-    if dir.is_dir() {
+    // The empty path is the parent of a relative path's first component: the current dir.
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
@@ -176,7 +177,7 @@ fn create_dir_synced(dir: &Path) -> anyhow::Result<()> {
     }
     match dir.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
-        _ => Ok(()),
+        _ => sync_dir(Path::new(".")),
     }
 }
 
