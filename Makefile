@@ -1,5 +1,6 @@
 # Cinder: `make run` serves the example plugins, `make test` runs the whole suite.
-# Both install what they need (the wasm32-wasip2 target, the JS test dependencies).
+# Both install what they need (the wasm32-wasip2 target, the JS build and test tools from
+# npm, componentize-py from PyPI into a local venv).
 
 CARGO ?= cargo
 EXAMPLES := chat notifications presence counter
@@ -7,18 +8,46 @@ TEST_ONLY := misbehave
 PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
+# The Rust test plugins plus the chat plugin in JavaScript and in Python: the JS suite's.
+JS_TEST_PLUGIN_DIR := target/test-plugins-js
+LANG_PLUGINS := chat-js chat-py
+PY_VENV := target/py-venv
 # Versions the hot-reload tests upload at run time (not served at start).
 UPLOAD_DIR := target/test-uploads
 
-.PHONY: run test plugins wasm-target lint test-rust test-js bench
+.PHONY: run test plugins rust-plugins lang-plugins wasm-target lint test-rust test-js bench
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
-# in $(PLUGIN_DIR), the examples and the test plugins in $(TEST_PLUGIN_DIR), and version 2
-# of `counter` in $(UPLOAD_DIR) as counter-2.0.0.wasm + .toml.
-plugins: wasm-target
+# in $(PLUGIN_DIR), the Rust examples and the test plugins in $(TEST_PLUGIN_DIR), all of
+# them in $(JS_TEST_PLUGIN_DIR), and version 2 of `counter` in $(UPLOAD_DIR) as
+# counter-2.0.0.wasm + .toml.
+plugins: rust-plugins lang-plugins
+	@mkdir -p $(JS_TEST_PLUGIN_DIR)
+	cp $(TEST_PLUGIN_DIR)/* $(JS_TEST_PLUGIN_DIR)/
+	@for p in $(LANG_PLUGINS); do \
+		cp $(PLUGIN_OUT)/$$p.wasm $(PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(PLUGIN_DIR)/$$p.toml; \
+		cp $(PLUGIN_OUT)/$$p.wasm $(JS_TEST_PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(JS_TEST_PLUGIN_DIR)/$$p.toml; \
+	done
+
+# The chat plugin in JavaScript (componentize-qjs: QuickJS; docs/plugins/javascript.md says
+# why) and in Python (componentize-py), each tool pinned and installed locally.
+lang-plugins: $(PY_VENV)/bin/componentize-py plugins/chat-js/node_modules/.package-lock.json
+	@mkdir -p $(PLUGIN_OUT)
+	cd plugins/chat-js && npx componentize-qjs --wit ../../wit --world channel --sync --js chat.js --output ../../$(PLUGIN_OUT)/chat-js.wasm
+	$(PY_VENV)/bin/componentize-py --quiet -d wit -w channel componentize -p plugins/chat-py app -o $(PLUGIN_OUT)/chat-py.wasm
+
+plugins/chat-js/node_modules/.package-lock.json: plugins/chat-js/package-lock.json
+	cd plugins/chat-js && npm ci --no-audit --no-fund
+
+$(PY_VENV)/bin/componentize-py: plugins/chat-py/requirements.txt
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check -r plugins/chat-py/requirements.txt
+	@touch $@
+
+rust-plugins: wasm-target
 	@mkdir -p $(PLUGIN_DIR) $(TEST_PLUGIN_DIR) $(UPLOAD_DIR)
 	$(CARGO) build --profile plugin --target wasm32-wasip2 -p counter --features v2
 	cp $(PLUGIN_OUT)/counter.wasm $(UPLOAD_DIR)/counter-2.0.0.wasm && cp plugins/counter/cinder-v2.toml $(UPLOAD_DIR)/counter-2.0.0.toml
@@ -48,7 +77,7 @@ test-rust: plugins
 test-js: plugins
 	$(CARGO) build --workspace --bins
 	cd tests/js && npm ci --no-audit --no-fund
-	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
+	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(JS_TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
 
 # The whole suite.
 test: lint test-rust test-js

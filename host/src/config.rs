@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// Time one plugin call may run, in milliseconds [default: 10].
     #[arg(long)]
     pub plugin_call_ms: Option<u64>,
+    /// Time making one plugin instance may take, in milliseconds [default: 200].
+    #[arg(long)]
+    pub plugin_instantiate_ms: Option<u64>,
     /// Pushes and broadcasts one plugin call may make [default: 1024].
     #[arg(long)]
     pub max_messages_per_call: Option<usize>,
@@ -167,6 +170,9 @@ pub struct Limits {
     pub plugin_memory_bytes: usize,
     /// 10 ms per call: a room handles a message in microseconds; ten milliseconds is a bug.
     pub plugin_call_ms: u64,
+    /// 200 ms to make an instance (the component's start code): interpreters compiled to
+    /// wasm (Python, JS) set up their heap here; a start that runs longer is a loop.
+    pub plugin_instantiate_ms: u64,
     /// Pushes and broadcasts one plugin call may make, so a loop cannot flood the host.
     pub max_messages_per_call: usize,
     /// Payload bytes one plugin call may push, broadcast or schedule in total, and the
@@ -208,6 +214,7 @@ impl Default for Limits {
             max_rooms: 1000,
             plugin_memory_bytes: 32 << 20,
             plugin_call_ms: 10,
+            plugin_instantiate_ms: 200,
             max_messages_per_call: 1024,
             max_plugin_payload_bytes: 1 << 20,
             max_upload_bytes: 64 << 20,
@@ -328,6 +335,7 @@ impl Config {
         set(&mut l.max_rooms, &a.max_rooms);
         set(&mut l.plugin_memory_bytes, &a.plugin_memory_bytes);
         set(&mut l.plugin_call_ms, &a.plugin_call_ms);
+        set(&mut l.plugin_instantiate_ms, &a.plugin_instantiate_ms);
         set(&mut l.max_messages_per_call, &a.max_messages_per_call);
         set(&mut l.max_plugin_payload_bytes, &a.max_plugin_payload_bytes);
         set(&mut l.max_upload_bytes, &a.max_upload_bytes);
@@ -361,6 +369,10 @@ impl Config {
         anyhow::ensure!(
             (1..=MAX_PLUGIN_CALL_MS).contains(&l.plugin_call_ms),
             "plugin_call_ms must be 1 to {MAX_PLUGIN_CALL_MS}"
+        );
+        anyhow::ensure!(
+            (1..=MAX_PLUGIN_CALL_MS).contains(&l.plugin_instantiate_ms),
+            "plugin_instantiate_ms must be 1 to {MAX_PLUGIN_CALL_MS}"
         );
         anyhow::ensure!(l.crash_limit > 0, "crash_limit must be positive");
         anyhow::ensure!(

@@ -67,6 +67,7 @@ pub struct AppState {
 
 /// Runs Cinder on `listener` until `shutdown` resolves, then closes every socket with
 /// 1012 (so clients reconnect) and returns once they are closed or after a grace period.
+/// Once the plugins are loaded it prints `cinder listening on http://<addr>` to stdout.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -130,7 +131,11 @@ pub async fn serve(
                 .layer(DefaultBodyLimit::max(config.limits.max_upload_bytes)),
         )
         .with_state(app.clone());
-    tracing::info!(addr = %listener.local_addr()?, socket = %socket_path, "cinder listening");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, socket = %socket_path, "cinder listening");
+    // Scripts and tests wait for this line and read the address from it (the port may have
+    // been 0): it comes once the plugins are loaded and requests are served.
+    println!("cinder listening on http://{addr}");
     let stop = app.clone();
     // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
     let listener = listener.tap_io(|tcp| {

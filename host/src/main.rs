@@ -57,8 +57,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
-        // Scripts and tests read the bound address from this line (the port may be 0).
-        println!("cinder listening on http://{}", listener.local_addr()?);
         cinder::serve(listener, config, secrets, shutdown_signal()).await
     })
 }

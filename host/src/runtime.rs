@@ -215,6 +215,7 @@ impl Runtime {
                 .call_ms
                 .unwrap_or(self.limits.plugin_call_ms),
         );
+        let instantiate_time = Duration::from_millis(self.limits.plugin_instantiate_ms);
         Ok(Plugin {
             name: manifest.name.as_str().into(),
             version: manifest.version.as_str().into(),
@@ -227,6 +228,7 @@ impl Runtime {
             limits: self.limits.clone(),
             memory_bytes,
             call_time,
+            instantiate_time,
             crashes: Mutex::default(),
             stats: self.stats.clone(),
             presence: self.presence.clone(),
@@ -387,6 +389,8 @@ pub struct Plugin {
     memory_bytes: usize,
     /// Time limit of one call.
     call_time: Duration,
+    /// Time limit of making an instance.
+    instantiate_time: Duration,
     crashes: Mutex<CrashRecord>,
     stats: Arc<Stats>,
     presence: Arc<Tracker>,
@@ -431,10 +435,13 @@ impl Plugin {
     /// serves a room.
     pub async fn check(&self) -> anyhow::Result<()> {
         let mut store = self.new_store("");
-        store.data_mut().deadline = Instant::now() + self.call_time;
+        store.data_mut().deadline = Instant::now() + self.instantiate_time;
         store.set_epoch_deadline(1);
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
-            anyhow::anyhow!("instantiation failed: {}", trap_cause(&e, self.call_time))
+            anyhow::anyhow!(
+                "instantiation failed: {}",
+                trap_cause(&e, self.instantiate_time)
+            )
         })?;
         self.handler.load(&mut store, &instance).map_err(|e| {
             anyhow::anyhow!("export {HANDLER_INTERFACE} does not match the world: {e:#}")
@@ -531,7 +538,7 @@ impl LogicFactory for Plugin {
                 ));
             }
             let mut store = self.new_store(topic);
-            store.data_mut().deadline = Instant::now() + self.call_time;
+            store.data_mut().deadline = Instant::now() + self.instantiate_time;
             store.set_epoch_deadline(1);
             let loaded = match self.pre.instantiate_async(&mut store).await {
                 Ok(instance) => self
@@ -556,7 +563,10 @@ impl LogicFactory for Plugin {
                     dead: None,
                 }) as Box<dyn RoomLogic>),
                 Err(e) => {
-                    let cause = format!("instantiation failed: {}", trap_cause(&e, self.call_time));
+                    let cause = format!(
+                        "instantiation failed: {}",
+                        trap_cause(&e, self.instantiate_time)
+                    );
                     self.crashed(topic, &cause);
                     Err(cause)
                 }

@@ -11,12 +11,16 @@ let server;
 before(async () => { server = await startServer(); });
 after(async () => { await server.stop(); });
 
-describe("chat plugin (room:*)", () => {
-  test("two users join room:lobby and chat", async () => {
+// The same chat behaviour from three plugins in three languages: Rust (`plugins/chat`),
+// JavaScript (`plugins/chat-js`, QuickJS) and Python (`plugins/chat-py`).
+for (const [prefix, language] of [["room", "Rust"], ["js", "JavaScript"], ["py", "Python"]]) {
+describe(`chat plugin in ${language} (${prefix}:*)`, () => {
+  const lobby = `${prefix}:lobby`;
+  test(`two users join ${lobby} and chat`, async () => {
     const alice = await connect(server, "alice");
     const bob = await connect(server, "bob");
-    const a = alice.channel("room:lobby", {});
-    const b = bob.channel("room:lobby", {});
+    const a = alice.channel(lobby, {});
+    const b = bob.channel(lobby, {});
     assert.deepEqual(await join(a), { status: "ok", response: {} });
     assert.deepEqual(await join(b), { status: "ok", response: {} });
 
@@ -35,7 +39,7 @@ describe("chat plugin (room:*)", () => {
 
   test("a message without a body gets an error reply", async () => {
     const s = await connect(server, "carol");
-    const c = s.channel("room:lobby", {});
+    const c = s.channel(lobby, {});
     await join(c);
     const r = await push(c, "new_message", { text: "no body" });
     assert.equal(r.status, "error");
@@ -43,9 +47,9 @@ describe("chat plugin (room:*)", () => {
     s.disconnect();
   });
 
-  test("room:secret is refused as unauthorized", async () => {
+  test(`${prefix}:secret is refused as unauthorized`, async () => {
     const s = await connect(server, "mallory");
-    const c = s.channel("room:secret", {});
+    const c = s.channel(`${prefix}:secret`, {});
     assert.deepEqual(await join(c), { status: "error", response: { reason: "unauthorized" } });
     s.disconnect();
   });
@@ -60,8 +64,8 @@ describe("chat plugin (room:*)", () => {
   test("leaving closes the channel and stops delivery", async () => {
     const s1 = await connect(server, "erin");
     const s2 = await connect(server, "frank");
-    const c1 = s1.channel("room:lobby", {});
-    const c2 = s2.channel("room:lobby", {});
+    const c1 = s1.channel(lobby, {});
+    const c2 = s2.channel(lobby, {});
     await join(c1);
     await join(c2);
     let received = 0;
@@ -77,7 +81,38 @@ describe("chat plugin (room:*)", () => {
     s1.disconnect();
     s2.disconnect();
   });
+
+  test("an unknown event gets an error reply naming it", async () => {
+    const s = await connect(server, "ivan");
+    const c = s.channel(lobby, {});
+    await join(c);
+    assert.deepEqual(await push(c, "dance", {}), { status: "error", response: { reason: "unknown event dance" } });
+    s.disconnect();
+  });
+
+  test("an exception in the handler crashes only that channel; the room and the server go on", async () => {
+    const s1 = await connect(server, "grace");
+    const s2 = await connect(server, "heidi");
+    const c1 = s1.channel(lobby, {});
+    const c2 = s2.channel(lobby, {});
+    await join(c1);
+    await join(c2);
+    const crashed = new Promise((resolve) => c1.onError(resolve));
+    c1.push("boom", {});
+    await crashed;
+    // The other member never noticed, and the crashed channel rejoins by itself.
+    const seen = next(c2, "new_message");
+    c2.push("new_message", { body: "still here" });
+    assert.deepEqual(await seen, { body: "still here" });
+    await until(() => c1.state === "joined", 5000, "rejoin");
+    const again = next(c2, "new_message");
+    c1.push("new_message", { body: "back" });
+    assert.deepEqual(await again, { body: "back" });
+    s1.disconnect();
+    s2.disconnect();
+  });
 });
+}
 
 describe("connect authentication", () => {
   test("no token, a forged token, a malformed token and an expired token get HTTP 403", async () => {

@@ -16,6 +16,8 @@ export const PLUGINS = process.env.CINDER_TEST_PLUGINS;
 if (!BIN || !PLUGINS) {
   throw new Error("set CINDER_BIN and CINDER_TEST_PLUGINS (make test-js does)");
 }
+/** The Rust plugins only: for tests that start many servers with their own artifact cache. */
+export const RUST_PLUGINS = joinPath(PLUGINS, "..", "test-plugins");
 /** Versions the hot-reload tests upload (`make plugins` builds them). */
 export const UPLOADS = joinPath(PLUGINS, "..", "test-uploads");
 /** One artifact cache for the suite's servers, so each plugin is compiled once. */
@@ -45,7 +47,8 @@ export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, 
   child.stderr.on("data", (d) => { stderr += d; });
   const addr = await new Promise((resolve, reject) => {
     let out = "";
-    const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 30000);
+    // The first start compiles the Python and JS plugins (seconds); later ones hit the cache.
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 120000);
     child.stdout.on("data", (d) => {
       out += d;
       const m = out.match(/cinder listening on http:\/\/(\S+)/);

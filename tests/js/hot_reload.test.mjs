@@ -10,7 +10,7 @@ import { connect as netConnect } from "node:net";
 import { join as joinPath } from "node:path";
 import { promisify } from "node:util";
 import {
-  ADMIN, BIN, PLUGINS, UPLOADS, api, connect, join, push, startServer, tempDir, until, uploadPlugin,
+  ADMIN, BIN, PLUGINS, RUST_PLUGINS, UPLOADS, api, connect, join, push, startServer, tempDir, until, uploadPlugin,
 } from "./helpers.mjs";
 
 const run = promisify(execFile);
@@ -138,7 +138,7 @@ test("bad uploads are refused with the reason while the running version keeps se
 test("a restart keeps the active version and loads it from the artifact cache; the CLI pushes, lists and rolls back", async () => {
   const dataDir = tempDir();
   try {
-    let server = await startServer([], { dataDir, cacheDir: null });
+    let server = await startServer([], { dataDir, cacheDir: null, plugins: RUST_PLUGINS });
     const first = await api(server, "GET", "/api/stats");
     assert.ok(first.body.artifact_compiles >= 5, JSON.stringify(first.body));
     const pushed = await cli(server, "push", joinPath(UPLOADS, "counter-2.0.0.wasm"));
@@ -147,7 +147,7 @@ test("a restart keeps the active version and loads it from the artifact cache; t
     assert.match(await cli(server, "list"), /counter {2}active 2\.0\.0 {2}topics counter:\*/);
     await server.stop();
 
-    server = await startServer([], { dataDir, cacheDir: null });
+    server = await startServer([], { dataDir, cacheDir: null, plugins: RUST_PLUGINS });
     try {
       const trouble = [];
       const a = await counterMember(server, "a", "counter:after", trouble);
@@ -195,7 +195,7 @@ test("a server killed mid-upload restarts with the old or the new version, never
     // First a kill while the body is still arriving, then kills at moments after a whole
     // upload was sent: while it compiles, writes, renames or activates.
     for (const delay of ["half", 0, 1, 3, 6, 10, 20, 40]) {
-      const server = await startServer([], { dataDir, cacheDir: null });
+      const server = await startServer([], { dataDir, cacheDir: null, plugins: RUST_PLUGINS });
       if (delay === "half") {
         const s = await halfUpload(server);
         await new Promise((r) => setTimeout(r, 50));
@@ -208,7 +208,7 @@ test("a server killed mid-upload restarts with the old or the new version, never
       }
       await server.exited;
 
-      const again = await startServer([], { dataDir, cacheDir: null });
+      const again = await startServer([], { dataDir, cacheDir: null, plugins: RUST_PLUGINS });
       try {
         const list = (await api(again, "GET", "/api/plugins")).body;
         const counter = list.find((p) => p.name === "counter");

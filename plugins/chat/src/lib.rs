@@ -1,4 +1,6 @@
-//! The `chat` example plugin (Phoenix's RoomChannel): serves `room:*`.
+//! The `chat` example plugin (Phoenix's RoomChannel): serves `room:*`. `plugins/chat-js` and
+//! `plugins/chat-py` do the same in JavaScript and Python, and one test suite runs against
+//! all three.
 //!
 //! - Joining `room:lobby` is allowed; any other room is refused with
 //!   `{"reason":"unauthorized"}`.
@@ -6,6 +8,8 @@
 //! - `new_message` is intercepted (see `cinder.toml`), so each subscriber's copy goes
 //!   through `handle_out`; the SDK's default `handle_out` pushes it as is. Override it to
 //!   filter or personalise per user.
+//! - `boom` fails in the handler (an `Err`): only this channel crashes (`phx_error`).
+//! - Any other event gets an error reply.
 
 use cinder_sdk::{Channel, Error, InOutcome, Join, Payload, Reply, Socket, broadcast};
 use serde::Deserialize;
@@ -28,7 +32,7 @@ impl Channel for Chat {
         _payload: Payload,
         _socket: &mut Socket,
     ) -> Result<Join, Error> {
-        if topic == "room:lobby" {
+        if topic.split_once(':').is_some_and(|(_, room)| room == "lobby") {
             Ok(Join::ok())
         } else {
             Ok(Join::refuse(json!({"reason": "unauthorized"})))
@@ -51,6 +55,7 @@ impl Channel for Chat {
                     json!({"reason": "new_message needs a string body"}),
                 ))),
             },
+            "boom" => Err(Error("boom: the handler failed".into())),
             _ => Ok(InOutcome::Reply(Reply::error(
                 json!({"reason": format!("unknown event {event}")}),
             ))),
