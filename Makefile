@@ -84,6 +84,11 @@ test: lint test-rust test-js
 
 # Benchmarks (not part of the suite); docs/benchmarks.md explains the method.
 bench: plugins
+	@mkdir -p target/bench-plugins
+	cp $(JS_TEST_PLUGIN_DIR)/chat* target/bench-plugins/
+	cd plugins/chat-js && npx componentize-js chat.js --wit ../../wit --world-name channel --disable http fetch-event -o ../../target/bench-plugins/chat-js-starlingmonkey.wasm
+	cp plugins/chat-js/cinder.toml target/bench-plugins/chat-js-starlingmonkey.toml
+	CINDER_LANG_PLUGINS=$(CURDIR)/target/bench-plugins $(CARGO) bench -p cinder --bench languages
 	$(CARGO) build --release -p cinder -p cinder-tests
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench plugin_calls
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench first-join 1000

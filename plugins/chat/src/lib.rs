@@ -32,7 +32,10 @@ impl Channel for Chat {
         _payload: Payload,
         _socket: &mut Socket,
     ) -> Result<Join, Error> {
-        if topic.split_once(':').is_some_and(|(_, room)| room == "lobby") {
+        if topic
+            .split_once(':')
+            .is_some_and(|(_, room)| room == "lobby")
+        {
             Ok(Join::ok())
         } else {
             Ok(Join::refuse(json!({"reason": "unauthorized"})))
