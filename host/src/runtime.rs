@@ -131,9 +131,9 @@ impl Runtime {
         })
     }
 
-    /// The cache key of a component's compiled artifact: its hash and everything in the
-    /// engine's configuration that changes compiled code. (An artifact of another wasmtime
-    /// version is refused by `deserialize` itself, and then recompiled.)
+    /// The cache key of a component's compiled artifact: its hash and wasmtime's
+    /// compatibility hash of the engine (target, compiler flags, tunables, features and the
+    /// wasmtime version).
     fn artifact_key(&self, sha256: &str) -> String {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.engine
@@ -155,9 +155,10 @@ impl Runtime {
         if let Some(artifact) = store.artifact(&key) {
             #[allow(unsafe_code)]
             // SAFETY: artifacts are written only by `put_artifact` below, from
-            // `Component::serialize` of an engine with this configuration (the key covers its
-            // compatibility hash), and `artifact` checked the SHA-256 each carries before
-            // handing the bytes over; wasmtime checks its version and settings again.
+            // `Component::serialize` of an engine with this configuration and wasmtime
+            // version (the key covers its compatibility hash), and `artifact` checked the
+            // SHA-256 each carries before handing the bytes over; wasmtime checks its
+            // version and settings again.
             // The cache dir is trusted like the binary itself (docs/plugins/versions.md).
             let component = unsafe { Component::deserialize(&self.engine, &artifact) };
             match component {
