@@ -444,13 +444,16 @@ impl Plugin {
                 trap_cause(&e, self.instantiate_time)
             )
         })?;
-        self.handler.load(&mut store, &instance).map_err(|e| {
-            anyhow::anyhow!("export {HANDLER_INTERFACE} does not match the world: {e:#}")
-        })?;
-        if let Some(state) = &self.state {
-            state.load(&mut store, &instance).map_err(|e| {
-                anyhow::anyhow!("export {STATE_INTERFACE} does not match the world: {e:#}")
-            })?;
+        if let Err(e) = self.handler.load(&mut store, &instance) {
+            let function = mismatched_handler_function(&mut store, &instance)
+                .map(|f| format!(" (function {f})"))
+                .unwrap_or_default();
+            anyhow::bail!("export {HANDLER_INTERFACE} does not match the world{function}: {e:#}");
+        }
+        if let Some(state) = &self.state
+            && let Err(e) = state.load(&mut store, &instance)
+        {
+            anyhow::bail!("export {STATE_INTERFACE} does not match the world: {e:#}");
         }
         Ok(())
     }
@@ -604,6 +607,57 @@ impl LogicFactory for Plugin {
             );
         }
     }
+}
+
+/// The first function of the handler interface whose type is not the world's, so an
+/// upload's refusal can name it.
+fn mismatched_handler_function(
+    store: &mut Store<RoomData>,
+    instance: &wasmtime::component::Instance,
+) -> Option<&'static str> {
+    let iface = instance.get_export_index(&mut *store, None, HANDLER_INTERFACE)?;
+    let mut index = |name| instance.get_export_index(&mut *store, Some(&iface), name);
+    let (join, handle_in, handle_out, handle_info, terminate) = (
+        index("join"),
+        index("handle-in"),
+        index("handle-out"),
+        index("handle-info"),
+        index("terminate"),
+    );
+    type Call<'a> = (&'a str, &'a wit::Payload, &'a wit::Socket);
+    let fits = [
+        ("join", join.is_some_and(|i| {
+            instance
+                .get_typed_func::<Call<'_>, (Result<wit::JoinOutcome, String>,)>(&mut *store, i)
+                .is_ok()
+        })),
+        ("handle-in", handle_in.is_some_and(|i| {
+            instance
+                .get_typed_func::<Call<'_>, (Result<wit::InResult, String>,)>(&mut *store, i)
+                .is_ok()
+        })),
+        ("handle-out", handle_out.is_some_and(|i| {
+            instance
+                .get_typed_func::<Call<'_>, (Result<wit::InfoResult, String>,)>(&mut *store, i)
+                .is_ok()
+        })),
+        ("handle-info", handle_info.is_some_and(|i| {
+            instance
+                .get_typed_func::<(&wit::Payload, &wit::Socket), (Result<wit::InfoResult, String>,)>(
+                    &mut *store,
+                    i,
+                )
+                .is_ok()
+        })),
+        ("terminate", terminate.is_some_and(|i| {
+            instance
+                .get_typed_func::<(&str, &wit::Socket), ()>(&mut *store, i)
+                .is_ok()
+        })),
+    ];
+    fits.into_iter()
+        .find(|(_, fits)| !fits)
+        .map(|(name, _)| name)
 }
 
 /// Why a call or an instantiation trapped, in words for logs.

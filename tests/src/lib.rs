@@ -83,7 +83,7 @@ pub fn bad_components() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         (
             "a handler with the wrong signatures",
             wrong_types(""),
-            "does not match the world",
+            "does not match the world (function join)",
         ),
         (
             "an import the host does not offer",
