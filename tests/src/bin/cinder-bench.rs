@@ -8,10 +8,18 @@
 //! cinder-bench reload [ROOMS]        hot reload under load: ROOMS counter rooms each sending
 //!                                    `inc` every 10 ms; upload-to-live time, per-room swap
 //!                                    pause, message latency, and lost messages (must be 0)
+//! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 100 broadcasts through
+//!                                    the HTTP API: deliveries per second, against the raw
+//!                                    baseline server in the same run
+//! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
+//!                                    every text frame it gets to every other connection
 //! ```
 //!
 //! Starts `target/release/cinder` (or `$CINDER_BIN`) with the test plugins on a free port,
-//! measures, and stops it. Bounded in count and time; loopback only.
+//! measures, and stops it. Bounded in count and time; loopback only. Raises its open-file
+//! limit as far as the system lets it (the servers it starts inherit it), and spreads its
+//! connections over many 127.x.y.z source addresses, so the count is not capped by the
+//! ephemeral ports of one address.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -97,14 +105,103 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// Connections per source address: well inside the ephemeral port range of one address.
+const PER_SOURCE: usize = 5_000;
+
+/// Connections opened by this process so far: each gets the next source slot.
+static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The source address of the next connection: 127.R.x.y, with R random per process so ports
+/// still in TIME_WAIT from an earlier run are never in the way, and a new x.y every
+/// `PER_SOURCE` connections.
+fn next_source() -> std::net::Ipv4Addr {
+    static RUN: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let run = *RUN.get_or_init(|| 1 + (std::process::id() % 250) as u8);
+    let slot = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) / PER_SOURCE;
+    std::net::Ipv4Addr::new(127, run, (slot / 250) as u8, 1 + (slot % 250) as u8)
+}
+
+/// Raises the open-file limit to `want` (or as far as it goes); returns the new limit.
+fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer,
+    // which lives on this stack frame for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(limit.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return want;
+        }
+        let soft = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+            return limit.rlim_max;
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Lets the kernel pick the source port at `connect` (by the whole 4-tuple) rather than at
+/// `bind`, so ports still in TIME_WAIT from an earlier phase do not run the range dry.
+fn bind_address_no_port(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    #[allow(unsafe_code)]
+    // SAFETY: the fd is the socket's own and open for the duration of the call; the option
+    // value points to a live c_int whose size is passed along.
+    let status = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A WebSocket to `url` on `addr` from the next source address, with small buffers
+/// (tungstenite's defaults are 128 KiB per connection).
+async fn connect_ws(addr: &str, url: String) -> anyhow::Result<Ws> {
+    let source = next_source();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    bind_address_no_port(&socket)?;
+    socket.bind(std::net::SocketAddr::new(source.into(), 0))?;
+    let stream = socket.connect(addr.parse()?).await?;
+    stream.set_nodelay(true)?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    Ok(ws)
+}
+
+/// A Phoenix V2 socket to Cinder for `user`.
 async fn open(addr: &str, user: usize) -> anyhow::Result<Ws> {
     let token = cinder::auth::mint(SECRET, &user.to_string(), 3600)?;
-    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
-    Ok(ws)
+    connect_ws(
+        addr,
+        format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}"),
+    )
+    .await
 }
 
 /// The next text frame, as JSON.
@@ -423,9 +520,228 @@ async fn reload(rooms: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The raw baseline: every text frame a connection sends goes to every other connection.
+/// No protocol, no auth, no plugin: what tokio-tungstenite alone costs.
+async fn raw_server() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("raw listening on {}", listener.local_addr()?);
+    let (tx, _) =
+        tokio::sync::broadcast::channel::<(u64, tokio_tungstenite::tungstenite::Utf8Bytes)>(4096);
+    let mut next_id = 0u64;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        next_id += 1;
+        let id = next_id;
+        let tx = tx.clone();
+        let mut rx = tx.subscribe();
+        tokio::spawn(async move {
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(1024)
+                .write_buffer_size(0);
+            let Ok(mut ws) =
+                tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Text(text))) => { let _ = tx.send((id, text)); }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                    got = rx.recv() => match got {
+                        Ok((from, text)) if from != id => {
+                            if ws.send(Message::Text(text)).await.is_err() { break; }
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+        });
+    }
+}
+
+/// Starts `cinder-bench raw-server` and returns it with its address.
+async fn start_raw_server() -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("raw-server")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let line = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("raw server exited"))?;
+    let addr = line
+        .strip_prefix("raw listening on ")
+        .ok_or_else(|| anyhow::anyhow!("unexpected line {line}"))?
+        .to_owned();
+    Ok((child, addr))
+}
+
+/// Counts frames that contain `marker` on each socket until `total` arrived in all.
+fn count_deliveries(
+    sockets: Vec<Ws>,
+    marker: &'static str,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    sockets
+        .into_iter()
+        .map(|mut ws| {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(text) = msg
+                        && text.contains(marker)
+                    {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Waits until `counter` reaches `total` (or 60 s pass); returns the time since `start`.
+async fn until_delivered(
+    counter: &std::sync::atomic::AtomicU64,
+    total: u64,
+    start: Instant,
+) -> anyhow::Result<Duration> {
+    while counter.load(std::sync::atomic::Ordering::Relaxed) < total {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {} of {total} deliveries after 60 s",
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Runs `work` on a thread of its own, so the publisher is not queued behind thousands of
+/// reader tasks on the load generator's runtime.
+async fn on_own_thread(
+    work: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work)
+    })
+    .await?
+}
+
+/// Opens `n` sockets with `open_one`, 200 at a time.
+async fn open_many<F, Fut>(n: usize, open_one: F) -> anyhow::Result<Vec<Ws>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Ws>>,
+{
+    let mut all = Vec::with_capacity(n);
+    for start in (0..n).step_by(200) {
+        let batch =
+            futures_util::future::try_join_all((start..n.min(start + 200)).map(&open_one)).await?;
+        all.extend(batch);
+    }
+    Ok(all)
+}
+
+async fn fanout(subscribers: usize) -> anyhow::Result<()> {
+    const BROADCASTS: usize = 100;
+    let total = (subscribers * BROADCASTS) as u64;
+    let pad = "x".repeat(64);
+
+    // Raw baseline: one more connection publishes.
+    let (mut raw, raw_addr) = start_raw_server().await?;
+    let url = format!("ws://{raw_addr}/");
+    let sockets = open_many(subscribers, |_| connect_ws(&raw_addr, url.clone())).await?;
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let readers = count_deliveries(sockets, "\"news\"", counter.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let frames: Vec<String> = (0..BROADCASTS)
+        .map(|seq| json!({"event": "news", "seq": seq, "pad": pad}).to_string())
+        .collect();
+    on_own_thread(async move {
+        let mut publisher = connect_ws(&raw_addr, url).await?;
+        for frame in frames {
+            publisher.send(Message::text(frame)).await?;
+        }
+        Ok(())
+    })
+    .await?;
+    let raw_took = until_delivered(&counter, total, start).await?;
+    readers.iter().for_each(|r| r.abort());
+    raw.kill().await?;
+    let raw_rate = total as f64 / raw_took.as_secs_f64();
+
+    // Cinder: the same count of sockets joined to one topic, broadcasts through the API.
+    let mut server = start_server().await?;
+    let addr: std::net::SocketAddr = server.addr.parse()?;
+    let server_addr = server.addr.clone();
+    let sockets = open_many(subscribers, |i| {
+        let server_addr = server_addr.clone();
+        async move {
+            let mut ws = open(&server_addr, i + 1).await?;
+            join(&mut ws, "1", "room:lobby").await?;
+            Ok(ws)
+        }
+    })
+    .await?;
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let readers = count_deliveries(sockets, "\"news\"", counter.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let bodies: Vec<String> = (0..BROADCASTS)
+        .map(|seq| {
+            json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
+                .to_string()
+        })
+        .collect();
+    // All requests at once, as a backend with news for everyone would send them.
+    on_own_thread(async move {
+        let answers = futures_util::future::join_all(
+            bodies
+                .iter()
+                .map(|body| cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))),
+        )
+        .await;
+        for (status, answer) in answers {
+            anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
+        }
+        Ok(())
+    })
+    .await?;
+    let took = until_delivered(&counter, total, start).await?;
+    readers.iter().for_each(|r| r.abort());
+    server.child.kill().await?;
+    let rate = total as f64 / took.as_secs_f64();
+    println!(
+        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts: raw baseline {:.0} deliveries/s ({:.1} ms), cinder {:.0} deliveries/s ({:.1} ms); cinder/baseline {:.2}",
+        raw_rate,
+        raw_took.as_secs_f64() * 1e3,
+        rate,
+        took.as_secs_f64() * 1e3,
+        rate / raw_rate,
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count = |default: usize| args.get(1).and_then(|n| n.parse().ok()).unwrap_or(default);
+    raise_fd_limit(1 << 20);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -436,8 +752,10 @@ fn main() -> anyhow::Result<()> {
                 Some("first-join") => first_join(count(1_000)).await,
                 Some("neighbour") => neighbour(count(2_000)).await,
                 Some("reload") => reload(count(100)).await,
+                Some("fanout") => fanout(count(10_000)).await,
+                Some("raw-server") => raw_server().await,
                 _ => anyhow::bail!(
-                    "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS]"
+                    "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | raw-server"
                 ),
             }
         };
