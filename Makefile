@@ -92,5 +92,7 @@ bench: plugins
 	$(CARGO) build --release -p cinder -p cinder-tests
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench plugin_calls
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench first-join 1000
-	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench idle 10000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench idle 19000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench reload 100
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench fanout 10000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 5000

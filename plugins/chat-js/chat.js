@@ -1,7 +1,8 @@
 // The chat example in JavaScript, built with componentize-js (StarlingMonkey): the same
 // behaviour as the Rust `plugins/chat`, on `js:*`.
 //
-// - Joining `js:lobby` is allowed; any other room is refused with {"reason":"unauthorized"}.
+// - Joining `js:lobby` (or a numbered overflow lobby, `js:lobby-<n>`) is allowed; any other
+//   room is refused with {"reason":"unauthorized"}.
 // - `new_message` {"body"} is broadcast to the room as `new_message` {"body"}; it is
 //   intercepted (see cinder.toml), so each subscriber's copy goes through `handleOut`,
 //   which pushes it as is.
@@ -32,7 +33,8 @@ const reply = (status, body) => ({
 
 export const handler = {
   join: errorsAsResults((topic, _payload, _socket) => {
-    if (topic.slice(topic.indexOf(":") + 1) === "lobby") {
+    const room = topic.slice(topic.indexOf(":") + 1);
+    if (room === "lobby" || room.startsWith("lobby-")) {
       return { tag: "ok", val: { reply: undefined, assigns: undefined } };
     }
     return { tag: "error", val: JSON.stringify({ reason: "unauthorized" }) };

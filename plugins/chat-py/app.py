@@ -1,7 +1,8 @@
 """The chat example in Python, built with componentize-py: the same behaviour as the Rust
 `plugins/chat`, on `py:*`.
 
-- Joining `py:lobby` is allowed; any other room is refused with `{"reason": "unauthorized"}`.
+- Joining `py:lobby` (or a numbered overflow lobby, `py:lobby-<n>`) is allowed; any other
+  room is refused with `{"reason": "unauthorized"}`.
 - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`; it is
   intercepted (see cinder.toml), so each subscriber's copy goes through `handle_out`, which
   pushes it as is.
@@ -47,7 +48,8 @@ NOREPLY = types.InfoResult(outcome=types.InfoOutcome_Noreply(), assigns=None)
 class Handler(exports.Handler):
     @errors_as_results
     def join(self, topic, payload, socket):
-        if topic.split(":", 1)[-1] == "lobby":
+        room = topic.split(":", 1)[-1]
+        if room == "lobby" or room.startswith("lobby-"):
             return types.JoinOutcome_Ok(types.JoinOk(reply=None, assigns=None))
         return types.JoinOutcome_Error(json.dumps({"reason": "unauthorized"}))
 

@@ -47,10 +47,11 @@ describe(`chat plugin in ${language} (${prefix}:*)`, () => {
     s.disconnect();
   });
 
-  test(`${prefix}:secret is refused as unauthorized`, async () => {
+  test(`${prefix}:secret is refused as unauthorized; overflow lobbies are open`, async () => {
     const s = await connect(server, "mallory");
     const c = s.channel(`${prefix}:secret`, {});
     assert.deepEqual(await join(c), { status: "error", response: { reason: "unauthorized" } });
+    assert.deepEqual(await join(s.channel(`${prefix}:lobby-7`, {})), { status: "ok", response: {} });
     s.disconnect();
   });
 

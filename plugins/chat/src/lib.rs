@@ -2,8 +2,8 @@
 //! `plugins/chat-py` do the same in JavaScript and Python, and one test suite runs against
 //! all three.
 //!
-//! - Joining `room:lobby` is allowed; any other room is refused with
-//!   `{"reason":"unauthorized"}`.
+//! - Joining `room:lobby` (or a numbered overflow lobby, `room:lobby-<n>`) is allowed; any
+//!   other room is refused with `{"reason":"unauthorized"}`.
 //! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`.
 //! - `new_message` is intercepted (see `cinder.toml`), so each subscriber's copy goes
 //!   through `handle_out`; the SDK's default `handle_out` pushes it as is. Override it to
@@ -32,10 +32,8 @@ impl Channel for Chat {
         _payload: Payload,
         _socket: &mut Socket,
     ) -> Result<Join, Error> {
-        if topic
-            .split_once(':')
-            .is_some_and(|(_, room)| room == "lobby")
-        {
+        let open = |room: &str| room == "lobby" || room.starts_with("lobby-");
+        if topic.split_once(':').is_some_and(|(_, room)| open(room)) {
             Ok(Join::ok())
         } else {
             Ok(Join::refuse(json!({"reason": "unauthorized"})))

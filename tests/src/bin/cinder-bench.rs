@@ -11,6 +11,10 @@
 //! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 100 broadcasts through
 //!                                    the HTTP API: deliveries per second, against the raw
 //!                                    baseline server in the same run
+//! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms (room:lobby-N) of 10 members, RATE
+//!                                    messages/s in all through the chat plugin (intercepted,
+//!                                    so handle_out runs per member): send-to-receive latency
+//!                                    p50/p99/p999 and deliveries per second, for 10 s
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
 //!                                    every text frame it gets to every other connection
 //! ```
@@ -738,9 +742,120 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One chat member: sends `new_message` with its send time every `every`, from `offset`,
+/// until `stop`; records the latency of every message it receives (microseconds).
+async fn chat_member(
+    mut ws: Ws,
+    topic: String,
+    every: Duration,
+    offset: Duration,
+    epoch: Instant,
+    measure_from: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Vec<u32>, u64)> {
+    let mut latencies = Vec::new();
+    let mut sent = 0;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if *stop.borrow() {
+                    break;
+                }
+                let now = epoch.elapsed().as_nanos() as u64;
+                let frame =
+                    json!(["1", null, topic, "new_message", {"body": now.to_string()}]).to_string();
+                if ws.send(Message::text(frame)).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            msg = ws.next() => {
+                let Some(Ok(msg)) = msg else { break };
+                if let Message::Text(text) = msg
+                    && let Some(rest) = text.split("\"body\":\"").nth(1)
+                    && let Some(sent_at) = rest.split('"').next().and_then(|n| n.parse::<u64>().ok())
+                    && Instant::now() >= measure_from
+                {
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    latencies.push((now.saturating_sub(sent_at) / 1000) as u32);
+                }
+            }
+        }
+    }
+    Ok((latencies, sent))
+}
+
+async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
+    const MEMBERS: usize = 10;
+    const WARMUP: Duration = Duration::from_secs(2);
+    const MEASURE: Duration = Duration::from_secs(10);
+    let mut server = start_server().await?;
+    let server_addr = server.addr.clone();
+    let sockets = open_many(rooms * MEMBERS, |i| {
+        let server_addr = server_addr.clone();
+        async move {
+            let mut ws = open(&server_addr, i + 1).await?;
+            join(&mut ws, "1", &format!("room:lobby-{}", i / MEMBERS)).await?;
+            Ok(ws)
+        }
+    })
+    .await?;
+    let sockets_n = sockets.len();
+    // Each member sends every `every`; starts spread evenly over one period.
+    let every = Duration::from_secs_f64(sockets_n as f64 / rate as f64);
+    let epoch = Instant::now();
+    let measure_from = epoch + WARMUP;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let members: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| {
+            let offset = every.mul_f64(i as f64 / sockets_n as f64);
+            tokio::spawn(chat_member(
+                ws,
+                format!("room:lobby-{}", i / MEMBERS),
+                every,
+                offset,
+                epoch,
+                measure_from,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(WARMUP + MEASURE).await;
+    // Each member stops at its next tick, having read what arrived until then.
+    stop_tx.send_replace(true);
+    let mut latencies = Vec::new();
+    let mut sent = 0;
+    for member in members {
+        let (l, s) = member.await??;
+        latencies.extend(l);
+        sent += s;
+    }
+    server.child.kill().await?;
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    anyhow::ensure!(!latencies.is_empty(), "nothing received");
+    let seconds = epoch.elapsed().as_secs_f64();
+    println!(
+        "chat: {rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs",
+        sent as f64 / seconds,
+        sent,
+        latencies.len() as f64 / MEASURE.as_secs_f64(),
+        MEASURE.as_secs(),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count = |default: usize| args.get(1).and_then(|n| n.parse().ok()).unwrap_or(default);
+    let second = |default: usize| args.get(2).and_then(|n| n.parse().ok()).unwrap_or(default);
     raise_fd_limit(1 << 20);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -753,9 +868,10 @@ fn main() -> anyhow::Result<()> {
                 Some("neighbour") => neighbour(count(2_000)).await,
                 Some("reload") => reload(count(100)).await,
                 Some("fanout") => fanout(count(10_000)).await,
+                Some("chat") => chat(count(1_000), second(20_000)).await,
                 Some("raw-server") => raw_server().await,
                 _ => anyhow::bail!(
-                    "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | raw-server"
+                    "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | chat [ROOMS] [RATE] | raw-server"
                 ),
             }
         };
