@@ -400,6 +400,18 @@ pub struct Secrets {
 const SECRETS_FILE: &str = "secrets.toml";
 
 impl Secrets {
+    /// The secrets kept in the data dir, if any were generated there.
+    pub fn read(config: &Config) -> anyhow::Result<Option<Secrets>> {
+        let path = config.data_dir.join(SECRETS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
     /// The configured secrets; what is unset comes from the data dir, generated and saved
     /// there (mode 0600) on first use. Returns whether anything was generated now.
     pub fn resolve(config: &Config) -> anyhow::Result<(Secrets, bool)> {
@@ -431,20 +443,6 @@ impl Secrets {
             },
             generated,
         ))
-    }
-}
-
-impl Secrets {
-    /// The secrets kept in the data dir, if any were generated there.
-    pub fn read(config: &Config) -> anyhow::Result<Option<Secrets>> {
-        let path = config.data_dir.join(SECRETS_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
     }
 }
 
