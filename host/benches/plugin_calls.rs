@@ -1,9 +1,10 @@
-//! Micro benchmarks of the plugin boundary: `handle_in` round trips and first-join
-//! instantiation, through the same runtime the server uses (pooling allocator, epoch
-//! deadline, WASI linked). Needs the plugins built: `make plugins`.
+//! Micro benchmarks of the plugin boundary with criterion: `handle_in` round trips and
+//! first-join instantiation, through the same runtime the server uses (pooling allocator,
+//! epoch deadline, WASI linked, host imports), driven through the `RoomLogic` trait the room
+//! actor uses, without sockets. Needs the plugins built: `make plugins`.
 //!
-//! Run with `cargo bench -p cinder --bench plugin_calls`. Prints the median and p99 of
-//! individually timed calls.
+//! Run with `cargo bench -p cinder --bench plugin_calls` (criterion's estimates: the time
+//! per call with its confidence interval).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use cinder::presence::Tracker;
 use cinder::protocol::Payload;
 use cinder::pubsub::LocalPubSub;
 use cinder::runtime::{Manifest, Plugin, Runtime};
+use criterion::{Criterion, criterion_group, criterion_main};
 
 fn plugins_dir() -> PathBuf {
     std::env::var_os("CINDER_TEST_PLUGINS")
@@ -22,13 +24,11 @@ fn plugins_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-plugins"))
 }
 
-fn load(runtime: &Runtime, name: &str) -> Plugin {
+fn load(runtime: &Runtime, limits: &Limits, name: &str) -> Plugin {
     let dir = plugins_dir();
-    let manifest: Manifest = toml::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.toml")))
-            .expect("manifest: run `make plugins`"),
-    )
-    .expect("manifest parses");
+    let text = std::fs::read_to_string(dir.join(format!("{name}.toml")))
+        .expect("manifest: run `make plugins`");
+    let manifest = Manifest::parse(&text, limits).expect("manifest parses");
     let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).expect("wasm: run `make plugins`");
     let component = runtime.compile_uncached(&wasm).expect("plugin compiles");
     runtime.load(manifest, &component).expect("plugin loads")
@@ -44,106 +44,98 @@ fn socket(topic: &str) -> ChannelSocket {
     }
 }
 
-fn report(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e6;
-    println!(
-        "{name:<44} median {:>8.2} µs   p99 {:>8.2} µs   (n={})",
-        at(0.5),
-        at(0.99),
-        samples.len()
-    );
-}
-
-async fn time_handle_in(
-    logic: &mut dyn RoomLogic,
+/// `iters` calls of `handle_in` with `payload`, timed together.
+async fn handle_in_calls(
+    room: &mut dyn RoomLogic,
     event: &str,
-    payload: &str,
+    payload: &Payload,
     sock: &ChannelSocket,
-    n: usize,
-) -> Vec<Duration> {
-    let payload = Payload::json(payload.to_owned()).expect("json");
-    for _ in 0..1000 {
-        logic
+    iters: u64,
+) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let handled = room
             .handle_in(event, payload.clone(), sock)
             .await
             .expect("call");
-    }
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let p = payload.clone();
-        let start = Instant::now();
-        let handled = logic.handle_in(event, p, sock).await.expect("call");
-        samples.push(start.elapsed());
         std::hint::black_box(handled);
     }
-    samples
+    start.elapsed()
 }
 
-fn main() {
+fn plugin_calls(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio");
-    rt.block_on(async {
-        let limits = Limits {
-            max_rooms: 2000,
-            ..Limits::default()
-        };
-        let runtime = Runtime::new(
-            &limits,
-            Default::default(),
-            Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
-        )
-        .expect("runtime");
-        let chat = load(&runtime, "chat");
-        let misbehave = load(&runtime, "misbehave");
-        let n = 20_000;
+    let limits = Limits {
+        max_rooms: 2000,
+        ..Limits::default()
+    };
+    let runtime = Runtime::new(
+        &limits,
+        Default::default(),
+        Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
+    )
+    .expect("runtime");
+    let chat = load(&runtime, &limits, "chat");
+    let misbehave = load(&runtime, &limits, "misbehave");
 
-        let sock = socket("bad:bench");
-        let mut logic = misbehave.instantiate("bad:bench").await.expect("instance");
-        logic.join(Payload::empty(), &sock).await.expect("join");
-        report(
-            "handle_in, tiny reply (misbehave count)",
-            time_handle_in(&mut *logic, "count", "{}", &sock, n).await,
-        );
-        report(
-            "handle_in, echo 95-byte payload",
-            time_handle_in(
-                &mut *logic,
-                "echo",
-                &format!(r#"{{"body":"{}"}}"#, "x".repeat(84)),
-                &sock,
-                n,
-            )
-            .await,
-        );
+    let mut group = c.benchmark_group("handle_in");
+    let calls: [(&str, &Plugin, &str, &str, String); 3] = [
+        (
+            "tiny reply (misbehave count)",
+            &misbehave,
+            "bad:bench",
+            "count",
+            "{}".into(),
+        ),
+        (
+            "echo of a 95-byte payload",
+            &misbehave,
+            "bad:bench",
+            "echo",
+            format!(r#"{{"body":"{}"}}"#, "x".repeat(84)),
+        ),
+        (
+            "chat new_message + broadcast",
+            &chat,
+            "room:lobby",
+            "new_message",
+            r#"{"body":"hello, world"}"#.into(),
+        ),
+    ];
+    for (name, plugin, topic, event, payload) in calls {
+        let sock = socket(topic);
+        let payload = Payload::json(payload).expect("json");
+        let mut room = rt.block_on(async {
+            let mut room = plugin.instantiate(topic).await.expect("instance");
+            room.join(Payload::empty(), &sock).await.expect("join");
+            room
+        });
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(handle_in_calls(&mut *room, event, &payload, &sock, iters))
+            })
+        });
+    }
+    group.finish();
 
+    c.bench_function("first join: instantiate + join (chat)", |b| {
         let sock = socket("room:lobby");
-        let mut logic = chat.instantiate("room:lobby").await.expect("instance");
-        logic.join(Payload::empty(), &sock).await.expect("join");
-        report(
-            "handle_in, chat new_message + broadcast",
-            time_handle_in(
-                &mut *logic,
-                "new_message",
-                r#"{"body":"hello, world"}"#,
-                &sock,
-                n,
-            )
-            .await,
-        );
-
-        let mut samples = Vec::with_capacity(2000);
-        for i in 0..2000 {
-            let topic = format!("room:lobby{i}");
-            let sock = socket(&topic);
-            let start = Instant::now();
-            let mut logic = chat.instantiate(&topic).await.expect("instance");
-            let joined = logic.join(Payload::empty(), &sock).await.expect("join");
-            samples.push(start.elapsed());
-            std::hint::black_box(joined);
-        }
-        report("first join: instantiate + join (chat)", samples);
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut room = chat.instantiate("room:lobby").await.expect("instance");
+                    let joined = room.join(Payload::empty(), &sock).await.expect("join");
+                    std::hint::black_box(joined);
+                }
+                start.elapsed()
+            })
+        })
     });
 }
+
+criterion_group!(benches, plugin_calls);
+criterion_main!(benches);
