@@ -16,7 +16,7 @@ use cinder::presence::Tracker;
 use cinder::protocol::Payload;
 use cinder::pubsub::LocalPubSub;
 use cinder::runtime::{Manifest, Plugin, Runtime};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::Criterion;
 
 fn plugins_dir() -> PathBuf {
     std::env::var_os("CINDER_TEST_PLUGINS")
@@ -137,5 +137,8 @@ fn plugin_calls(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, plugin_calls);
-criterion_main!(benches);
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    plugin_calls(&mut c);
+    c.final_summary();
+}
