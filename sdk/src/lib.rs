@@ -59,7 +59,7 @@
 //! component, ready to serve with a manifest (see the repository's README).
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::fmt;
 use std::time::Duration;
 
@@ -191,23 +191,34 @@ pub struct Socket {
     id: Option<String>,
     topic: String,
     join_ref: Option<String>,
-    assigns: Map<String, Value>,
+    /// The assigns as the host sent them (a JSON object), parsed on first use: most calls
+    /// never look at them.
+    raw_assigns: String,
+    assigns: OnceCell<Map<String, Value>>,
     changed: bool,
 }
 
 impl Socket {
     fn from_wit(s: w::Socket) -> Socket {
-        let assigns = match serde_json::from_str(&s.assigns) {
-            Ok(Value::Object(map)) => map,
-            _ => Map::new(),
-        };
         Socket {
             id: s.id,
             topic: s.topic,
             join_ref: s.join_ref,
-            assigns,
+            raw_assigns: s.assigns,
+            assigns: OnceCell::new(),
             changed: false,
         }
+    }
+
+    fn parsed(raw: &str) -> Map<String, Value> {
+        match serde_json::from_str(raw) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        }
+    }
+
+    fn assigns(&self) -> &Map<String, Value> {
+        self.assigns.get_or_init(|| Self::parsed(&self.raw_assigns))
     }
 
     /// The socket id (`user_socket:<user_id>`), if the connect token named a user.
@@ -227,12 +238,12 @@ impl Socket {
 
     /// An assign (`user_id` comes from the connect token).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.assigns.get(key)
+        self.assigns().get(key)
     }
 
     /// The `user_id` assign as text (a numeric id gives its decimal form).
     pub fn user_id(&self) -> Option<String> {
-        match self.assigns.get("user_id")? {
+        match self.assigns().get("user_id")? {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
             _ => None,
@@ -241,13 +252,18 @@ impl Socket {
 
     /// Sets an assign; it is kept for later calls on this channel.
     pub fn assign(&mut self, key: impl Into<String>, value: impl Into<Value>) {
-        self.assigns.insert(key.into(), value.into());
+        let mut assigns = self
+            .assigns
+            .take()
+            .unwrap_or_else(|| Self::parsed(&self.raw_assigns));
+        assigns.insert(key.into(), value.into());
+        self.assigns = OnceCell::from(assigns);
         self.changed = true;
     }
 
     fn changed_assigns(&self) -> Option<String> {
         self.changed
-            .then(|| Value::Object(self.assigns.clone()).to_string())
+            .then(|| Value::Object(self.assigns().clone()).to_string())
     }
 }
 
