@@ -315,7 +315,9 @@ fn print_activation(v: &Value) {
         text(v, "previous"),
         text(v, "swapped"),
         text(v, "rooms"),
-        text(v, "took_ms")
+        v.get("took_ms")
+            .and_then(Value::as_f64)
+            .map_or_else(|| "-".into(), |ms| format!("{ms:.1}"))
     );
     if let Some(p) = v.get("pause_us").filter(|p| !p.is_null()) {
         println!(
