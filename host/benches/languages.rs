@@ -7,16 +7,14 @@
 //! languages` where the dir holds `<name>.wasm` + `<name>.toml` for each plugin to compare.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cinder::channel::{ChannelSocket, LogicFactory as _, RoomLogic};
-use cinder::config::Limits;
-use cinder::presence::Tracker;
+use cinder::channel::{LogicFactory as _, RoomLogic};
 use cinder::protocol::Payload;
-use cinder::pubsub::LocalPubSub;
-use cinder::runtime::{Manifest, Runtime};
+use cinder::runtime::Manifest;
 use cinder::store::{PluginStore, sha256_hex};
+
+mod common;
 
 /// Plugins compared, in table order; those missing from the dir are skipped.
 const PLUGINS: [&str; 4] = ["chat", "chat-js", "chat-js-starlingmonkey", "chat-py"];
@@ -50,32 +48,14 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
     samples[(samples.len() - 1) * 99 / 100]
 }
 
-fn socket(topic: &str) -> ChannelSocket {
-    ChannelSocket {
-        channel: 1,
-        id: Some("user_socket:1".into()),
-        topic: topic.into(),
-        join_ref: Some("1".into()),
-        assigns: r#"{"user_id":"1"}"#.into(),
-    }
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio");
     rt.block_on(async {
-        let limits = Limits {
-            max_rooms: 2000,
-            ..Limits::default()
-        };
-        let runtime = Runtime::new(
-            &limits,
-            Default::default(),
-            Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
-        )
-        .expect("runtime");
+        let limits = common::limits();
+        let runtime = common::runtime(&limits);
         let cache_dir = std::env::temp_dir().join(format!("cinder-bench-{}", std::process::id()));
         let store = PluginStore::open(&cache_dir, &cache_dir.join("cache")).expect("store");
         println!(
@@ -107,16 +87,15 @@ fn main() {
             let plugin = runtime.load(manifest, &component).expect("links");
 
             let rounds = if name == "chat" { 500 } else { 50 };
+            let sock = common::socket(&topic);
             let mut joins = Vec::new();
             for _ in 0..rounds {
-                let sock = socket(&topic);
                 let started = Instant::now();
                 let mut room = plugin.instantiate(&topic).await.expect("instance");
                 room.join(Payload::empty(), &sock).await.expect("join");
                 joins.push(started.elapsed());
             }
 
-            let sock = socket(&topic);
             let mut room = plugin.instantiate(&topic).await.expect("instance");
             room.join(Payload::empty(), &sock).await.expect("join");
             let payload = Payload::json(r#"{"body":"hello, world"}"#.to_owned()).expect("json");
@@ -139,10 +118,10 @@ fn main() {
             let mut rooms: Vec<Box<dyn RoomLogic>> = Vec::new();
             for _ in 0..50 {
                 let mut room = plugin.instantiate(&topic).await.expect("instance");
-                room.join(Payload::empty(), &socket(&topic))
+                room.join(Payload::empty(), &sock)
                     .await
                     .expect("join");
-                room.handle_in("new_message", payload.clone(), &socket(&topic))
+                room.handle_in("new_message", payload.clone(), &sock)
                     .await
                     .expect("call");
                 rooms.push(room);

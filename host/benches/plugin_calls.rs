@@ -7,16 +7,15 @@
 //! per call with its confidence interval).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cinder::channel::{ChannelSocket, LogicFactory as _, RoomLogic};
 use cinder::config::Limits;
-use cinder::presence::Tracker;
 use cinder::protocol::Payload;
-use cinder::pubsub::LocalPubSub;
 use cinder::runtime::{Manifest, Plugin, Runtime};
 use criterion::Criterion;
+
+mod common;
 
 fn plugins_dir() -> PathBuf {
     std::env::var_os("CINDER_TEST_PLUGINS")
@@ -32,16 +31,6 @@ fn load(runtime: &Runtime, limits: &Limits, name: &str) -> Plugin {
     let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).expect("wasm: run `make plugins`");
     let component = runtime.compile_uncached(&wasm).expect("plugin compiles");
     runtime.load(manifest, &component).expect("plugin loads")
-}
-
-fn socket(topic: &str) -> ChannelSocket {
-    ChannelSocket {
-        channel: 1,
-        id: Some("user_socket:1".into()),
-        topic: topic.into(),
-        join_ref: Some("1".into()),
-        assigns: r#"{"user_id":"1"}"#.into(),
-    }
 }
 
 /// `iters` calls of `handle_in` with `payload`, timed together.
@@ -68,16 +57,8 @@ fn plugin_calls(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("tokio");
-    let limits = Limits {
-        max_rooms: 2000,
-        ..Limits::default()
-    };
-    let runtime = Runtime::new(
-        &limits,
-        Default::default(),
-        Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
-    )
-    .expect("runtime");
+    let limits = common::limits();
+    let runtime = common::runtime(&limits);
     let chat = load(&runtime, &limits, "chat");
     let misbehave = load(&runtime, &limits, "misbehave");
 
@@ -106,7 +87,7 @@ fn plugin_calls(c: &mut Criterion) {
         ),
     ];
     for (name, plugin, topic, event, payload) in calls {
-        let sock = socket(topic);
+        let sock = common::socket(topic);
         let payload = Payload::json(payload).expect("json");
         let mut room = rt.block_on(async {
             let mut room = plugin.instantiate(topic).await.expect("instance");
@@ -122,7 +103,7 @@ fn plugin_calls(c: &mut Criterion) {
     group.finish();
 
     c.bench_function("first join: instantiate + join (chat)", |b| {
-        let sock = socket("room:lobby");
+        let sock = common::socket("room:lobby");
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let start = Instant::now();

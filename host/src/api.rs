@@ -112,6 +112,14 @@ pub async fn broadcast(
     (StatusCode::ACCEPTED, Json(json!({ "status": "ok" }))).into_response()
 }
 
+/// The registry's answer as JSON, or its refusal with the matching status.
+fn answer(result: Result<impl serde::Serialize, Refusal>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
 fn refused(refusal: Refusal) -> Response {
     let status = match &refusal {
         Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -219,10 +227,7 @@ pub async fn list_plugins(State(app): State<Arc<AppState>>, headers: HeaderMap) 
     if let Some(refused) = refusal(&app, &headers) {
         return refused;
     }
-    match app.registry.list(&app.hub) {
-        Ok(list) => Json(list).into_response(),
-        Err(e) => refused(e),
-    }
+    answer(app.registry.list(&app.hub))
 }
 
 #[derive(Deserialize, Default)]
@@ -262,10 +267,7 @@ pub async fn activate(
         }
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match app.registry.activate(&app.hub, &name, &version).await {
-        Ok(activation) => Json(activation).into_response(),
-        Err(e) => refused(e),
-    }
+    answer(app.registry.activate(&app.hub, &name, &version).await)
 }
 
 /// `POST /api/plugins/{name}/rollback`, optionally with `{"version"}`: go back to that
@@ -283,14 +285,11 @@ pub async fn rollback(
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match app
-        .registry
-        .rollback(&app.hub, &name, version.as_deref())
-        .await
-    {
-        Ok(activation) => Json(activation).into_response(),
-        Err(e) => refused(e),
-    }
+    answer(
+        app.registry
+            .rollback(&app.hub, &name, version.as_deref())
+            .await,
+    )
 }
 
 /// `DELETE /api/plugins/{name}`: remove a plugin with every version (refused while it has

@@ -132,29 +132,14 @@ pub fn run(args: PluginArgs) -> anyhow::Result<()> {
                 print_list(&answer);
             }
             PluginAction::Activate { name, version } => {
-                let body = serde_json::json!({ "version": version }).to_string();
-                let answer = client
-                    .call(
-                        Method::POST,
-                        &format!("/api/plugins/{name}/activate"),
-                        Some(("application/json", body.into_bytes())),
-                    )
-                    .await?;
-                print_activation(&answer);
+                print_activation(&client.activation(&name, "activate", Some(&version)).await?);
             }
             PluginAction::Rollback { name, version } => {
-                let body = match version {
-                    Some(v) => serde_json::json!({ "version": v }).to_string(),
-                    None => String::new(),
-                };
-                let answer = client
-                    .call(
-                        Method::POST,
-                        &format!("/api/plugins/{name}/rollback"),
-                        Some(("application/json", body.into_bytes())),
-                    )
-                    .await?;
-                print_activation(&answer);
+                print_activation(
+                    &client
+                        .activation(&name, "rollback", version.as_deref())
+                        .await?,
+                );
             }
             PluginAction::Delete { name, version } => {
                 let path = match &version {
@@ -230,6 +215,25 @@ impl Client {
             "--server must be a base URL like http://127.0.0.1:4000, got {server}"
         );
         Ok(Client { authority, token })
+    }
+
+    /// `POST /api/plugins/{name}/{action}` (`activate` or `rollback`), with the version
+    /// when one is given.
+    async fn activation(
+        &self,
+        name: &str,
+        action: &str,
+        version: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let body = version
+            .map(|v| serde_json::json!({ "version": v }).to_string())
+            .unwrap_or_default();
+        self.call(
+            Method::POST,
+            &format!("/api/plugins/{name}/{action}"),
+            Some(("application/json", body.into_bytes())),
+        )
+        .await
     }
 
     /// Sends one request; a non-2xx answer becomes an error carrying the server's message.

@@ -98,7 +98,8 @@ pub struct Uploaded {
     pub sha256: String,
     /// False when this exact version was already stored (nothing written).
     pub created: bool,
-    /// Whether the compiled artifact came from the cache.
+    /// Whether nothing had to be compiled: the artifact cache had it, or the version was
+    /// already stored and not loaded.
     pub cached: bool,
     /// The activation, when the upload activated the version.
     pub activation: Option<Activation>,
@@ -357,8 +358,21 @@ impl Registry {
         self.clash(&manifest)?;
         let version = manifest.version.clone();
         let created = existing.is_none();
+        if !created && !activate {
+            // Already stored, nothing to switch: no need to load it (at every start, each
+            // file of the plugins dir lands here).
+            return Ok(Uploaded {
+                plugin: name,
+                version,
+                sha256,
+                created,
+                cached: true,
+                activation: None,
+            });
+        }
+        let wasm = Arc::new(wasm);
         let (plugin, cached) = self
-            .build(manifest, Arc::new(wasm.clone()), sha256.clone(), created)
+            .build(manifest, wasm.clone(), sha256.clone(), created)
             .await?;
         if created {
             self.store

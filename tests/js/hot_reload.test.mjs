@@ -68,7 +68,8 @@ test("v2 goes live and rolls back under continuous traffic: no message lost, no 
       const activation = uploaded.body.activation;
       assert.deepEqual([activation.rooms, activation.swapped, activation.failed], [1, 1, []]);
       assert.equal(activation.previous, "1.0.0");
-      assert.ok(activation.pause_us.p99 >= 0);
+      const { p50, p99, max } = activation.pause_us;
+      assert.ok(Number.isInteger(p50) && p50 <= p99 && p99 <= max, JSON.stringify(activation.pause_us));
       await until(() => replies.some((r) => versionOf(r) === "2.0.0"), 5000, "v2 replies");
       const atV2 = replies.length;
       await until(() => replies.length >= atV2 + 100, 10000, "more v2 replies");
