@@ -524,13 +524,49 @@ async fn reload(rooms: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+type RawFrame = (u64, tokio_tungstenite::tungstenite::Utf8Bytes);
+
+/// Writes `first` and what else the baseline's channel has ready (up to 64 frames, the
+/// connection's own skipped) in one flush, as Cinder's socket task does. False once the
+/// connection or the channel is gone.
+async fn raw_write(
+    ws: &mut Ws,
+    rx: &mut tokio::sync::broadcast::Receiver<RawFrame>,
+    id: u64,
+    first: Option<RawFrame>,
+) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut next = first;
+    let mut batch = 0;
+    loop {
+        if let Some((from, text)) = next.take()
+            && from != id
+        {
+            if ws.feed(Message::Text(text)).await.is_err() {
+                return false;
+            }
+            batch += 1;
+        }
+        if batch == 64 {
+            break;
+        }
+        next = match rx.try_recv() {
+            Ok(frame) => Some(frame),
+            Err(TryRecvError::Lagged(_)) => None,
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Closed) => return false,
+        };
+    }
+    ws.flush().await.is_ok()
+}
+
 /// The raw baseline: every text frame a connection sends goes to every other connection.
 /// No protocol, no auth, no plugin: what tokio-tungstenite alone costs.
 async fn raw_server() -> anyhow::Result<()> {
+    use tokio::sync::broadcast;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("raw listening on {}", listener.local_addr()?);
-    let (tx, _) =
-        tokio::sync::broadcast::channel::<(u64, tokio_tungstenite::tungstenite::Utf8Bytes)>(4096);
+    let (tx, _) = broadcast::channel::<RawFrame>(4096);
     let mut next_id = 0u64;
     loop {
         let (stream, _) = listener.accept().await?;
@@ -542,7 +578,7 @@ async fn raw_server() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                 .read_buffer_size(1024)
-                .write_buffer_size(0);
+                .write_buffer_size(16 << 10);
             let Ok(mut ws) =
                 tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             else {
@@ -555,13 +591,16 @@ async fn raw_server() -> anyhow::Result<()> {
                         Some(Ok(_)) => {}
                         _ => break,
                     },
-                    got = rx.recv() => match got {
-                        Ok((from, text)) if from != id => {
-                            if ws.send(Message::Text(text)).await.is_err() { break; }
+                    got = rx.recv() => {
+                        let first = match got {
+                            Ok(frame) => Some(frame),
+                            Err(broadcast::error::RecvError::Lagged(_)) => None,
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        };
+                        if !raw_write(&mut ws, &mut rx, id, first).await {
+                            break;
                         }
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(_) => break,
-                    },
+                    }
                 }
             }
         });
