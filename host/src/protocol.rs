@@ -7,6 +7,7 @@
 
 use std::fmt::{self, Write as _};
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
@@ -224,8 +225,9 @@ impl Status {
 /// An encoded frame, ready for the socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// A text frame (always UTF-8).
-    Text(Bytes),
+    /// A text frame: UTF-8 by construction, so a frame shared by many sockets is never
+    /// checked again on its way out.
+    Text(Utf8Bytes),
     /// A binary frame.
     Binary(Bytes),
 }
@@ -234,7 +236,8 @@ impl Frame {
     /// Size in bytes.
     pub fn len(&self) -> usize {
         match self {
-            Frame::Text(b) | Frame::Binary(b) => b.len(),
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
         }
     }
 
@@ -506,7 +509,7 @@ fn encode_v2_text(out: &Out<'_>) -> Frame {
     buf.push(',');
     push_json_body(&mut buf, &out.body);
     buf.push(']');
-    Frame::Text(Bytes::from(buf))
+    Frame::Text(Utf8Bytes::from(buf))
 }
 
 fn encode_v1_text(out: &Out<'_>) -> Frame {
@@ -521,7 +524,7 @@ fn encode_v1_text(out: &Out<'_>) -> Frame {
     buf.push_str(",\"ref\":");
     push_opt_str(&mut buf, out.msg_ref);
     buf.push('}');
-    Frame::Text(Bytes::from(buf))
+    Frame::Text(Utf8Bytes::from(buf))
 }
 
 fn field_len(s: &str, field: &'static str) -> Result<u8, ProtocolError> {
@@ -676,7 +679,7 @@ mod tests {
 
     fn text(frame: Frame) -> String {
         match frame {
-            Frame::Text(b) => String::from_utf8(b.to_vec()).expect("utf8"),
+            Frame::Text(t) => t.to_string(),
             Frame::Binary(_) => panic!("expected a text frame"),
         }
     }

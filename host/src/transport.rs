@@ -111,10 +111,10 @@ fn close(code: u16, reason: &str) -> Option<CloseFrame> {
     })
 }
 
-fn to_ws(frame: Frame) -> Option<WsMessage> {
+fn to_ws(frame: Frame) -> WsMessage {
     match frame {
-        Frame::Text(bytes) => Utf8Bytes::try_from(bytes).ok().map(WsMessage::Text),
-        Frame::Binary(bytes) => Some(WsMessage::Binary(bytes)),
+        Frame::Text(text) => WsMessage::Text(text),
+        Frame::Binary(bytes) => WsMessage::Binary(bytes),
     }
 }
 
@@ -145,7 +145,7 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
             if !session.is_joined(&b.topic) {
                 return None;
             }
-            return b.frame(vsn).cloned().and_then(to_ws);
+            return b.frame(vsn).cloned().map(to_ws);
         }
         Outbound::Disconnect => return None,
         Outbound::Close { topic, join_ref } => {
@@ -168,7 +168,7 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
         }
     };
     match frame {
-        Ok(frame) => to_ws(frame),
+        Ok(frame) => Some(to_ws(frame)),
         Err(e) => {
             tracing::debug!(error = %e, "message cannot be encoded for this socket: dropped");
             None
