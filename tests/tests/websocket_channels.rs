@@ -39,6 +39,26 @@ async fn joins_replies_and_broadcasts_in_v2() {
     server.stop().await;
 }
 
+/// Plugins are built with a small stack (`.cargo/config.toml`): the most deeply nested
+/// payload the host lets through must still parse, recursively, inside one.
+#[tokio::test]
+async fn a_plugin_parses_the_most_deeply_nested_payload_the_host_accepts() {
+    let server = TestServer::start().await;
+    let mut a = server.client("a").await;
+    a.join("1", "bad:deep", json!({})).await;
+    // serde_json stops at 128 levels; the frame's array and the payload take two.
+    let nested = format!("{}{}", "[".repeat(125), "]".repeat(125));
+    a.send_text(&format!(
+        r#"["1","2","bad:deep","parse",{{"extra":{nested}}}]"#
+    ))
+    .await;
+    assert_eq!(
+        a.recv().await,
+        reply(Some("1"), "2", "bad:deep", "ok", json!({"depth": 126}))
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn refuses_joins_the_plugin_refuses_and_topics_no_plugin_serves() {
     let server = TestServer::start().await;

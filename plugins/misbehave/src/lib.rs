@@ -4,6 +4,7 @@
 //! join is accepted.
 //!
 //! Events: `count` (reply the room's call count: a fresh instance starts at 1), `echo`,
+//! `parse` (parse the payload into a JSON tree, recursively, and reply its depth),
 //! `error` (return an error: this channel crashes), `panic` (trap: the room crashes), `stop`
 //! (stop this channel), `loop` (never return), `recurse` (overflow the stack), `alloc`
 //! `{"bytes"}` (allocate and touch), `push-flood` `{"n", "bytes"?}` (push n times, padded,
@@ -41,6 +42,16 @@ fn arg(payload: &Payload, key: &str) -> u64 {
 fn recurse(depth: u64) -> u64 {
     let frame = std::hint::black_box([depth; 64]);
     recurse(depth + 1) + frame[63]
+}
+
+/// How deeply `value` nests: 1 for a scalar.
+fn nesting(value: &Value) -> usize {
+    let inner = match value {
+        Value::Array(items) => items.iter().map(nesting).max(),
+        Value::Object(fields) => fields.values().map(nesting).max(),
+        _ => None,
+    };
+    1 + inner.unwrap_or(0)
 }
 
 /// What this instance can reach; a sandboxed plugin reaches clocks and random only.
@@ -92,6 +103,10 @@ impl Channel for Misbehave {
         match event {
             "count" => reply(json!({"count": self.calls})),
             "echo" => Ok(InOutcome::Reply(Reply::ok(payload))),
+            "parse" => {
+                let tree: Value = payload.parse()?;
+                reply(json!({"depth": nesting(&tree)}))
+            }
             "error" => Err(Error("asked to fail".into())),
             "panic" => panic!("asked to panic"),
             "stop" => Ok(InOutcome::Stop {
