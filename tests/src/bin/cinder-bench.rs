@@ -11,10 +11,11 @@
 //! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 100 broadcasts through
 //!                                    the HTTP API: deliveries per second, against the raw
 //!                                    baseline server in the same run
-//! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms (room:lobby-N) of 10 members, RATE
-//!                                    messages/s in all through the chat plugin (intercepted,
-//!                                    so handle_out runs per member): send-to-receive latency
-//!                                    p50/p99/p999 and deliveries per second, for 10 s
+//! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms of 10 members, RATE messages/s in all
+//!                                    through the chat plugin: send-to-receive latency
+//!                                    p50/p99/p999 and deliveries per second, for 10 s; with
+//!                                    new_message intercepted (handle_out per member, as
+//!                                    shipped), then not (the same component, fastlane)
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
 //!                                    every text frame it gets to every other connection
 //! ```
@@ -44,10 +45,13 @@ struct Server {
 }
 
 async fn start_server() -> anyhow::Result<Server> {
+    start_server_with(&cinder_tests::test_plugins_dir()).await
+}
+
+async fn start_server_with(plugins: &std::path::Path) -> anyhow::Result<Server> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = std::env::var("CINDER_BIN")
         .unwrap_or_else(|_| root.join("target/release/cinder").display().to_string());
-    let plugins = cinder_tests::test_plugins_dir();
     let data = std::env::temp_dir().join(format!("cinder-bench-{}", std::process::id()));
     let mut child = Command::new(&bin)
         .args([
@@ -60,7 +64,7 @@ async fn start_server() -> anyhow::Result<Server> {
             cinder_tests::ADMIN,
         ])
         .arg("--plugins-dir")
-        .arg(&plugins)
+        .arg(plugins)
         .arg("--data-dir")
         .arg(&data)
         // Load, not abuse: lift the per-socket rate limit and the crash quarantine.
@@ -826,17 +830,54 @@ async fn chat_member(
     Ok((latencies, sent))
 }
 
+/// A plugins dir with the chat plugin as shipped (`room:*`, `new_message` intercepted) and
+/// the same component as `chat-fastlane` on `fast:*`, intercepting nothing.
+fn chat_plugins() -> anyhow::Result<std::path::PathBuf> {
+    let from = cinder_tests::test_plugins_dir();
+    let dir = std::env::temp_dir().join(format!("cinder-bench-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(from.join("chat.wasm"), dir.join("chat.wasm"))?;
+    std::fs::copy(from.join("chat.toml"), dir.join("chat.toml"))?;
+    std::fs::copy(from.join("chat.wasm"), dir.join("chat-fastlane.wasm"))?;
+    std::fs::write(
+        dir.join("chat-fastlane.toml"),
+        "name = \"chat-fastlane\"\nversion = \"0.1.0\"\ntopics = [\"fast:*\"]\nintercept = []\n",
+    )?;
+    Ok(dir)
+}
+
+/// Both chat variants at `rate` messages/s in: intercepted (the example as shipped: one
+/// `handle_in` and ten `handle_out` calls per message) and fastlane (one `handle_in`, the
+/// broadcast encoded once for the ten members). A server each, one after the other.
 async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
+    let plugins = chat_plugins()?;
+    for (variant, prefix) in [("intercepted", "room"), ("fastlane", "fast")] {
+        let mut server = start_server_with(&plugins).await?;
+        let result = chat_run(&server.addr, prefix, rooms, rate).await;
+        server.child.kill().await?;
+        println!("chat ({variant}): {}", result?);
+    }
+    std::fs::remove_dir_all(&plugins)?;
+    Ok(())
+}
+
+/// `rooms` rooms `<prefix>:lobby-N` of 10 members on the server at `server_addr`, each
+/// member sending at its share of `rate`; returns the summary line.
+async fn chat_run(
+    server_addr: &str,
+    prefix: &str,
+    rooms: usize,
+    rate: usize,
+) -> anyhow::Result<String> {
     const MEMBERS: usize = 10;
     const WARMUP: Duration = Duration::from_secs(2);
     const MEASURE: Duration = Duration::from_secs(10);
-    let mut server = start_server().await?;
-    let server_addr = server.addr.clone();
+    let topic = |i: usize| format!("{prefix}:lobby-{}", i / MEMBERS);
     let sockets = open_many(rooms * MEMBERS, |i| {
-        let server_addr = server_addr.clone();
+        let (server_addr, topic) = (server_addr.to_owned(), topic(i));
         async move {
             let mut ws = open(&server_addr, i + 1).await?;
-            join(&mut ws, "1", &format!("room:lobby-{}", i / MEMBERS)).await?;
+            join(&mut ws, "1", &topic).await?;
             Ok(ws)
         }
     })
@@ -854,7 +895,7 @@ async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
             let offset = every.mul_f64(i as f64 / sockets_n as f64);
             tokio::spawn(chat_member(
                 ws,
-                format!("room:lobby-{}", i / MEMBERS),
+                topic(i),
                 every,
                 offset,
                 epoch,
@@ -873,22 +914,19 @@ async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
         latencies.extend(l);
         sent += s;
     }
-    server.child.kill().await?;
     latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     anyhow::ensure!(!latencies.is_empty(), "nothing received");
-    let seconds = epoch.elapsed().as_secs_f64();
-    println!(
-        "chat: {rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs",
-        sent as f64 / seconds,
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Ok(format!(
+        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs",
+        sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
         sent,
         latencies.len() as f64 / MEASURE.as_secs_f64(),
         MEASURE.as_secs(),
         at(0.5),
         at(0.99),
         at(0.999),
-    );
-    Ok(())
+    ))
 }
 
 fn main() -> anyhow::Result<()> {
