@@ -68,9 +68,10 @@ const NO_CHANNEL: MemberId = 0;
 /// Bytes at the start of a freed linear memory kept resident, per pool slot: zeroed with
 /// memset rather than given back with madvise, whose TLB shootdown and the page faults after
 /// it were half the cost of a first join. A Rust plugin built as this workspace builds them
-/// (a 128 KiB stack, then data and heap) touches less than this; first join 22.8 -> 10.2 µs
-/// (`plugin_calls` bench; 20.6 µs at 128 KiB).
-const MEMORY_KEEP_RESIDENT: usize = 256 << 10;
+/// (a 64 KiB stack, then data and heap) touches less than this: first join 22.8 -> 9.2 µs
+/// (`plugin_calls` bench). The memset is paid when an instance is freed; a hot-reload swap
+/// frees the old instance off the room's task for that reason.
+const MEMORY_KEEP_RESIDENT: usize = 128 << 10;
 /// The same for tables.
 const TABLE_KEEP_RESIDENT: usize = 16 << 10;
 /// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
