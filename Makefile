@@ -91,7 +91,9 @@ bench: plugins
 	CINDER_LANG_PLUGINS=$(CURDIR)/target/bench-plugins $(CARGO) bench -p cinder --bench languages
 	$(CARGO) build --release -p cinder -p cinder-tests
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench plugin_calls
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench presence
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench first-join 1000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench neighbour 3000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench idle 19000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench reload 100
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench fanout 10000
