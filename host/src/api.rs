@@ -257,14 +257,11 @@ pub async fn activate(
     if let Some(refused) = refusal(&app, &headers) {
         return refused;
     }
-    let version = match version_body(&body) {
-        Ok(Some(v)) => v,
-        Ok(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "body must name the version: {\"version\": \"x.y.z\"}",
-            );
-        }
+    let named = version_body(&body).and_then(|v| {
+        v.ok_or_else(|| "body must name the version: {\"version\": \"x.y.z\"}".to_owned())
+    });
+    let version = match named {
+        Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     answer(app.registry.activate(&app.hub, &name, &version).await)

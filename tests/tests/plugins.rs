@@ -311,5 +311,25 @@ async fn uploads_need_the_admin_token_and_unknown_plugins_are_404() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("must name the version")),
+        "{body}"
+    );
+    let (status, body) = admin(
+        server.addr,
+        "POST",
+        "/api/plugins/counter/activate",
+        Some(r#"{"versoin": "1.0.0"}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown field")),
+        "{body}"
+    );
     server.stop().await;
 }
