@@ -141,12 +141,7 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
             event,
             payload,
         } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload),
-        Outbound::Broadcast(b) => {
-            if !session.is_joined(&b.topic) {
-                return None;
-            }
-            return b.frame(vsn).cloned().map(to_ws);
-        }
+        Outbound::Broadcast(frame) => Ok(frame),
         Outbound::Disconnect => return None,
         Outbound::Close { topic, join_ref } => {
             Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
@@ -198,7 +193,7 @@ async fn write_batch(
             written += 1;
         }
         if written < WRITE_BATCH {
-            item = rx.try_recv();
+            item = session.next_ready(rx, vsn);
         }
     }
     ws.flush().await.map(|()| false)
@@ -297,24 +292,36 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
     let (out, mut rx) = outbound_queue(limits.outbound_queue_bytes);
     let mut session = Session::new(app.hub.clone(), identity.socket_id, &identity.assigns, out);
     let overflow = rx.overflow();
-    let mut shutdown = app.shutdown.subscribe();
+    // Both waits are made once and polled last: a shutdown wait made anew on every turn
+    // registers with, and leaves, a lock shared by every socket (the watch's). A socket
+    // that is never idle sees both through the lock-free checks at the loop's top.
+    let shutdown = app.shutdown.subscribe();
+    let mut shutdown_wait = shutdown.clone();
+    let stop = stopping(&mut shutdown_wait);
+    tokio::pin!(stop);
+    let overflowed = overflow.wait();
+    tokio::pin!(overflowed);
     let idle = tokio::time::sleep(limits.idle_timeout());
     tokio::pin!(idle);
     let mut rate = RateLimit::new(limits.messages_per_sec, limits.message_burst);
 
     let close_frame = loop {
+        if shutdown.has_changed().unwrap_or(true) {
+            break close(close_code::RESTART, "server restart");
+        }
+        if overflow.happened() {
+            break too_slow(&app);
+        }
         tokio::select! {
             biased;
-            () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
-            () = overflow.wait() => break too_slow(&app),
-            item = rx.recv() => {
+            item = session.next_out(&mut rx, vsn) => {
                 // A client that does not read blocks this write; overflow and shutdown
                 // must still end it.
                 let written = tokio::select! {
                     biased;
-                    () = stopping(&mut shutdown) => break close(close_code::RESTART, "server restart"),
-                    () = overflow.wait() => break too_slow(&app),
                     written = write_batch(&mut ws, vsn, &mut session, &mut rx, item) => written,
+                    () = &mut overflowed => break too_slow(&app),
+                    () = &mut stop => break close(close_code::RESTART, "server restart"),
                 };
                 match written {
                     Ok(false) => {}
@@ -347,6 +354,8 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
                     }
                 }
             }
+            () = &mut overflowed => break too_slow(&app),
+            () = &mut stop => break close(close_code::RESTART, "server restart"),
             () = &mut idle => break close(close_code::GOING_AWAY, "idle timeout"),
         }
     };

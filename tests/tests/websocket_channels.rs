@@ -472,3 +472,48 @@ async fn a_disconnect_broadcast_on_the_socket_id_closes_every_socket_with_it() {
     );
     server.stop().await;
 }
+
+/// A room's broadcasts reach sockets through its feed, its pushes and replies through each
+/// socket's queue: a socket still gets them in the order the plugin made them.
+#[tokio::test]
+async fn broadcasts_pushes_and_replies_arrive_in_the_order_the_plugin_made_them() {
+    let server = TestServer::start().await;
+    let mut a = server.client("a").await;
+    let mut b = server.client("b").await;
+    a.join("1", "bad:order", json!({})).await;
+    b.join("1", "bad:order", json!({})).await;
+    const CALLS: u64 = 150;
+    for n in 0..CALLS {
+        a.send(json!(["1", n.to_string(), "bad:order", "interleave", {"n": n}]))
+            .await;
+    }
+    for n in 0..CALLS {
+        let body = json!({"n": n});
+        assert_eq!(
+            a.recv().await,
+            json!([null, null, "bad:order", "first", body]),
+            "call {n}"
+        );
+        assert_eq!(
+            a.recv().await,
+            json!(["1", null, "bad:order", "second", body])
+        );
+        assert_eq!(
+            a.recv().await,
+            json!([null, null, "bad:order", "third", body])
+        );
+        assert_eq!(
+            a.recv().await,
+            reply(Some("1"), &n.to_string(), "bad:order", "ok", body.clone())
+        );
+        assert_eq!(
+            b.recv().await,
+            json!([null, null, "bad:order", "first", body])
+        );
+        assert_eq!(
+            b.recv().await,
+            json!([null, null, "bad:order", "third", body])
+        );
+    }
+    server.stop().await;
+}

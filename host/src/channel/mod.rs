@@ -7,10 +7,12 @@
 //! [`Outbound`] items into the socket's bounded queue; it knows nothing of axum or
 //! WebSockets.
 //!
-//! - `outbound`: the socket's queue, bounded in bytes.
+//! - `feed`: a room's fastlane broadcasts, read by each member at its own cursor.
+//! - `outbound`: the socket's queue, bounded in bytes, and the order shared with feeds.
 //! - `room`: the hub of live rooms and the room actor.
 //! - `session`: one socket's channels.
 
+mod feed;
 mod outbound;
 mod room;
 mod session;

@@ -1,14 +1,16 @@
-//! A socket's outbound queue: everything the server writes to one socket (replies, pushes,
-//! broadcasts, channel closes) in the order it was made, bounded in bytes so a client that
-//! does not read is cut off instead of growing server memory.
+//! A socket's outbound queue: what the server writes to one socket besides its rooms'
+//! fastlane broadcasts (replies, pushes, channel closes), in the order it was made, bounded
+//! in bytes so a client that does not read is cut off instead of growing server memory.
+//! Also the sequence that orders these items against the rooms' feeds.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
 use super::MemberId;
-use crate::protocol::{Payload, Status};
+use crate::protocol::{Frame, Payload, Status};
 use crate::pubsub::Broadcast;
 
 /// Something to write to a socket; the socket task encodes it with its serializer.
@@ -38,8 +40,9 @@ pub enum Outbound {
         /// Body.
         payload: Payload,
     },
-    /// A broadcast, encoded once for all subscribers.
-    Broadcast(Arc<Broadcast>),
+    /// A broadcast from a room's feed, encoded once for all subscribers that share this
+    /// socket's serializer.
+    Broadcast(Frame),
     /// The socket closed a channel itself (leave, duplicate join): `phx_close`.
     Close {
         /// Topic.
@@ -69,7 +72,7 @@ impl Outbound {
             Outbound::Reply { payload, .. } | Outbound::Push { payload, .. } => {
                 ITEM_OVERHEAD + payload.len()
             }
-            Outbound::Broadcast(b) => broadcast_cost(b),
+            Outbound::Broadcast(frame) => ITEM_OVERHEAD + frame.len(),
             Outbound::Close { .. } | Outbound::ChannelDown { .. } | Outbound::Disconnect => {
                 ITEM_OVERHEAD
             }
@@ -80,44 +83,27 @@ impl Outbound {
 /// Approximate bytes an item holds beside its payload.
 const ITEM_OVERHEAD: usize = 64;
 
-fn broadcast_cost(b: &Broadcast) -> usize {
+/// Bytes a broadcast counts for, in a queue or behind in a feed.
+pub(super) fn broadcast_cost(b: &Broadcast) -> usize {
     ITEM_OVERHEAD + b.payload.len()
 }
 
-/// An item as the queue holds it: 16 bytes, so a fan-out that queues a hundred broadcasts
-/// at each of 10,000 sockets touches 16 MB rather than the 112 MB of whole `Outbound`s
-/// (page faults and cache misses were a fifth of the server's time in `cinder-bench
-/// fanout`). Broadcasts, the bulk of any backlog, stay a shared pointer; the rest is boxed.
-enum Queued {
-    Broadcast(Arc<Broadcast>),
-    Other(Box<Outbound>),
+/// The node-wide order of everything written to sockets: each queued item and each feed
+/// entry takes the next number when it is added, under its queue's or feed's lock.
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// The next number of the node-wide order. Acquire-release, so whatever was added before
+/// an item took its number is visible to whoever sees an item with a higher number (the
+/// socket's merge relies on it).
+pub(super) fn next_seq() -> u64 {
+    SEQ.fetch_add(1, Ordering::AcqRel)
 }
 
-impl From<Outbound> for Queued {
-    fn from(item: Outbound) -> Self {
-        match item {
-            Outbound::Broadcast(b) => Queued::Broadcast(b),
-            other => Queued::Other(Box::new(other)),
-        }
-    }
-}
-
-impl From<Queued> for Outbound {
-    fn from(item: Queued) -> Self {
-        match item {
-            Queued::Broadcast(b) => Outbound::Broadcast(b),
-            Queued::Other(other) => *other,
-        }
-    }
-}
-
-impl Queued {
-    fn cost(&self) -> usize {
-        match self {
-            Queued::Broadcast(b) => broadcast_cost(b),
-            Queued::Other(other) => other.cost(),
-        }
-    }
+/// An item as the queue holds it: 16 bytes (a backlog of small slots), with its place in
+/// the node-wide order.
+struct Queued {
+    seq: u64,
+    item: Box<Outbound>,
 }
 
 /// Slots an emptied queue keeps for the next burst (1 KiB); a larger buffer, left by a
@@ -128,8 +114,12 @@ const KEEP_SLOTS: usize = 64;
 /// nothing until its first item (a channel would keep a block of slots per socket).
 struct QueueState {
     items: Mutex<Items>,
+    /// Items in `items.queue`, readable without the lock.
+    len: AtomicUsize,
     limit: usize,
     overflow: Notify,
+    /// The backlog went over the limit: the socket is being cut off, drop what is sent.
+    overflowed: AtomicBool,
     ready: Notify,
 }
 
@@ -139,8 +129,6 @@ struct Items {
     bytes: usize,
     /// The receiver is gone: drop what is sent.
     closed: bool,
-    /// The backlog went over the limit: the socket is being cut off, drop what is sent.
-    overflowed: bool,
 }
 
 impl QueueState {
@@ -156,24 +144,31 @@ pub struct OutboundTx {
     state: Arc<QueueState>,
 }
 
-/// Receiving side of a socket's outbound queue.
+/// Receiving side of a socket's outbound queue. It takes the whole queue at once (one lock
+/// per burst) and hands the items out from there.
 pub struct OutboundRx {
     state: Arc<QueueState>,
+    taken: VecDeque<Queued>,
 }
 
 /// A queue for one socket holding at most `limit_bytes`.
 pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
     let state = Arc::new(QueueState {
         items: Mutex::default(),
+        len: AtomicUsize::new(0),
         limit: limit_bytes,
         overflow: Notify::new(),
+        overflowed: AtomicBool::new(false),
         ready: Notify::new(),
     });
     (
         OutboundTx {
             state: state.clone(),
         },
-        OutboundRx { state },
+        OutboundRx {
+            state,
+            taken: VecDeque::new(),
+        },
     )
 }
 
@@ -182,55 +177,74 @@ impl OutboundTx {
     /// socket task then disconnects the slow client) and the item is dropped. An item
     /// reaching an empty queue is always taken.
     pub fn send(&self, item: Outbound) {
-        let item = Queued::from(item);
         let cost = item.cost();
+        let item = Box::new(item);
         {
             let mut items = self.state.items();
-            if items.closed || items.overflowed {
+            if items.closed || self.state.overflowed.load(Ordering::Relaxed) {
                 return;
             }
             // The limit bounds the backlog: one item larger than it (a big presence_state)
             // is still delivered to a client that has read everything else.
             if items.bytes > 0 && items.bytes + cost > self.state.limit {
-                items.overflowed = true;
                 drop(items);
-                self.state.overflow.notify_one();
+                self.cut_off();
                 return;
             }
             items.bytes += cost;
-            items.queue.push_back(item);
+            items.queue.push_back(Queued {
+                seq: next_seq(),
+                item,
+            });
+            self.state.len.store(items.queue.len(), Ordering::Release);
             if items.queue.len() > 1 {
-                // The receiver has not yet seen the queue empty since it was woken for the
+                // The receiver has not yet taken the queue since it was woken for the
                 // first item: it takes this one without another wake-up.
                 return;
             }
         }
+        self.wake();
+    }
+
+    /// Wakes the socket task (a feed it reads has something new).
+    pub(super) fn wake(&self) {
         self.state.ready.notify_one();
+    }
+
+    /// Cuts the socket off as too slow (it fell too far behind in a feed).
+    pub(super) fn cut_off(&self) {
+        self.state.overflowed.store(true, Ordering::Release);
+        self.state.overflow.notify_one();
     }
 }
 
 impl OutboundRx {
-    /// The next item, waiting for one.
-    pub async fn recv(&mut self) -> Outbound {
-        loop {
-            if let Some(item) = self.try_recv() {
-                return item;
-            }
-            // A send between the check and here leaves a permit: no wake-up is lost.
-            self.state.ready.notified().await;
+    /// The sequence number of the next item, if one is ready.
+    pub fn peek(&mut self) -> Option<u64> {
+        if self.taken.is_empty() && self.state.len.load(Ordering::Acquire) > 0 {
+            let mut items = self.state.items();
+            std::mem::swap(&mut items.queue, &mut self.taken);
+            items.bytes = 0;
+            self.state.len.store(0, Ordering::Release);
         }
+        self.taken.front().map(|q| q.seq)
     }
 
-    /// The next item if one is ready.
-    pub fn try_recv(&mut self) -> Option<Outbound> {
-        let mut items = self.state.items();
-        let item = items.queue.pop_front()?;
-        items.bytes -= item.cost();
-        if items.queue.is_empty() && items.queue.capacity() > KEEP_SLOTS {
+    /// The next item, if one is ready.
+    pub fn pop(&mut self) -> Option<Outbound> {
+        self.peek()?;
+        let item = self.taken.pop_front()?;
+        if self.taken.is_empty() && self.taken.capacity() > KEEP_SLOTS {
             // Give the memory of a large burst back.
-            items.queue = VecDeque::new();
+            self.taken = VecDeque::new();
         }
-        Some(item.into())
+        Some(*item.item)
+    }
+
+    /// Waits until something was queued or a feed of this socket was appended to since
+    /// the last wake-up (a wake-up before this call is not lost).
+    pub async fn ready(&self) {
+        self.state.ready.notified().await;
     }
 
     /// A handle that resolves once the queue went over its limit.
@@ -251,11 +265,16 @@ impl Drop for OutboundRx {
 pub struct Overflow(Arc<QueueState>);
 
 impl Overflow {
+    /// Whether the queue went over its limit.
+    pub fn happened(&self) -> bool {
+        self.0.overflowed.load(Ordering::Acquire)
+    }
+
     /// Resolves once the queue went over its limit.
     pub async fn wait(&self) {
         loop {
             let notified = self.0.overflow.notified();
-            if self.0.items().overflowed {
+            if self.0.overflowed.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -281,22 +300,22 @@ mod tests {
         let (tx, mut rx) = outbound_queue(1000);
         tx.send(push(10));
         tx.send(push(20));
-        assert!(matches!(rx.recv().await, Outbound::Push { payload, .. } if payload.len() == 10));
-        assert!(
-            matches!(rx.try_recv(), Some(Outbound::Push { payload, .. }) if payload.len() == 20)
-        );
-        assert!(rx.try_recv().is_none());
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.ready())
+            .await
+            .expect("woken");
+        let first = rx.peek().expect("ready");
+        assert!(matches!(rx.pop(), Some(Outbound::Push { payload, .. }) if payload.len() == 10));
+        assert!(rx.peek().expect("ready") > first);
+        assert!(matches!(rx.pop(), Some(Outbound::Push { payload, .. }) if payload.len() == 20));
+        assert!(rx.pop().is_none());
         // Alone, an item larger than the limit is taken; behind a backlog it overflows.
         tx.send(push(5000));
         tx.send(push(10));
         tokio::time::timeout(std::time::Duration::from_secs(1), rx.overflow().wait())
             .await
             .expect("overflowed");
-        assert!(rx.try_recv().is_some());
-        assert!(
-            rx.try_recv().is_none(),
-            "nothing is queued after an overflow"
-        );
+        assert!(rx.pop().is_some());
+        assert!(rx.pop().is_none(), "nothing is queued after an overflow");
     }
 
     #[test]
@@ -310,5 +329,6 @@ mod tests {
         drop(rx);
         tx.send(push(10));
         assert!(tx.state.items().queue.is_empty());
+        assert_eq!(tx.state.len.load(Ordering::Relaxed), 0);
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::feed::{Cursor, Feed};
 use super::outbound::{Outbound, OutboundTx};
 use super::{
     CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome, JoinOutcome,
@@ -22,23 +23,11 @@ use crate::protocol::{Payload, Status, reason};
 use crate::pubsub::{Broadcast, PubSub, Subscriber};
 use crate::stats::Stats;
 
-/// Fastlane subscriber for one channel: non-intercepted broadcasts straight to the socket.
-struct MemberSink {
-    out: OutboundTx,
-    intercepts: Arc<[String]>,
-}
-
-impl Subscriber for MemberSink {
-    fn deliver(&self, broadcast: &Arc<Broadcast>) {
-        if !self.intercepts.iter().any(|e| *e == broadcast.event) {
-            self.out.send(Outbound::Broadcast(broadcast.clone()));
-        }
-    }
-}
-
-/// The room's own subscriber: intercepted broadcasts from elsewhere (the HTTP API) go to
-/// the room, which runs `handle_out` once per member.
+/// The room's subscription to its topic: fastlane broadcasts go to the room's feed, which
+/// every member reads; intercepted ones from elsewhere (the HTTP API) go to the room, which
+/// runs `handle_out` once per member. Decided once per broadcast, not once per member.
 struct RoomSink {
+    feed: Arc<Feed>,
     tx: mpsc::Sender<RoomMsg>,
     intercepts: Arc<[String]>,
     topic: Arc<str>,
@@ -46,11 +35,12 @@ struct RoomSink {
 
 impl Subscriber for RoomSink {
     fn deliver(&self, broadcast: &Arc<Broadcast>) {
-        if self.intercepts.iter().any(|e| *e == broadcast.event)
-            && self
-                .tx
-                .try_send(RoomMsg::Intercepted(broadcast.clone()))
-                .is_err()
+        if !self.intercepts.iter().any(|e| *e == broadcast.event) {
+            self.feed.append(broadcast);
+        } else if self
+            .tx
+            .try_send(RoomMsg::Intercepted(broadcast.clone()))
+            .is_err()
         {
             tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
         }
@@ -114,9 +104,9 @@ pub(super) enum RoomMsg {
 
 /// How a join ended, as the session needs to know.
 pub(super) enum JoinResult {
-    /// Joined; the room already queued the ok reply (before any broadcast can reach the
-    /// channel).
-    Joined,
+    /// Joined, reading the room's feed from here; the room already queued the ok reply
+    /// (before any broadcast the cursor reads).
+    Joined(Cursor),
     /// Refused by the plugin, with its reply.
     Refused(Payload),
     /// The plugin failed in `join`.
@@ -249,6 +239,7 @@ impl Hub {
             members: HashMap::new(),
             pending_out: VecDeque::new(),
             timers: JoinSet::new(),
+            feed: Feed::new(self.limits.outbound_queue_bytes),
             room_sink: None,
         };
         tokio::spawn(room.run(rx));
@@ -294,7 +285,9 @@ struct Room {
     pending_out: VecDeque<Arc<Broadcast>>,
     /// `send-after` timers; dropped (aborted) with the room.
     timers: JoinSet<()>,
-    /// The room's own PubSub subscription, while its plugin intercepts events.
+    /// The fastlane broadcasts of the topic, which the members' sockets read.
+    feed: Arc<Feed>,
+    /// The room's PubSub subscription (feeding `feed` and `handle_out`).
     room_sink: Option<u64>,
 }
 
@@ -321,7 +314,7 @@ impl Room {
                 return;
             }
         };
-        self.subscribe_room_sink();
+        self.subscribe();
         while let Some(msg) = rx.recv().await {
             let mut flow = self.handle(&mut logic, msg).await;
             while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
@@ -354,21 +347,22 @@ impl Room {
         }
     }
 
-    /// Subscribes the room itself to the topic when its plugin intercepts events, so
-    /// intercepted broadcasts from elsewhere (the HTTP API) reach `handle_out`.
-    fn subscribe_room_sink(&mut self) {
-        if let Some(id) = self.room_sink.take() {
-            self.hub.pubsub.unsubscribe(&self.topic, id);
-        }
-        // The hub holds a sender until this room removes itself, so the upgrade succeeds.
-        if let (false, Some(tx)) = (self.route.intercepts.is_empty(), self.tx.upgrade()) {
+    /// The room's subscriber for its current intercepts, or `None` once the hub let the
+    /// room go (it is closing).
+    fn sink(&self) -> Option<Arc<dyn Subscriber>> {
+        Some(Arc::new(RoomSink {
+            feed: self.feed.clone(),
+            tx: self.tx.upgrade()?,
+            intercepts: self.route.intercepts.clone(),
+            topic: self.topic.clone(),
+        }))
+    }
+
+    /// Subscribes the room to its topic.
+    fn subscribe(&mut self) {
+        if let Some(sink) = self.sink() {
             let id = self.hub.next_id();
-            let sink = RoomSink {
-                tx,
-                intercepts: self.route.intercepts.clone(),
-                topic: self.topic.clone(),
-            };
-            self.hub.pubsub.subscribe(&self.topic, id, Arc::new(sink));
+            self.hub.pubsub.subscribe(&self.topic, id, sink);
             self.room_sink = Some(id);
         }
     }
@@ -425,20 +419,9 @@ impl Room {
         tokio::task::spawn_blocking(move || drop(old));
         let intercepts_changed = route.intercepts != self.route.intercepts;
         self.route = route;
-        if intercepts_changed {
-            let sinks = self
-                .members
-                .iter()
-                .map(|(id, m)| {
-                    let sink: Arc<dyn Subscriber> = Arc::new(MemberSink {
-                        out: m.out.clone(),
-                        intercepts: self.route.intercepts.clone(),
-                    });
-                    (*id, sink)
-                })
-                .collect();
-            self.hub.pubsub.resubscribe(&self.topic, sinks);
-            self.subscribe_room_sink();
+        if intercepts_changed && let (Some(id), Some(sink)) = (self.room_sink, self.sink()) {
+            // In one step: no broadcast is missed or seen twice in between.
+            self.hub.pubsub.resubscribe(&self.topic, vec![(id, sink)]);
         }
         Stats::bump(&self.hub.stats.room_swaps);
         let pause = started.elapsed();
@@ -465,7 +448,7 @@ impl Room {
                 let (result, flow) = self
                     .join(logic, member, socket, out, payload, msg_ref)
                     .await;
-                if !matches!(result, JoinResult::Joined) {
+                if !matches!(result, JoinResult::Joined(_)) {
                     // A join that did not happen leaves nothing behind, presence included.
                     self.hub.presence.untrack_owner(&self.topic, member);
                 }
@@ -517,8 +500,9 @@ impl Room {
         }
     }
 
-    /// Calls `join`; on success queues the ok reply, then subscribes the channel (so no
-    /// broadcast overtakes the reply), then applies the call's effects.
+    /// Calls `join`; on success queues the ok reply, then gives the channel a cursor at the
+    /// end of the feed (so no broadcast overtakes the reply), then applies the call's
+    /// effects.
     async fn join(
         &mut self,
         logic: &mut dyn RoomLogic,
@@ -544,16 +528,10 @@ impl Room {
                     status: Status::Ok,
                     payload: reply,
                 });
-                let sink = MemberSink {
-                    out: out.clone(),
-                    intercepts: self.route.intercepts.clone(),
-                };
-                self.hub
-                    .pubsub
-                    .subscribe(&self.topic, member, Arc::new(sink));
+                let cursor = self.feed.cursor(member, out.clone());
                 self.members.insert(member, Member { socket, out });
                 self.apply(member, effects);
-                (JoinResult::Joined, Flow::Continue)
+                (JoinResult::Joined(cursor), Flow::Continue)
             }
             Ok(Handled {
                 outcome: JoinOutcome::Refused(reply),
@@ -652,10 +630,11 @@ impl Room {
         flow
     }
 
-    /// Takes a channel out of the room: no more broadcasts, its presence entries leave.
+    /// Takes a channel out of the room; its presence entries leave. Its socket reads the
+    /// feed until it writes the notice of the channel's end (queued by the caller), which
+    /// comes before any later broadcast.
     fn detach(&mut self, member: MemberId) -> Option<Member> {
         let m = self.members.remove(&member)?;
-        self.hub.pubsub.unsubscribe(&self.topic, member);
         self.hub.presence.untrack_owner(&self.topic, member);
         Some(m)
     }

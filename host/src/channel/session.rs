@@ -1,15 +1,17 @@
 //! One socket's channels and the protocol rules that govern them: heartbeats, joins one at
-//! a time, join refs (stale messages dropped), duplicate joins, leaves, the channel cap.
+//! a time, join refs (stale messages dropped), duplicate joins, leaves, the channel cap;
+//! and what the socket writes next, its queue and its channels' feeds merged in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::outbound::{Outbound, OutboundTx};
+use super::feed::Cursor;
+use super::outbound::{Outbound, OutboundRx, OutboundTx};
 use super::room::{Hub, JoinResult, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
-use crate::protocol::{self, Message, Payload, Status, event, reason};
+use crate::protocol::{self, Message, Payload, Status, Vsn, event, reason};
 use crate::pubsub::{Broadcast, Subscriber, SubscriberId};
 
 /// Listens on a socket's id for `disconnect` (Phoenix's `Endpoint.broadcast(socket_id,
@@ -30,6 +32,8 @@ struct Joined {
     join_ref: Option<String>,
     member: MemberId,
     room: RoomHandle,
+    /// Where this channel is in its room's feed.
+    feed: Cursor,
 }
 
 impl Joined {
@@ -209,13 +213,14 @@ impl Session {
             }
         }
         match (outcome, joined_room) {
-            (JoinResult::Joined, Some(room)) => {
+            (JoinResult::Joined(feed), Some(room)) => {
                 self.channels.insert(
                     topic.clone(),
                     Joined {
                         join_ref: msg.join_ref.clone(),
                         member,
                         room,
+                        feed,
                     },
                 );
             }
@@ -228,7 +233,7 @@ impl Session {
                 Status::Error,
                 protocol::reason_payload(reason::JOIN_CRASHED),
             ),
-            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined, _) => self.reply(
+            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined(_), _) => self.reply(
                 &msg,
                 topic.clone(),
                 Status::Error,
@@ -255,9 +260,57 @@ impl Session {
         }
     }
 
-    /// Whether a broadcast for `topic` is for a channel this socket has.
-    pub fn is_joined(&self, topic: &str) -> bool {
-        self.channels.contains_key(topic)
+    /// The next item to write, waiting for one: the socket's queue and its channels'
+    /// feeds, lowest sequence number first.
+    pub async fn next_out(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Outbound {
+        loop {
+            if let Some(item) = self.next_ready(rx, vsn) {
+                return item;
+            }
+            if self.channels.values_mut().all(|c| c.feed.park()) {
+                rx.ready().await;
+            }
+        }
+    }
+
+    /// The next item to write, if one is ready; broadcasts come encoded for `vsn`.
+    ///
+    /// Looking twice keeps the order: whatever was made before the lowest item the first
+    /// look found was added before it too, so the second look sees it, even in a source
+    /// the first look found empty. Sources are in order themselves, so no head can drop
+    /// below what the first look saw.
+    pub fn next_ready(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Option<Outbound> {
+        loop {
+            self.lowest(rx)?;
+            match self.lowest(rx)? {
+                None => return rx.pop(),
+                Some(i) => {
+                    let joined = self.channels.values_mut().nth(i)?;
+                    // A broadcast this serializer cannot carry is passed over.
+                    if let Some(frame) = joined.feed.take(vsn)? {
+                        return Some(Outbound::Broadcast(frame));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where the lowest ready item is: the queue (`None`) or the feed of the `i`th channel.
+    fn lowest(&mut self, rx: &mut OutboundRx) -> Option<Option<usize>> {
+        let mut best: Option<(u64, Option<usize>)> = None;
+        for (i, joined) in self.channels.values_mut().enumerate() {
+            if let Some(seq) = joined.feed.peek()
+                && best.is_none_or(|(lowest, _)| seq < lowest)
+            {
+                best = Some((seq, Some(i)));
+            }
+        }
+        if let Some(seq) = rx.peek()
+            && best.is_none_or(|(lowest, _)| seq < lowest)
+        {
+            best = Some((seq, None));
+        }
+        best.map(|(_, source)| source)
     }
 
     /// The socket closed: every channel leaves with reason `closed`.

@@ -12,7 +12,8 @@
 //! `big-reply` `{"bytes"}`, `sleep-ish` `{"ms"}` (legal busy work), `later`
 //! `{"ms"}` (a timer; its `handle_info` pushes `tick`), `caps` (try the filesystem, the
 //! environment, arguments, the network, clocks and random; reply what worked), `print`
-//! `{"n"}` (n lines to stdout and n to stderr).
+//! `{"n"}` (n lines to stdout and n to stderr), `interleave` `{"n"}` (broadcast `first`,
+//! push `second`, broadcast `third`, each `{"n"}`, then reply `{"n"}`).
 //!
 //! On hot reload it refuses any state it is handed (`restore` fails), so activating it
 //! over a plugin that snapshots shows a failed swap.
@@ -20,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use cinder_sdk::{
-    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, push, send_after,
+    Channel, Error, InOutcome, Join, Outcome, Payload, Reply, Socket, broadcast, push, send_after,
 };
 use serde_json::{Value, json};
 
@@ -117,6 +118,13 @@ impl Channel for Misbehave {
                 std::hint::black_box(self.calls);
             },
             "recurse" => reply(json!({"depth": recurse(0)})),
+            "interleave" => {
+                let n = arg(&payload, "n");
+                broadcast("first", json!({"n": n}))?;
+                push("second", json!({"n": n}))?;
+                broadcast("third", json!({"n": n}))?;
+                reply(json!({"n": n}))
+            }
             "alloc" => {
                 let bytes = arg(&payload, "bytes") as usize;
                 let block = vec![1u8; bytes];

@@ -8,9 +8,9 @@
 //! cinder-bench reload [ROOMS]        hot reload under load: ROOMS counter rooms each sending
 //!                                    `inc` every 10 ms; upload-to-live time, per-room swap
 //!                                    pause, message latency, and lost messages (must be 0)
-//! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 100 broadcasts through
-//!                                    the HTTP API: deliveries per second, against the raw
-//!                                    baseline server in the same run
+//! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 6 rounds of 100
+//!                                    broadcasts through the HTTP API: deliveries per second,
+//!                                    against the raw baseline server in the same run
 //! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms of 10 members, RATE messages/s in all
 //!                                    through the chat plugin: send-to-receive latency
 //!                                    p50/p99/p999 and deliveries per second, for 10 s; with
@@ -111,6 +111,28 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
+}
+
+/// CPU time (user and system) a process has used so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces): utime and stime are the
+    // 12th and 13th of them, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields
+        .get(11..13)
+        .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+        .iter()
+        .map(|f| f.parse::<u64>())
+        .sum::<Result<u64, _>>()?;
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a configuration value.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    anyhow::ensure!(per_sec > 0, "no clock tick rate");
+    Ok(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -706,7 +728,8 @@ where
 
 async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     const BROADCASTS: usize = 100;
-    let total = (subscribers * BROADCASTS) as u64;
+    const ROUNDS: usize = 6;
+    let per_round = (subscribers * BROADCASTS) as u64;
     let pad = "x".repeat(64);
 
     // Raw baseline: one more connection publishes.
@@ -716,22 +739,34 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let readers = count_deliveries(sockets, "\"news\"", counter.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = Instant::now();
-    let frames: Vec<String> = (0..BROADCASTS)
-        .map(|seq| json!({"event": "news", "seq": seq, "pad": pad}).to_string())
-        .collect();
-    on_own_thread(async move {
-        let mut publisher = connect_ws(&raw_addr, url).await?;
-        for frame in frames {
-            publisher.send(Message::text(frame)).await?;
+    let raw_pid = raw
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("raw server exited"))?;
+    let mut raw_rates = Vec::with_capacity(ROUNDS);
+    let mut raw_cpu = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let cpu_before = cpu_time(raw_pid)?;
+        let start = Instant::now();
+        let frames: Vec<String> = (0..BROADCASTS)
+            .map(|seq| json!({"event": "news", "seq": seq, "pad": pad}).to_string())
+            .collect();
+        let (addr, url) = (raw_addr.clone(), url.clone());
+        on_own_thread(async move {
+            let mut publisher = connect_ws(&addr, url).await?;
+            for frame in frames {
+                publisher.send(Message::text(frame)).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        let took = until_delivered(&counter, per_round * (round as u64 + 1), start).await?;
+        raw_rates.push(per_round as f64 / took.as_secs_f64());
+        if round > 0 {
+            raw_cpu += cpu_time(raw_pid)? - cpu_before;
         }
-        Ok(())
-    })
-    .await?;
-    let raw_took = until_delivered(&counter, total, start).await?;
+    }
     readers.iter().for_each(|r| r.abort());
     raw.kill().await?;
-    let raw_rate = total as f64 / raw_took.as_secs_f64();
 
     // Cinder: the same count of sockets joined to one topic, broadcasts through the API.
     let mut server = start_server().await?;
@@ -749,40 +784,84 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let readers = count_deliveries(sockets, "\"news\"", counter.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = Instant::now();
-    let bodies: Vec<String> = (0..BROADCASTS)
-        .map(|seq| {
-            json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
-                .to_string()
+    let pid = server
+        .child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+    let mut rates = Vec::with_capacity(ROUNDS);
+    let mut cpu = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let cpu_before = cpu_time(pid)?;
+        let start = Instant::now();
+        let bodies: Vec<String> = (0..BROADCASTS)
+            .map(|seq| {
+                json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
+                    .to_string()
+            })
+            .collect();
+        // All requests at once, as a backend with news for everyone would send them.
+        on_own_thread(async move {
+            let answers = futures_util::future::join_all(
+                bodies
+                    .iter()
+                    .map(|body| cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))),
+            )
+            .await;
+            for (status, answer) in answers {
+                anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
+            }
+            Ok(())
         })
-        .collect();
-    // All requests at once, as a backend with news for everyone would send them.
-    on_own_thread(async move {
-        let answers = futures_util::future::join_all(
-            bodies
-                .iter()
-                .map(|body| cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))),
-        )
-        .await;
-        for (status, answer) in answers {
-            anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
+        .await?;
+        let took = until_delivered(&counter, per_round * (round as u64 + 1), start).await?;
+        rates.push(per_round as f64 / took.as_secs_f64());
+        if round > 0 {
+            cpu += cpu_time(pid)? - cpu_before;
         }
-        Ok(())
-    })
-    .await?;
-    let took = until_delivered(&counter, total, start).await?;
+    }
     readers.iter().for_each(|r| r.abort());
     server.child.kill().await?;
-    let rate = total as f64 / took.as_secs_f64();
+
+    // The first round also grows every socket's write buffer; the others are the steady
+    // state. Medians of those, since one round lasts a few hundred milliseconds.
+    let millions = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{:.2}", r / 1e6))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (raw_warm, warm) = (median(&raw_rates[1..]), median(&rates[1..]));
     println!(
-        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts: raw baseline {:.0} deliveries/s ({:.1} ms), cinder {:.0} deliveries/s ({:.1} ms); cinder/baseline {:.2}",
-        raw_rate,
-        raw_took.as_secs_f64() * 1e3,
-        rate,
-        took.as_secs_f64() * 1e3,
-        rate / raw_rate,
+        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {ROUNDS} rounds (M deliveries/s): raw baseline {}, cinder {}",
+        millions(&raw_rates),
+        millions(&rates),
+    );
+    println!(
+        "fanout: first round cinder/baseline {:.2}; later rounds median raw baseline {:.0}/s, cinder {:.0}/s, cinder/baseline {:.2}",
+        rates[0] / raw_rates[0],
+        raw_warm,
+        warm,
+        warm / raw_warm,
+    );
+    // Server CPU per delivery over the later rounds: steadier than rates on a shared box.
+    let warm_deliveries = (per_round * (ROUNDS as u64 - 1)) as f64;
+    let (raw_ns, ns) = (
+        raw_cpu.as_secs_f64() * 1e9 / warm_deliveries,
+        cpu.as_secs_f64() * 1e9 / warm_deliveries,
+    );
+    println!(
+        "fanout: server CPU per delivery over the later rounds: raw baseline {raw_ns:.0} ns, cinder {ns:.0} ns; baseline/cinder {:.2}",
+        raw_ns / ns,
     );
     Ok(())
+}
+
+/// The median of some measurements.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 /// One chat member: sends `new_message` with its send time every `every`, from `offset`,

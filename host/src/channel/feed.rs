@@ -1,0 +1,344 @@
+//! A room's feed: the topic's fastlane broadcasts, appended once for all members, which
+//! each member's socket reads at its own cursor. A broadcast to 10,000 members is one
+//! append and a wake-up for the sockets that were idle, not 10,000 queue pushes.
+//!
+//! Feed entries and a socket's own queue items carry numbers from one sequence
+//! ([`super::outbound::next_seq`]); the socket writes whatever is lowest first, so
+//! broadcasts, replies and pushes leave in the order they were made. A member that falls
+//! more than the outbound limit behind is cut off, as a full queue is.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use super::MemberId;
+use super::outbound::{OutboundTx, broadcast_cost, next_seq};
+use crate::protocol::{Frame, Vsn};
+use crate::pubsub::Broadcast;
+
+/// Entries per segment. A cursor touches a segment's reference count once per segment,
+/// not once per entry (per entry, the count's cache line bounced between the cores
+/// reading the feed: an eighth of the server's time in a fan-out). A segment holds its
+/// entries until every cursor has left it, so an idle feed keeps its last few broadcasts.
+const SEGMENT: usize = 16;
+
+/// One broadcast in the feed.
+struct Entry {
+    seq: u64,
+    /// Bytes appended up to and including this entry, for the lag limit.
+    bytes: u64,
+    broadcast: Arc<Broadcast>,
+}
+
+/// A run of entries, linked to the next run. Aligned to a cache line, so its reference
+/// count does not share a line with the entries every cursor reads.
+#[repr(align(64))]
+struct Segment {
+    entries: [OnceLock<Entry>; SEGMENT],
+    next: OnceLock<Arc<Segment>>,
+}
+
+impl Segment {
+    fn new() -> Arc<Self> {
+        Arc::new(Segment {
+            entries: std::array::from_fn(|_| OnceLock::new()),
+            next: OnceLock::new(),
+        })
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // Unlinks iteratively: dropping a long chain recursively would overflow the stack.
+        let mut next = self.next.take();
+        while let Some(segment) = next {
+            next = Arc::into_inner(segment).and_then(|mut segment| segment.next.take());
+        }
+    }
+}
+
+/// What the feed knows of one member's cursor.
+struct Reader {
+    /// `bytes` of the last entry the cursor read.
+    read: AtomicU64,
+    /// Registered in the feed's waiters (its socket task is idle).
+    waiting: AtomicBool,
+    out: OutboundTx,
+}
+
+struct State {
+    tail: Arc<Segment>,
+    /// Entries filled in `tail`.
+    filled: usize,
+    /// `bytes` of the last entry.
+    bytes: u64,
+    /// Readers to wake on the next append.
+    waiters: Vec<Arc<Reader>>,
+    readers: Vec<Weak<Reader>>,
+    /// The tail's `bytes` at which readers are next checked for lag.
+    next_check: u64,
+}
+
+/// The fastlane broadcasts of one room.
+pub struct Feed {
+    state: Mutex<State>,
+    /// How far (bytes) a reader may fall behind before it is cut off.
+    limit: u64,
+}
+
+impl Feed {
+    /// An empty feed whose readers may fall `limit` bytes behind.
+    pub fn new(limit: usize) -> Arc<Self> {
+        let limit = limit as u64;
+        Arc::new(Feed {
+            state: Mutex::new(State {
+                tail: Segment::new(),
+                filled: 0,
+                bytes: 0,
+                waiters: Vec::new(),
+                readers: Vec::new(),
+                next_check: limit / 4,
+            }),
+            limit,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Held for an append or a registration, never across an await.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a broadcast and wakes the readers that were idle.
+    pub fn append(&self, broadcast: &Arc<Broadcast>) {
+        let waiters = {
+            let mut state = self.state();
+            if state.filled == SEGMENT {
+                let segment = Segment::new();
+                // Only this lock's holder links and fills: the slots are always empty here.
+                let _ = state.tail.next.set(segment.clone());
+                state.tail = segment;
+                state.filled = 0;
+            }
+            let bytes = state.bytes + broadcast_cost(broadcast) as u64;
+            let entry = Entry {
+                seq: next_seq(),
+                bytes,
+                broadcast: broadcast.clone(),
+            };
+            let _ = state.tail.entries[state.filled].set(entry);
+            state.filled += 1;
+            state.bytes = bytes;
+            if bytes >= state.next_check {
+                state.next_check = bytes + self.limit / 4;
+                self.cut_off_laggards(&mut state);
+            }
+            std::mem::take(&mut state.waiters)
+        };
+        for reader in waiters {
+            reader.waiting.store(false, Ordering::Relaxed);
+            reader.out.wake();
+        }
+    }
+
+    /// Cuts off readers more than the limit behind (their sockets stopped reading), and
+    /// forgets readers that are gone. Runs every quarter of the limit appended, so a
+    /// reader is cut off by the time it is 1.25 limits behind.
+    fn cut_off_laggards(&self, state: &mut State) {
+        let tail = state.bytes;
+        state.readers.retain(|reader| match reader.upgrade() {
+            Some(reader) => {
+                if tail.saturating_sub(reader.read.load(Ordering::Relaxed)) > self.limit {
+                    reader.out.cut_off();
+                }
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// A cursor for `member` at the end of the feed: it reads what is appended from now
+    /// on. `out` is the member's socket queue, woken when there is something to read.
+    pub fn cursor(self: &Arc<Self>, member: MemberId, out: OutboundTx) -> Cursor {
+        let mut state = self.state();
+        let reader = Arc::new(Reader {
+            read: AtomicU64::new(state.bytes),
+            waiting: AtomicBool::new(false),
+            out,
+        });
+        state.readers.push(Arc::downgrade(&reader));
+        Cursor {
+            feed: self.clone(),
+            segment: state.tail.clone(),
+            index: state.filled,
+            reader,
+            member,
+        }
+    }
+}
+
+/// One member's position in a room's feed.
+pub struct Cursor {
+    feed: Arc<Feed>,
+    segment: Arc<Segment>,
+    /// The next entry to read in `segment` (`SEGMENT`: the next segment's first).
+    index: usize,
+    reader: Arc<Reader>,
+    member: MemberId,
+}
+
+impl Cursor {
+    /// The next entry, if one is there, without taking it.
+    fn next(&mut self) -> Option<&Entry> {
+        if self.index == SEGMENT {
+            let next = self.segment.next.get()?.clone();
+            self.segment = next;
+            self.index = 0;
+        }
+        self.segment.entries[self.index].get()
+    }
+
+    /// The sequence number of the next broadcast for this member, if one is there.
+    /// Broadcasts that exclude this member are passed over.
+    pub fn peek(&mut self) -> Option<u64> {
+        loop {
+            let member = self.member;
+            let entry = self.next()?;
+            if entry.broadcast.except != Some(member) {
+                return Some(entry.seq);
+            }
+            let bytes = entry.bytes;
+            self.passed(bytes);
+        }
+    }
+
+    fn passed(&mut self, bytes: u64) {
+        self.reader.read.store(bytes, Ordering::Relaxed);
+        self.index += 1;
+    }
+
+    /// Takes the next broadcast, encoded for `vsn` (`Some(None)`: this serializer cannot
+    /// carry it). Only the frame is shared, not the broadcast: its count is not touched
+    /// once per member.
+    pub fn take(&mut self, vsn: Vsn) -> Option<Option<Frame>> {
+        self.peek()?;
+        let entry = self.next()?;
+        let (frame, bytes) = (entry.broadcast.frame(vsn).cloned(), entry.bytes);
+        self.passed(bytes);
+        Some(frame)
+    }
+
+    /// Asks the feed to wake this member's socket on the next append. False when there is
+    /// something to read already (no need to wait).
+    pub fn park(&mut self) -> bool {
+        if self.peek().is_some() {
+            return false;
+        }
+        let mut state = self.feed.state();
+        // Under the lock, nothing is being appended: empty now means empty until woken.
+        let appended = match self.segment.entries.get(self.index) {
+            Some(slot) => slot.get().is_some(),
+            None => self.segment.next.get().is_some(),
+        };
+        if appended {
+            return false;
+        }
+        if !self.reader.waiting.swap(true, Ordering::Relaxed) {
+            state.waiters.push(self.reader.clone());
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::outbound_queue;
+    use crate::protocol::Payload;
+
+    fn broadcast(event: &str, except: Option<MemberId>) -> Arc<Broadcast> {
+        Arc::new(Broadcast::new(
+            "t".into(),
+            event.into(),
+            Payload::empty(),
+            except,
+        ))
+    }
+
+    fn read_all(cursor: &mut Cursor) -> Vec<String> {
+        std::iter::from_fn(|| cursor.take(Vsn::V2))
+            .map(|frame| {
+                let Some(Frame::Text(text)) = frame else {
+                    panic!("a text frame")
+                };
+                crate::protocol::decode_text(Vsn::V2, &text)
+                    .expect("a message")
+                    .event
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn each_cursor_reads_from_its_join_on_in_order_without_its_own_exclusions() {
+        let feed = Feed::new(1 << 20);
+        let (out, _rx) = outbound_queue(1 << 20);
+        feed.append(&broadcast("before", None));
+        let mut a = feed.cursor(1, out.clone());
+        feed.append(&broadcast("one", None));
+        let mut b = feed.cursor(2, out);
+        feed.append(&broadcast("two", Some(1)));
+        feed.append(&broadcast("three", Some(2)));
+        assert_eq!(read_all(&mut a), ["one", "three"]);
+        assert_eq!(read_all(&mut b), ["two"]);
+        assert!(a.peek().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cursor_reads_across_segments_in_order() {
+        let feed = Feed::new(1 << 20);
+        let (out, _rx) = outbound_queue(1 << 20);
+        let mut cursor = feed.cursor(1, out);
+        let events: Vec<String> = (0..SEGMENT * 3 + 5).map(|i| i.to_string()).collect();
+        let mut read = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            feed.append(&broadcast(event, None));
+            // Half read as they come, half in a run.
+            if i % 2 == 0 {
+                read.extend(read_all(&mut cursor));
+            }
+        }
+        read.extend(read_all(&mut cursor));
+        assert_eq!(read, events);
+    }
+
+    #[tokio::test]
+    async fn a_parked_cursor_is_woken_by_the_next_append() {
+        let feed = Feed::new(1 << 20);
+        let (out, rx) = outbound_queue(1 << 20);
+        let mut cursor = feed.cursor(1, out);
+        assert!(cursor.park());
+        assert!(cursor.park(), "parking twice registers once");
+        assert_eq!(feed.state().waiters.len(), 1);
+        feed.append(&broadcast("e", None));
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.ready())
+            .await
+            .expect("woken");
+        assert!(!cursor.park(), "something to read");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_falls_past_the_limit_is_cut_off_and_a_long_chain_frees() {
+        let feed = Feed::new(10_000);
+        let (out, rx) = outbound_queue(10_000);
+        let cursor = feed.cursor(1, out);
+        for _ in 0..1000 {
+            feed.append(&broadcast("e", None));
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), rx.overflow().wait())
+            .await
+            .expect("cut off");
+        // A cursor far behind on a long chain drops without recursion.
+        for _ in 0..200_000 {
+            feed.append(&broadcast("e", None));
+        }
+        drop(cursor);
+    }
+}
