@@ -13,7 +13,8 @@
 //!                                    against the raw baseline server in the same run
 //! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms of 10 members, RATE messages/s in all
 //!                                    through the chat plugin: send-to-receive latency
-//!                                    p50/p99/p999 and deliveries per second, for 10 s; with
+//!                                    p50/p99/p999, deliveries per second and the CPU the
+//!                                    server and the load generator used, for 10 s; with
 //!                                    new_message intercepted (handle_out per member, as
 //!                                    shipped), then not (the same component, fastlane)
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
@@ -932,7 +933,11 @@ async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
     let plugins = chat_plugins()?;
     for (variant, prefix) in [("intercepted", "room"), ("fastlane", "fast")] {
         let mut server = start_server_with(&plugins).await?;
-        let result = chat_run(&server.addr, prefix, rooms, rate).await;
+        let pid = server
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+        let result = chat_run(&server.addr, pid, prefix, rooms, rate).await;
         server.child.kill().await?;
         println!("chat ({variant}): {}", result?);
     }
@@ -940,10 +945,11 @@ async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rooms` rooms `<prefix>:lobby-N` of 10 members on the server at `server_addr`, each
-/// member sending at its share of `rate`; returns the summary line.
+/// `rooms` rooms `<prefix>:lobby-N` of 10 members on the server at `server_addr` (process
+/// `pid`), each member sending at its share of `rate`; returns the summary line.
 async fn chat_run(
     server_addr: &str,
+    pid: u32,
     prefix: &str,
     rooms: usize,
     rate: usize,
@@ -983,7 +989,11 @@ async fn chat_run(
             ))
         })
         .collect();
-    tokio::time::sleep(WARMUP + MEASURE).await;
+    tokio::time::sleep_until(measure_from.into()).await;
+    let (cpu_from, own_from) = (cpu_time(pid)?, cpu_time(std::process::id())?);
+    tokio::time::sleep_until((measure_from + MEASURE).into()).await;
+    let cpu = cpu_time(pid)? - cpu_from;
+    let own = cpu_time(std::process::id())? - own_from;
     // Each member stops at its next tick, having read what arrived until then.
     stop_tx.send_replace(true);
     let mut latencies = Vec::new();
@@ -997,7 +1007,7 @@ async fn chat_run(
     anyhow::ensure!(!latencies.is_empty(), "nothing received");
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     Ok(format!(
-        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs",
+        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs; server CPU {:.2} cores, {:.1} µs per message in; load generator CPU {:.2} cores",
         sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
         sent,
         latencies.len() as f64 / MEASURE.as_secs_f64(),
@@ -1005,6 +1015,9 @@ async fn chat_run(
         at(0.5),
         at(0.99),
         at(0.999),
+        cpu.as_secs_f64() / MEASURE.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / (rate as f64 * MEASURE.as_secs_f64()),
+        own.as_secs_f64() / MEASURE.as_secs_f64(),
     ))
 }
 
