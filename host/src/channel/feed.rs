@@ -74,6 +74,8 @@ struct State {
     /// Readers to wake on the next append.
     waiters: Vec<Arc<Reader>>,
     readers: Vec<Weak<Reader>>,
+    /// Cursors dropped since `readers` and `waiters` were last pruned.
+    departed: usize,
     /// The tail's `bytes` at which readers are next checked for lag.
     next_check: u64,
 }
@@ -96,6 +98,7 @@ impl Feed {
                 bytes: 0,
                 waiters: Vec::new(),
                 readers: Vec::new(),
+                departed: 0,
                 next_check: limit / 4,
             }),
             limit,
@@ -248,6 +251,26 @@ impl Cursor {
     }
 }
 
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        // A quiet room whose members come and go would otherwise keep every departed
+        // reader until its next append: pruned once as many have left as remain listed.
+        let mut state = self.feed.state();
+        state.departed += 1;
+        if state.departed * 2 > state.readers.len() {
+            // Gone: readers whose cursor was dropped, and this one's (still held here).
+            let own = Arc::as_ptr(&self.reader);
+            state
+                .readers
+                .retain(|reader| reader.strong_count() > 0 && reader.as_ptr() != own);
+            state
+                .waiters
+                .retain(|reader| Arc::strong_count(reader) > 1 && Arc::as_ptr(reader) != own);
+            state.departed = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +345,19 @@ mod tests {
             .await
             .expect("woken");
         assert!(!cursor.park(), "something to read");
+    }
+
+    #[tokio::test]
+    async fn members_that_leave_a_quiet_feed_are_forgotten() {
+        let feed = Feed::new(1 << 20);
+        let (out, _rx) = outbound_queue(1 << 20);
+        for member in 0..1000 {
+            let mut cursor = feed.cursor(member, out.clone());
+            assert!(cursor.park());
+        }
+        let state = feed.state();
+        assert!(state.readers.len() <= 2, "{} readers", state.readers.len());
+        assert!(state.waiters.len() <= 2, "{} waiters", state.waiters.len());
     }
 
     #[tokio::test]
