@@ -69,8 +69,9 @@ const NO_CHANNEL: MemberId = 0;
 /// memset rather than given back with madvise, whose TLB shootdown and the page faults after
 /// it were more than half the cost of a first join. A Rust plugin built as this workspace
 /// builds them (a 64 KiB stack, then data and heap) touches less than this: first join
-/// 22.8 -> 9.2 µs (`plugin_calls` bench). The memset is paid when an instance is freed; a hot-reload swap
-/// frees the old instance off the room's task for that reason.
+/// 22.8 -> 9.2 µs (`plugin_calls` bench, docs/benchmarks.md). The memset is paid when an
+/// instance is freed; a hot-reload swap frees the old instance off the room's task for
+/// that reason.
 const MEMORY_KEEP_RESIDENT: usize = 128 << 10;
 /// The same for tables.
 const TABLE_KEEP_RESIDENT: usize = 16 << 10;

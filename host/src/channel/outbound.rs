@@ -145,7 +145,9 @@ pub struct OutboundTx {
 }
 
 /// Receiving side of a socket's outbound queue. It takes the whole queue at once (one lock
-/// per burst) and hands the items out from there.
+/// per burst) and hands the items out from there. What it has taken no longer counts
+/// toward the limit, and it takes again only once that is written: a socket holds at most
+/// twice the limit.
 pub struct OutboundRx {
     state: Arc<QueueState>,
     taken: VecDeque<Queued>,

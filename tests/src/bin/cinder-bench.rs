@@ -729,7 +729,6 @@ where
 
 async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     const BROADCASTS: usize = 100;
-    const ROUNDS: usize = 6;
     let per_round = (subscribers * BROADCASTS) as u64;
     let pad = "x".repeat(64);
 
@@ -743,29 +742,20 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     let raw_pid = raw
         .id()
         .ok_or_else(|| anyhow::anyhow!("raw server exited"))?;
-    let mut raw_rates = Vec::with_capacity(ROUNDS);
-    let mut raw_cpu = Duration::ZERO;
-    for round in 0..ROUNDS {
-        let cpu_before = cpu_time(raw_pid)?;
-        let start = Instant::now();
+    let (raw_rates, raw_cpu) = fanout_rounds(raw_pid, &counter, per_round, || {
         let frames: Vec<String> = (0..BROADCASTS)
             .map(|seq| json!({"event": "news", "seq": seq, "pad": pad}).to_string())
             .collect();
         let (addr, url) = (raw_addr.clone(), url.clone());
-        on_own_thread(async move {
+        async move {
             let mut publisher = connect_ws(&addr, url).await?;
             for frame in frames {
                 publisher.send(Message::text(frame)).await?;
             }
             Ok(())
-        })
-        .await?;
-        let took = until_delivered(&counter, per_round * (round as u64 + 1), start).await?;
-        raw_rates.push(per_round as f64 / took.as_secs_f64());
-        if round > 0 {
-            raw_cpu += cpu_time(raw_pid)? - cpu_before;
         }
-    }
+    })
+    .await?;
     readers.iter().for_each(|r| r.abort());
     raw.kill().await?;
 
@@ -789,11 +779,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
         .child
         .id()
         .ok_or_else(|| anyhow::anyhow!("server exited"))?;
-    let mut rates = Vec::with_capacity(ROUNDS);
-    let mut cpu = Duration::ZERO;
-    for round in 0..ROUNDS {
-        let cpu_before = cpu_time(pid)?;
-        let start = Instant::now();
+    let (rates, cpu) = fanout_rounds(pid, &counter, per_round, || {
         let bodies: Vec<String> = (0..BROADCASTS)
             .map(|seq| {
                 json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
@@ -801,7 +787,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
             })
             .collect();
         // All requests at once, as a backend with news for everyone would send them.
-        on_own_thread(async move {
+        async move {
             let answers = futures_util::future::join_all(
                 bodies
                     .iter()
@@ -812,14 +798,9 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
                 anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
             }
             Ok(())
-        })
-        .await?;
-        let took = until_delivered(&counter, per_round * (round as u64 + 1), start).await?;
-        rates.push(per_round as f64 / took.as_secs_f64());
-        if round > 0 {
-            cpu += cpu_time(pid)? - cpu_before;
         }
-    }
+    })
+    .await?;
     readers.iter().for_each(|r| r.abort());
     server.child.kill().await?;
 
@@ -834,7 +815,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     };
     let (raw_warm, warm) = (median(&raw_rates[1..]), median(&rates[1..]));
     println!(
-        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {ROUNDS} rounds (M deliveries/s): raw baseline {}, cinder {}",
+        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {FANOUT_ROUNDS} rounds (M deliveries/s): raw baseline {}, cinder {}",
         millions(&raw_rates),
         millions(&rates),
     );
@@ -846,7 +827,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
         warm / raw_warm,
     );
     // Server CPU per delivery over the later rounds: steadier than rates on a shared box.
-    let warm_deliveries = (per_round * (ROUNDS as u64 - 1)) as f64;
+    let warm_deliveries = (per_round * (FANOUT_ROUNDS as u64 - 1)) as f64;
     let (raw_ns, ns) = (
         raw_cpu.as_secs_f64() * 1e9 / warm_deliveries,
         cpu.as_secs_f64() * 1e9 / warm_deliveries,
@@ -856,6 +837,38 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
         raw_ns / ns,
     );
     Ok(())
+}
+
+/// Rounds of a fan-out measurement.
+const FANOUT_ROUNDS: usize = 6;
+
+/// Runs `FANOUT_ROUNDS` rounds of `publish` (on a thread of its own) against the server
+/// `pid`, whose subscribers count each round's `per_round` deliveries in `counter`. Returns
+/// each round's deliveries per second and the server's CPU time over all rounds but the
+/// first.
+async fn fanout_rounds<F, Fut>(
+    pid: u32,
+    counter: &std::sync::atomic::AtomicU64,
+    per_round: u64,
+    publish: F,
+) -> anyhow::Result<(Vec<f64>, Duration)>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut rates = Vec::with_capacity(FANOUT_ROUNDS);
+    let mut cpu = Duration::ZERO;
+    for round in 0..FANOUT_ROUNDS {
+        let cpu_before = cpu_time(pid)?;
+        let start = Instant::now();
+        on_own_thread(publish()).await?;
+        let took = until_delivered(counter, per_round * (round as u64 + 1), start).await?;
+        rates.push(per_round as f64 / took.as_secs_f64());
+        if round > 0 {
+            cpu += cpu_time(pid)? - cpu_before;
+        }
+    }
+    Ok((rates, cpu))
 }
 
 /// The median of some measurements.
