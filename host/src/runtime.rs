@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::hash::{Hash as _, Hasher as _};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,9 @@ use crate::stats::Stats;
 use crate::store::PluginStore;
 
 mod output;
+mod ticker;
 use output::{LogLimiter, LogTarget};
+use ticker::Ticker;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -57,8 +58,6 @@ const HANDLER_INTERFACE: &str = "cinder:channel/handler@0.1.0";
 /// The optional state interface (hot reload).
 const STATE_INTERFACE: &str = "cinder:channel/state@0.1.0";
 
-/// How often the epoch advances; the granularity of the per-call time limit.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Core instances one component may have (Python components have 14).
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
 /// Memories and tables one component may have.
@@ -85,12 +84,13 @@ pub struct Runtime {
     limits: Limits,
     stats: Arc<Stats>,
     presence: Arc<Tracker>,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Runtime {
     /// An engine sized from `limits`: pooling allocator slots for `max_rooms` instances,
-    /// memories capped at `plugin_memory_bytes`, epoch interruption every millisecond.
+    /// memories capped at `plugin_memory_bytes`, epoch interruption every millisecond while
+    /// guest code runs.
     pub fn new(limits: &Limits, stats: Arc<Stats>, presence: Arc<Tracker>) -> anyhow::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
@@ -121,27 +121,13 @@ impl Runtime {
         let engine =
             Engine::new(&config).map_err(|e| anyhow::anyhow!("configuring wasmtime: {e}"))?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let weak = engine.weak();
-        let stop = ticker_stop.clone();
-        std::thread::Builder::new()
-            .name("cinder-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })
-            .context("starting the epoch ticker")?;
+        let ticker = Arc::new(Ticker::start(engine.weak()).context("starting the epoch ticker")?);
         Ok(Runtime {
             engine,
             limits: limits.clone(),
             stats,
             presence,
-            ticker_stop,
+            ticker,
         })
     }
 
@@ -247,14 +233,9 @@ impl Runtime {
             crashes: Mutex::default(),
             stats: self.stats.clone(),
             presence: self.presence.clone(),
+            ticker: self.ticker.clone(),
             log_limiter: Arc::new(LogLimiter::new(self.limits.plugin_log_lines_per_sec)),
         })
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -409,6 +390,7 @@ pub struct Plugin {
     crashes: Mutex<CrashRecord>,
     stats: Arc<Stats>,
     presence: Arc<Tracker>,
+    ticker: Arc<Ticker>,
     log_limiter: Arc<LogLimiter>,
 }
 
@@ -450,8 +432,7 @@ impl Plugin {
     /// serves a room.
     pub async fn check(&self) -> anyhow::Result<()> {
         let mut store = self.new_store("");
-        store.data_mut().deadline = Instant::now() + self.instantiate_time;
-        store.set_epoch_deadline(1);
+        arm(&mut store, self.instantiate_time);
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
             anyhow::anyhow!(
                 "instantiation failed: {}",
@@ -521,6 +502,7 @@ impl Plugin {
             limits: self.limits.clone(),
             presence: self.presence.clone(),
             channel: NO_CHANNEL,
+            ticker: self.ticker.clone(),
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|d| &mut d.store_limits);
@@ -556,8 +538,7 @@ impl LogicFactory for Plugin {
                 ));
             }
             let mut store = self.new_store(topic);
-            store.data_mut().deadline = Instant::now() + self.instantiate_time;
-            store.set_epoch_deadline(1);
+            arm(&mut store, self.instantiate_time);
             let loaded = match self.pre.instantiate_async(&mut store).await {
                 Ok(instance) => self
                     .handler
@@ -707,6 +688,17 @@ struct RoomData {
     presence: Arc<Tracker>,
     /// The channel the current call is about: owner of the presence it tracks.
     channel: MemberId,
+    ticker: Arc<Ticker>,
+}
+
+/// Lets guest code in `store` run for `time` from now: sets its deadline and the epoch
+/// deadline of the next tick, and keeps the ticker ticking until then.
+fn arm(store: &mut Store<RoomData>, time: Duration) {
+    let deadline = Instant::now() + time;
+    let data = store.data_mut();
+    data.deadline = deadline;
+    data.ticker.keep_ticking(deadline);
+    store.set_epoch_deadline(1);
 }
 
 impl WasiView for RoomData {
@@ -963,8 +955,7 @@ impl WasmRoom {
         data.effects.clear();
         data.effect_bytes = 0;
         data.channel = channel;
-        data.deadline = Instant::now() + self.call_time;
-        self.store.set_epoch_deadline(1);
+        arm(&mut self.store, self.call_time);
         Ok(())
     }
 
