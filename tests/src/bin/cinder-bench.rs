@@ -136,6 +136,28 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
 }
 
+/// Context switches (voluntary and not) so far of each of a process's threads, by id.
+fn context_switches(pid: u32) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let mut threads = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?;
+        // A thread that ended since the listing is skipped.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let switches = status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum();
+        threads.insert(task.file_name().to_string_lossy().into_owned(), switches);
+    }
+    Ok(threads)
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Connections per source address: well inside the ephemeral port range of one address.
@@ -287,6 +309,23 @@ async fn idle(sockets: usize) -> anyhow::Result<()> {
     println!(
         "idle: {sockets} sockets joined to room:lobby; server RSS {before} KiB -> {after} KiB; {:.2} KiB per socket",
         (after.saturating_sub(before)) as f64 / sockets as f64
+    );
+    // What the idle server costs while nothing happens: its CPU, and how often its threads
+    // were switched in.
+    const QUIET: Duration = Duration::from_secs(5);
+    let (cpu_from, switches_from) = (cpu_time(pid)?, context_switches(pid)?);
+    tokio::time::sleep(QUIET).await;
+    let cpu = cpu_time(pid)? - cpu_from;
+    // Threads that ended in between are not counted; threads that started count from zero.
+    let switches: u64 = context_switches(pid)?
+        .iter()
+        .map(|(tid, n)| n - switches_from.get(tid).copied().unwrap_or(0).min(*n))
+        .sum();
+    println!(
+        "idle: over {}s with nothing sent, server CPU {:.1} ms per second, {:.0} context switches per second",
+        QUIET.as_secs(),
+        cpu.as_secs_f64() * 1e3 / QUIET.as_secs_f64(),
+        switches as f64 / QUIET.as_secs_f64(),
     );
     drop(all);
     server.child.kill().await?;
