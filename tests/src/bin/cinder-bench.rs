@@ -319,7 +319,7 @@ async fn idle(sockets: usize) -> anyhow::Result<()> {
     // Threads that ended in between are not counted; threads that started count from zero.
     let switches: u64 = context_switches(pid)?
         .iter()
-        .map(|(tid, n)| n - switches_from.get(tid).copied().unwrap_or(0).min(*n))
+        .map(|(tid, n)| n.saturating_sub(switches_from.get(tid).copied().unwrap_or(0)))
         .sum();
     println!(
         "idle: over {}s with nothing sent, server CPU {:.1} ms per second, {:.0} context switches per second",
