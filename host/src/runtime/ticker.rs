@@ -4,7 +4,9 @@
 //! fanning out broadcasts, is not woken a thousand times a second.
 //!
 //! Whoever starts guest code calls [`Ticker::keep_ticking`] with the call's deadline; the
-//! ticker ticks until it has ticked once after the latest deadline it was given.
+//! ticker ticks until it has ticked once after the latest deadline it was given. A call that
+//! finds it parked wakes it (one `unpark`); calls while it ticks cost two atomic loads, and
+//! a write to the shared deadline once per `ROUND_MS`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
