@@ -114,26 +114,73 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
 }
 
+/// CPU time a process has used so far: in user space and in the kernel.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: Duration,
+    system: Duration,
+}
+
+impl Cpu {
+    fn of(pid: u32) -> anyhow::Result<Cpu> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name (which may hold spaces): utime and stime are
+        // the 12th and 13th of them, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            let field = fields
+                .get(i)
+                .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?;
+            Ok(field.parse()?)
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: sysconf only reads a configuration value.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        anyhow::ensure!(per_sec > 0, "no clock tick rate");
+        let time = |ticks: u64| Duration::from_secs_f64(ticks as f64 / per_sec as f64);
+        Ok(Cpu {
+            user: time(ticks(11)?),
+            system: time(ticks(12)?),
+        })
+    }
+
+    fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    /// What was used since `before`.
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+
+    fn add(self, other: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
+    /// "T ns (U user + S system)" per one of `count`.
+    fn per(self, count: f64) -> String {
+        let ns = |d: Duration| d.as_secs_f64() * 1e9 / count;
+        format!(
+            "{:.0} ns ({:.0} user + {:.0} system)",
+            ns(self.total()),
+            ns(self.user),
+            ns(self.system)
+        )
+    }
+}
+
 /// CPU time (user and system) a process has used so far.
 fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name (which may hold spaces): utime and stime are the
-    // 12th and 13th of them, in clock ticks.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields
-        .get(11..13)
-        .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
-        .iter()
-        .map(|f| f.parse::<u64>())
-        .sum::<Result<u64, _>>()?;
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf only reads a configuration value.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    anyhow::ensure!(per_sec > 0, "no clock tick rate");
-    Ok(Duration::from_secs_f64(ticks as f64 / per_sec as f64))
+    Ok(Cpu::of(pid)?.total())
 }
 
 /// Context switches (voluntary and not) so far of each of a process's threads, by id.
@@ -799,49 +846,76 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
     raw.kill().await?;
 
     // Cinder: the same count of sockets joined to one topic, broadcasts through the API.
-    let mut server = start_server().await?;
-    let addr: std::net::SocketAddr = server.addr.parse()?;
-    let server_addr = server.addr.clone();
-    let sockets = open_many(subscribers, |i| {
-        let server_addr = server_addr.clone();
-        async move {
-            let mut ws = open(&server_addr, i + 1).await?;
-            join(&mut ws, "1", "room:lobby").await?;
-            Ok(ws)
-        }
-    })
-    .await?;
-    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let readers = count_deliveries(sockets, "\"news\"", counter.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = server
-        .child
-        .id()
-        .ok_or_else(|| anyhow::anyhow!("server exited"))?;
-    let (rates, cpu) = fanout_rounds(pid, &counter, per_round, || {
-        let bodies: Vec<String> = (0..BROADCASTS)
-            .map(|seq| {
-                json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
-                    .to_string()
-            })
-            .collect();
-        // All requests at once, as a backend with news for everyone would send them.
-        async move {
-            let answers = futures_util::future::join_all(
-                bodies
-                    .iter()
-                    .map(|body| cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))),
-            )
-            .await;
-            for (status, answer) in answers {
-                anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
+    let api_bodies: Vec<String> = (0..BROADCASTS)
+        .map(|seq| {
+            json!({"topic": "room:lobby", "event": "news", "payload": {"seq": seq, "pad": pad}})
+                .to_string()
+        })
+        .collect();
+    let api_bodies = std::sync::Arc::new(api_bodies);
+    let (rates, cpu) = cinder_fanout(
+        &cinder_tests::test_plugins_dir(),
+        "room:lobby",
+        "\"news\"",
+        subscribers,
+        per_round,
+        |addr| {
+            let bodies = api_bodies.clone();
+            // All requests at once, as a backend with news for everyone would send them.
+            async move {
+                let answers =
+                    futures_util::future::join_all(bodies.iter().map(|body| {
+                        cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))
+                    }))
+                    .await;
+                for (status, answer) in answers {
+                    anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
+                }
+                Ok(())
             }
-            Ok(())
-        }
-    })
+        },
+    )
     .await?;
-    readers.iter().for_each(|r| r.abort());
-    server.child.kill().await?;
+
+    // Cinder again, the broadcasts made by a plugin: one more socket sends the chat
+    // fastlane's `new_message` 100 times over one WebSocket, as the baseline's publisher
+    // sends its frames.
+    let plugins = chat_plugins()?;
+    let frames: Vec<String> = (0..BROADCASTS)
+        .map(|seq| {
+            json!(["p", null, "fast:lobby", "new_message", {"body": format!("{seq} {pad}")}])
+                .to_string()
+        })
+        .collect();
+    let frames = std::sync::Arc::new(frames);
+    let (plugin_rates, plugin_cpu) = cinder_fanout(
+        &plugins,
+        "fast:lobby",
+        "\"new_message\"",
+        subscribers,
+        per_round,
+        |addr| {
+            let frames = frames.clone();
+            async move {
+                let mut publisher = open(&addr.to_string(), 0).await?;
+                join(&mut publisher, "p", "fast:lobby").await?;
+                for frame in frames.iter() {
+                    publisher.send(Message::text(frame.clone())).await?;
+                }
+                // Stays until its own copies arrive: closing with them unread would reset
+                // the connection, and the server would lose what it had not yet read.
+                let mut own = 0;
+                while own < frames.len() {
+                    if next_frame(&mut publisher).await?[3] == "new_message" {
+                        own += 1;
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    std::fs::remove_dir_all(&plugins)?;
 
     // The first round also grows every socket's write buffer; the others are the steady
     // state. Medians of those, since one round lasts a few hundred milliseconds.
@@ -852,30 +926,72 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let (raw_warm, warm) = (median(&raw_rates[1..]), median(&rates[1..]));
+    let raw_warm = median(&raw_rates[1..]);
     println!(
-        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {FANOUT_ROUNDS} rounds (M deliveries/s): raw baseline {}, cinder {}",
+        "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {FANOUT_ROUNDS} rounds (M deliveries/s): raw baseline {}, cinder (API) {}, cinder (plugin) {}",
         millions(&raw_rates),
         millions(&rates),
-    );
-    println!(
-        "fanout: first round cinder/baseline {:.2}; later rounds median raw baseline {:.0}/s, cinder {:.0}/s, cinder/baseline {:.2}",
-        rates[0] / raw_rates[0],
-        raw_warm,
-        warm,
-        warm / raw_warm,
+        millions(&plugin_rates),
     );
     // Server CPU per delivery over the later rounds: steadier than rates on a shared box.
+    // User and system apart: the kernel's part (TCP over loopback) is the same work for
+    // both servers, the user part is where they differ.
     let warm_deliveries = (per_round * (FANOUT_ROUNDS as u64 - 1)) as f64;
-    let (raw_ns, ns) = (
-        raw_cpu.as_secs_f64() * 1e9 / warm_deliveries,
-        cpu.as_secs_f64() * 1e9 / warm_deliveries,
-    );
     println!(
-        "fanout: server CPU per delivery over the later rounds: raw baseline {raw_ns:.0} ns, cinder {ns:.0} ns; baseline/cinder {:.2}",
-        raw_ns / ns,
+        "fanout: raw baseline: later rounds median {raw_warm:.0}/s; server CPU per delivery {}",
+        raw_cpu.per(warm_deliveries)
     );
+    for (how, rates, cpu) in [("API", &rates, cpu), ("plugin", &plugin_rates, plugin_cpu)] {
+        let warm = median(&rates[1..]);
+        println!(
+            "fanout: cinder ({how}): first round cinder/baseline {:.2}; later rounds median {warm:.0}/s, cinder/baseline {:.2}; server CPU per delivery {}, baseline/cinder {:.2}",
+            rates[0] / raw_rates[0],
+            warm / raw_warm,
+            cpu.per(warm_deliveries),
+            raw_cpu.total().as_secs_f64() / cpu.total().as_secs_f64(),
+        );
+    }
     Ok(())
+}
+
+/// Starts Cinder with `plugins`, joins `subscribers` sockets to `topic`, and runs the
+/// fan-out rounds with `publish` (given the server's address); each frame holding `marker`
+/// counts as a delivery. Returns each round's rate and the CPU of the later rounds.
+async fn cinder_fanout<F, Fut>(
+    plugins: &std::path::Path,
+    topic: &'static str,
+    marker: &'static str,
+    subscribers: usize,
+    per_round: u64,
+    publish: F,
+) -> anyhow::Result<(Vec<f64>, Cpu)>
+where
+    F: Fn(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut server = start_server_with(plugins).await?;
+    let addr: std::net::SocketAddr = server.addr.parse()?;
+    let server_addr = server.addr.clone();
+    let sockets = open_many(subscribers, |i| {
+        let server_addr = server_addr.clone();
+        async move {
+            let mut ws = open(&server_addr, i + 1).await?;
+            join(&mut ws, "1", topic).await?;
+            Ok(ws)
+        }
+    })
+    .await?;
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let readers = count_deliveries(sockets, marker, counter.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server
+        .child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("server exited"))?;
+    let result = fanout_rounds(pid, &counter, per_round, || publish(addr)).await;
+    readers.iter().for_each(|r| r.abort());
+    server.child.kill().await?;
+    result
 }
 
 /// Rounds of a fan-out measurement.
@@ -890,21 +1006,21 @@ async fn fanout_rounds<F, Fut>(
     counter: &std::sync::atomic::AtomicU64,
     per_round: u64,
     publish: F,
-) -> anyhow::Result<(Vec<f64>, Duration)>
+) -> anyhow::Result<(Vec<f64>, Cpu)>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let mut rates = Vec::with_capacity(FANOUT_ROUNDS);
-    let mut cpu = Duration::ZERO;
+    let mut cpu = Cpu::default();
     for round in 0..FANOUT_ROUNDS {
-        let cpu_before = cpu_time(pid)?;
+        let cpu_before = Cpu::of(pid)?;
         let start = Instant::now();
         on_own_thread(publish()).await?;
         let took = until_delivered(counter, per_round * (round as u64 + 1), start).await?;
         rates.push(per_round as f64 / took.as_secs_f64());
         if round > 0 {
-            cpu += cpu_time(pid)? - cpu_before;
+            cpu = cpu.add(Cpu::of(pid)?.since(cpu_before));
         }
     }
     Ok((rates, cpu))
