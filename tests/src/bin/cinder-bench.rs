@@ -9,8 +9,10 @@
 //!                                    `inc` every 10 ms; upload-to-live time, per-room swap
 //!                                    pause, message latency, and lost messages (must be 0)
 //! cinder-bench fanout [SUBSCRIBERS]  one topic, SUBSCRIBERS sockets, 6 rounds of 100
-//!                                    broadcasts through the HTTP API: deliveries per second,
-//!                                    against the raw baseline server in the same run
+//!                                    broadcasts through the HTTP API, then made by a plugin:
+//!                                    deliveries per second and server CPU per delivery
+//!                                    (user and kernel), against the raw baseline server in
+//!                                    the same run
 //! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms of 10 members, RATE messages/s in all
 //!                                    through the chat plugin: send-to-receive latency
 //!                                    p50/p99/p999, deliveries per second and the CPU the
