@@ -16,7 +16,7 @@ use base64::Engine as _;
 use tokio::time::Instant;
 
 use crate::AppState;
-use crate::channel::{Outbound, OutboundRx, Session, outbound_queue};
+use crate::channel::{Next, Outbound, OutboundRx, Session, outbound_queue};
 use crate::protocol::{self, Frame, Vsn};
 use crate::stats::Stats;
 
@@ -119,7 +119,11 @@ fn to_ws(frame: Frame) -> WsMessage {
 }
 
 /// Encodes one outbound item for this socket, or `None` when there is nothing to write.
-fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> {
+fn encode(vsn: Vsn, session: &mut Session, next: Next) -> Option<WsMessage> {
+    let item = match next {
+        Next::Broadcast(frame) => return Some(to_ws(frame)),
+        Next::Queued(item) => item,
+    };
     let frame = match item {
         Outbound::Reply {
             join_ref,
@@ -141,7 +145,6 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<WsMessage> 
             event,
             payload,
         } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload),
-        Outbound::Broadcast(frame) => Ok(frame),
         Outbound::Disconnect => return None,
         Outbound::Close { topic, join_ref } => {
             Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
@@ -178,13 +181,13 @@ async fn write_batch(
     vsn: Vsn,
     session: &mut Session,
     rx: &mut OutboundRx,
-    first: Outbound,
+    first: Next,
 ) -> Result<bool, axum::Error> {
     use futures_util::SinkExt as _;
     let mut item = Some(first);
     let mut written = 0;
     while let Some(next) = item.take() {
-        if matches!(next, Outbound::Disconnect) {
+        if matches!(next, Next::Queued(Outbound::Disconnect)) {
             ws.flush().await?;
             return Ok(true);
         }

@@ -27,7 +27,7 @@ use crate::pubsub::SubscriberId;
 
 pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, outbound_queue};
 pub use room::{Hub, SwapResult};
-pub use session::Session;
+pub use session::{Next, Session};
 
 /// A boxed future, so the room can hold any [`RoomLogic`] as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

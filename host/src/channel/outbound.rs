@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use super::MemberId;
-use crate::protocol::{Frame, Payload, Status};
+use crate::protocol::{Payload, Status};
 use crate::pubsub::Broadcast;
 
 /// Something to write to a socket; the socket task encodes it with its serializer.
@@ -40,9 +40,6 @@ pub enum Outbound {
         /// Body.
         payload: Payload,
     },
-    /// A broadcast from a room's feed, encoded once for all subscribers that share this
-    /// socket's serializer.
-    Broadcast(Frame),
     /// The socket closed a channel itself (leave, duplicate join): `phx_close`.
     Close {
         /// Topic.
@@ -72,7 +69,6 @@ impl Outbound {
             Outbound::Reply { payload, .. } | Outbound::Push { payload, .. } => {
                 ITEM_OVERHEAD + payload.len()
             }
-            Outbound::Broadcast(frame) => ITEM_OVERHEAD + frame.len(),
             Outbound::Close { .. } | Outbound::ChannelDown { .. } | Outbound::Disconnect => {
                 ITEM_OVERHEAD
             }

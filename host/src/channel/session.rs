@@ -11,7 +11,7 @@ use super::feed::Cursor;
 use super::outbound::{Outbound, OutboundRx, OutboundTx};
 use super::room::{Hub, JoinResult, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
-use crate::protocol::{self, Message, Payload, Status, Vsn, event, reason};
+use crate::protocol::{self, Frame, Message, Payload, Status, Vsn, event, reason};
 use crate::pubsub::{Broadcast, Subscriber, SubscriberId};
 
 /// Listens on a socket's id for `disconnect` (Phoenix's `Endpoint.broadcast(socket_id,
@@ -49,6 +49,15 @@ impl Joined {
             })
             .await;
     }
+}
+
+/// What a socket writes next: an item of its own queue, or a broadcast from one of its
+/// rooms' feeds, already encoded for its serializer.
+pub enum Next {
+    /// From the socket's queue.
+    Queued(Outbound),
+    /// From a feed.
+    Broadcast(Frame),
 }
 
 /// The channels of one socket and the protocol rules that govern them.
@@ -262,7 +271,7 @@ impl Session {
 
     /// The next item to write, waiting for one: the socket's queue and its channels'
     /// feeds, lowest sequence number first.
-    pub async fn next_out(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Outbound {
+    pub async fn next_out(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Next {
         loop {
             if let Some(item) = self.next_ready(rx, vsn) {
                 return item;
@@ -279,16 +288,16 @@ impl Session {
     /// look found was added before it too, so the second look sees it, even in a source
     /// the first look found empty. Sources are in order themselves, so no head can drop
     /// below what the first look saw.
-    pub fn next_ready(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Option<Outbound> {
+    pub fn next_ready(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Option<Next> {
         loop {
             self.lowest(rx)?;
             match self.lowest(rx)? {
-                None => return rx.pop(),
+                None => return rx.pop().map(Next::Queued),
                 Some(i) => {
                     let joined = self.channels.values_mut().nth(i)?;
                     // A broadcast this serializer cannot carry is passed over.
                     if let Some(frame) = joined.feed.take(vsn)? {
-                        return Some(Outbound::Broadcast(frame));
+                        return Some(Next::Broadcast(frame));
                     }
                 }
             }
