@@ -2,18 +2,32 @@
 //! authentication, and one task per socket that reads frames into its [`Session`], writes its
 //! outbound queue, answers nothing itself but enforces the idle timeout, the frame size and
 //! the queue limit, and closes cleanly on shutdown.
+//!
+//! tungstenite reads the socket and writes its control frames (pongs, the close frame).
+//! Data frames are framed here, straight from the encoded message into the socket's write
+//! buffer: a broadcast's frame, shared by every member, is copied once per member rather
+//! than handed to tungstenite as a counted reference per member.
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, FrameHeader};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
 use crate::AppState;
 use crate::channel::{Next, Outbound, OutboundRx, Session, outbound_queue};
@@ -36,11 +50,17 @@ pub mod close_code {
     pub const RESTART: u16 = 1012;
 }
 
+/// An upgraded connection.
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The WebSocket version this server speaks (RFC 6455).
+const WEBSOCKET_VERSION: &str = "13";
+
 /// Read buffer per socket. tungstenite's default (128 KiB) would dominate an idle socket's
 /// memory; 1 KiB holds several typical frames per read (measured: 13.6 KiB per idle socket
 /// with 4 KiB and the old queue, 6.7 KiB now), and a larger frame just takes more reads.
 const READ_BUFFER: usize = 1 << 10;
-/// Items written per flush when the queue has several ready.
+/// Items written per batch when the queue has several ready.
 const WRITE_BATCH: usize = 64;
 /// Frames of one batch are gathered up to this many bytes before a write, so a batch costs
 /// one syscall rather than one per frame (fan-out of 10k x 100 measured 2.6x faster than
@@ -54,9 +74,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub async fn websocket(
     State(app): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut request: Request,
 ) -> Response {
+    let key = match upgrade_key(&request) {
+        Ok(key) => key,
+        Err((status, why)) => return (status, why).into_response(),
+    };
+    let headers = request.headers();
     let vsn = match Vsn::from_param(params.get(protocol::VSN_PARAM).map(String::as_str)) {
         Ok(vsn) => vsn,
         Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
@@ -64,7 +88,7 @@ pub async fn websocket(
     let token = params
         .get(protocol::TOKEN_PARAM)
         .cloned()
-        .or_else(|| subprotocol_token(&headers));
+        .or_else(|| subprotocol_token(headers));
     let identity = match app.verifier.verify(token.as_deref()) {
         Ok(identity) => identity,
         Err(e) => {
@@ -72,23 +96,104 @@ pub async fn websocket(
             return (StatusCode::FORBIDDEN, e.to_string()).into_response();
         }
     };
+    let offers_phoenix = offered_protocols(headers).any(|p| p == protocol::SUBPROTOCOL);
     let limits = app.hub.limits();
-    ws.protocols([protocol::SUBPROTOCOL])
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
+    // tungstenite writes only control frames, each at once: data frames have their own
+    // buffer (`Outgoing`).
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes))
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| run(socket, app, vsn, identity))
+        .write_buffer_size(0);
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                run(ws, app, vsn, identity).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::try_from(derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if offers_phoenix {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol::SUBPROTOCOL),
+        );
+    }
+    response
 }
 
-/// The token carried as `base64url.bearer.phx.<base64 token>` in `Sec-WebSocket-Protocol`.
-fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
-    let encoded = headers
+/// The `Sec-WebSocket-Key` of a valid WebSocket upgrade request (RFC 6455, 4.2.1), or why
+/// the request is not one.
+fn upgrade_key(request: &Request) -> Result<HeaderValue, (StatusCode, &'static str)> {
+    let headers = request.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(token))
+    };
+    if request.method() != Method::GET {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket upgrade is a GET",
+        ));
+    }
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(WEBSOCKET_VERSION.as_bytes())
+    {
+        return Err((StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13"));
+    }
+    if request
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded",
+        ));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing"))
+}
+
+/// The subprotocols a client offers in `Sec-WebSocket-Protocol`.
+fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(protocol::AUTH_SUBPROTOCOL_PREFIX))?;
+        .map(str::trim)
+}
+
+/// The token carried as `base64url.bearer.phx.<base64 token>` in `Sec-WebSocket-Protocol`.
+fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
+    let encoded = offered_protocols(headers)
+        .find_map(|p| p.strip_prefix(protocol::AUTH_SUBPROTOCOL_PREFIX))?;
     let engines = [
         base64::engine::general_purpose::STANDARD_NO_PAD,
         base64::engine::general_purpose::URL_SAFE_NO_PAD,
@@ -106,24 +211,58 @@ fn close(code: u16, reason: &str) -> Option<CloseFrame> {
         cut -= 1;
     }
     Some(CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Utf8Bytes::from(&reason[..cut]),
     })
 }
 
-fn to_ws(frame: Frame) -> WsMessage {
-    match frame {
-        Frame::Text(text) => WsMessage::Text(text),
-        Frame::Binary(bytes) => WsMessage::Binary(bytes),
+/// Data frames on their way to the socket, in WebSocket framing, and how much of them
+/// the socket has taken. What a cancelled write left is still here, to go out before a
+/// close frame.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+impl Outgoing {
+    /// Appends one frame (a server's frames are not masked: the same bytes for everyone).
+    fn put(&mut self, frame: &Frame) {
+        let (data, payload) = match frame {
+            Frame::Text(text) => (Data::Text, text.as_str().as_bytes()),
+            Frame::Binary(bytes) => (Data::Binary, &bytes[..]),
+        };
+        let header = FrameHeader {
+            opcode: OpCode::Data(data),
+            ..FrameHeader::default()
+        };
+        // Writing into a Vec does not fail.
+        let _ = header.format(payload.len() as u64, &mut self.buf);
+        self.buf.extend_from_slice(payload);
+    }
+
+    /// Writes what is gathered; safe to cancel (the next call goes on where it stopped).
+    async fn write(&mut self, ws: &mut Ws) -> io::Result<()> {
+        let io = ws.get_mut();
+        while self.sent < self.buf.len() {
+            match io.write(&self.buf[self.sent..]).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => self.sent += n,
+            }
+        }
+        self.sent = 0;
+        if self.buf.capacity() > 2 * WRITE_BUFFER {
+            // A large frame's memory goes back once it is written.
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        io.flush().await
     }
 }
 
-/// Encodes one outbound item for this socket, or `None` when there is nothing to write.
-fn encode(vsn: Vsn, session: &mut Session, next: Next) -> Option<WsMessage> {
-    let item = match next {
-        Next::Broadcast(frame) => return Some(to_ws(frame)),
-        Next::Queued(item) => item,
-    };
+/// Encodes one queued item for this socket, or `None` when there is nothing to write.
+fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<Frame> {
     let frame = match item {
         Outbound::Reply {
             join_ref,
@@ -166,7 +305,7 @@ fn encode(vsn: Vsn, session: &mut Session, next: Next) -> Option<WsMessage> {
         }
     };
     match frame {
-        Ok(frame) => Some(to_ws(frame)),
+        Ok(frame) => Some(frame),
         Err(e) => {
             tracing::debug!(error = %e, "message cannot be encoded for this socket: dropped");
             None
@@ -174,32 +313,34 @@ fn encode(vsn: Vsn, session: &mut Session, next: Next) -> Option<WsMessage> {
     }
 }
 
-/// Writes the ready part of the queue, starting with `first`, in one flush. Returns whether
-/// a `disconnect` for this socket came up.
+/// Writes what is ready, up to [`WRITE_BATCH`] items, a write per [`WRITE_BUFFER`] bytes
+/// gathered. Returns whether a `disconnect` for this socket came up.
 async fn write_batch(
-    ws: &mut WebSocket,
+    ws: &mut Ws,
+    out: &mut Outgoing,
     vsn: Vsn,
     session: &mut Session,
     rx: &mut OutboundRx,
-    first: Next,
-) -> Result<bool, axum::Error> {
-    use futures_util::SinkExt as _;
-    let mut item = Some(first);
-    let mut written = 0;
-    while let Some(next) = item.take() {
-        if matches!(next, Next::Queued(Outbound::Disconnect)) {
-            ws.flush().await?;
-            return Ok(true);
+) -> io::Result<bool> {
+    for _ in 0..WRITE_BATCH {
+        match session.next_ready(rx) {
+            None => break,
+            Some(Next::Broadcast(frame)) => out.put(frame),
+            Some(Next::Queued(Outbound::Disconnect)) => {
+                out.write(ws).await?;
+                return Ok(true);
+            }
+            Some(Next::Queued(item)) => {
+                if let Some(frame) = encode(vsn, session, item) {
+                    out.put(&frame);
+                }
+            }
         }
-        if let Some(msg) = encode(vsn, session, next) {
-            ws.feed(msg).await?;
-            written += 1;
-        }
-        if written < WRITE_BATCH {
-            item = session.next_ready(rx, vsn);
+        if out.buf.len() >= WRITE_BUFFER {
+            out.write(ws).await?;
         }
     }
-    ws.flush().await.map(|()| false)
+    out.write(ws).await.map(|()| false)
 }
 
 /// Resolves once the server is shutting down.
@@ -218,20 +359,15 @@ fn too_slow(app: &AppState) -> Option<CloseFrame> {
 }
 
 /// The close frame for a failed read: the client broke a limit or the WebSocket protocol.
-fn read_failure(e: axum::Error, limits: &crate::config::Limits) -> Option<CloseFrame> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    match e.into_inner().downcast::<WsError>().map(|e| *e) {
-        Ok(WsError::Capacity(_)) => close(
+fn read_failure(e: WsError, limits: &crate::config::Limits) -> Option<CloseFrame> {
+    match e {
+        WsError::Capacity(_) => close(
             close_code::TOO_BIG,
             &format!("frame over {} bytes", limits.max_frame_bytes),
         ),
-        Ok(WsError::Utf8(_)) => close(close_code::INVALID_DATA, "text frame is not UTF-8"),
-        Ok(WsError::Protocol(p)) => close(close_code::PROTOCOL_ERROR, &p.to_string()),
-        Ok(other) => {
-            tracing::debug!(error = %other, "websocket read failed");
-            None
-        }
-        Err(other) => {
+        WsError::Utf8(_) => close(close_code::INVALID_DATA, "text frame is not UTF-8"),
+        WsError::Protocol(p) => close(close_code::PROTOCOL_ERROR, &p.to_string()),
+        other => {
             tracing::debug!(error = %other, "websocket read failed");
             None
         }
@@ -288,12 +424,20 @@ impl Drop for LiveGuard {
     }
 }
 
-async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Identity) {
+async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Identity) {
+    use futures_util::{SinkExt as _, StreamExt as _};
     app.live_sockets.fetch_add(1, Ordering::Relaxed);
     let _live = LiveGuard(app.clone());
     let limits = app.hub.limits().clone();
     let (out, mut rx) = outbound_queue(limits.outbound_queue_bytes);
-    let mut session = Session::new(app.hub.clone(), identity.socket_id, &identity.assigns, out);
+    let mut session = Session::new(
+        app.hub.clone(),
+        identity.socket_id,
+        &identity.assigns,
+        out,
+        vsn,
+    );
+    let mut outgoing = Outgoing::default();
     let overflow = rx.overflow();
     // Both waits are made once and polled last: a shutdown wait made anew on every turn
     // registers with, and leaves, a lock shared by every socket (the watch's). A socket
@@ -317,12 +461,12 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
         }
         tokio::select! {
             biased;
-            item = session.next_out(&mut rx, vsn) => {
+            () = session.ready(&mut rx) => {
                 // A client that does not read blocks this write; overflow and shutdown
                 // must still end it.
                 let written = tokio::select! {
                     biased;
-                    written = write_batch(&mut ws, vsn, &mut session, &mut rx, item) => written,
+                    written = write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx) => written,
                     () = &mut overflowed => break too_slow(&app),
                     () = &mut stop => break close(close_code::RESTART, "server restart"),
                 };
@@ -332,14 +476,16 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
                     Err(_) => break None,
                 }
             }
-            incoming = ws.recv() => {
+            incoming = ws.next() => {
                 idle.as_mut().reset(Instant::now() + limits.idle_timeout());
                 let decoded = match incoming {
                     None | Some(Ok(WsMessage::Close(_))) => break None,
                     Some(Err(e)) => break read_failure(e, &limits),
                     Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
                     Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {
+                        continue;
+                    }
                 };
                 match decoded {
                     Ok(msg) if rate.allow() => session.handle(msg).await,
@@ -364,7 +510,13 @@ async fn run(mut ws: WebSocket, app: Arc<AppState>, vsn: Vsn, identity: crate::a
     };
     session.close().await;
     if let Some(frame) = close_frame {
-        let _ = tokio::time::timeout(CLOSE_GRACE, ws.send(WsMessage::Close(Some(frame)))).await;
+        // What a cut-off batch left goes first: the close frame must start a frame.
+        let closing = async {
+            if outgoing.write(&mut ws).await.is_ok() {
+                let _ = ws.send(WsMessage::Close(Some(frame))).await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
     }
 }
 
@@ -397,6 +549,27 @@ mod tests {
         assert!(!rate.exhausted());
         assert!(!rate.allow() && !rate.allow());
         assert!(rate.exhausted());
+    }
+
+    #[test]
+    fn frames_put_together_read_back_as_the_same_messages() {
+        use axum::extract::ws::Utf8Bytes as Text;
+        use tokio_tungstenite::tungstenite::WebSocket;
+        // Each length encoding: 7 bits, 16 bits, 64 bits.
+        let sizes = [0, 125, 126, 65_535, 65_536];
+        let mut out = Outgoing::default();
+        for n in sizes {
+            out.put(&Frame::Text(Text::from("x".repeat(n))));
+            out.put(&Frame::Binary(vec![7; n].into()));
+        }
+        let mut client =
+            WebSocket::from_raw_socket(std::io::Cursor::new(out.buf), Role::Client, None);
+        for n in sizes {
+            let text = client.read().expect("a text frame");
+            assert_eq!(text, WsMessage::text("x".repeat(n)));
+            let binary = client.read().expect("a binary frame");
+            assert_eq!(binary, WsMessage::binary(vec![7; n]));
+        }
     }
 
     #[test]

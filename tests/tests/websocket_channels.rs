@@ -357,6 +357,15 @@ async fn shutdown_closes_sockets_with_1012() {
 }
 
 #[tokio::test]
+async fn a_request_that_is_not_an_upgrade_is_refused_with_the_reason() {
+    let server = TestServer::start().await;
+    let plain = http_get(server.addr, "/socket/websocket?vsn=2.0.0").await;
+    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+    assert!(plain.contains("expected a WebSocket upgrade"), "{plain}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_index_says_where_the_socket_is() {
     let server = TestServer::start().await;
     let body = http_get(server.addr, "/").await;

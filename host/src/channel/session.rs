@@ -52,12 +52,12 @@ impl Joined {
 }
 
 /// What a socket writes next: an item of its own queue, or a broadcast from one of its
-/// rooms' feeds, already encoded for its serializer.
-pub enum Next {
+/// rooms' feeds, already encoded for its serializer and lent by the feed.
+pub enum Next<'a> {
     /// From the socket's queue.
     Queued(Outbound),
     /// From a feed.
-    Broadcast(Frame),
+    Broadcast(&'a Frame),
 }
 
 /// The channels of one socket and the protocol rules that govern them.
@@ -68,6 +68,8 @@ pub struct Session {
     id_subscription: Option<SubscriberId>,
     assigns: String,
     out: OutboundTx,
+    /// The socket's serializer.
+    vsn: Vsn,
     channels: HashMap<Arc<str>, Joined>,
 }
 
@@ -77,12 +79,13 @@ const DUPLICATE_JOIN: &str = "duplicate_join";
 const JOIN_RETRIES: usize = 3;
 
 impl Session {
-    /// A session for a socket with this identity, writing to `out`.
+    /// A session for a socket with this identity and serializer, writing to `out`.
     pub fn new(
         hub: Arc<Hub>,
         socket_id: Option<String>,
         assigns: &serde_json::Map<String, serde_json::Value>,
         out: OutboundTx,
+        vsn: Vsn,
     ) -> Self {
         let assigns = serde_json::to_string(assigns).unwrap_or_else(|_| "{}".into());
         let socket_id: Option<Arc<str>> = socket_id.map(Arc::from);
@@ -99,6 +102,7 @@ impl Session {
             id_subscription,
             assigns,
             out,
+            vsn,
             channels: HashMap::new(),
         }
     }
@@ -269,46 +273,41 @@ impl Session {
         }
     }
 
-    /// The next item to write, waiting for one: the socket's queue and its channels'
-    /// feeds, lowest sequence number first.
-    pub async fn next_out(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Next {
-        loop {
-            if let Some(item) = self.next_ready(rx, vsn) {
-                return item;
-            }
-            if self.channels.values_mut().all(|c| c.feed.park()) {
+    /// Waits until something is ready to write: an item of the socket's queue or a
+    /// broadcast in one of its channels' feeds.
+    pub async fn ready(&mut self, rx: &mut OutboundRx) {
+        let vsn = self.vsn;
+        while self.lowest(rx).is_none() {
+            if self.channels.values_mut().all(|c| c.feed.park(vsn)) {
                 rx.ready().await;
             }
         }
     }
 
-    /// The next item to write, if one is ready; broadcasts come encoded for `vsn`.
+    /// The next item to write, if one is ready, lowest sequence number first.
     ///
     /// Looking twice keeps the order: whatever was made before the lowest item the first
     /// look found was added before it too, so the second look sees it, even in a source
     /// the first look found empty. Sources are in order themselves, so no head can drop
     /// below what the first look saw.
-    pub fn next_ready(&mut self, rx: &mut OutboundRx, vsn: Vsn) -> Option<Next> {
-        loop {
-            self.lowest(rx)?;
-            match self.lowest(rx)? {
-                None => return rx.pop().map(Next::Queued),
-                Some(i) => {
-                    let joined = self.channels.values_mut().nth(i)?;
-                    // A broadcast this serializer cannot carry is passed over.
-                    if let Some(frame) = joined.feed.take(vsn)? {
-                        return Some(Next::Broadcast(frame));
-                    }
-                }
+    pub fn next_ready(&mut self, rx: &mut OutboundRx) -> Option<Next<'_>> {
+        self.lowest(rx)?;
+        match self.lowest(rx)? {
+            None => rx.pop().map(Next::Queued),
+            Some(i) => {
+                let vsn = self.vsn;
+                let joined = self.channels.values_mut().nth(i)?;
+                joined.feed.take(vsn).map(Next::Broadcast)
             }
         }
     }
 
     /// Where the lowest ready item is: the queue (`None`) or the feed of the `i`th channel.
     fn lowest(&mut self, rx: &mut OutboundRx) -> Option<Option<usize>> {
+        let vsn = self.vsn;
         let mut best: Option<(u64, Option<usize>)> = None;
         for (i, joined) in self.channels.values_mut().enumerate() {
-            if let Some(seq) = joined.feed.peek()
+            if let Some(seq) = joined.feed.peek(vsn)
                 && best.is_none_or(|(lowest, _)| seq < lowest)
             {
                 best = Some((seq, Some(i)));
