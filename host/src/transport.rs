@@ -55,6 +55,10 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// The WebSocket version this server speaks (RFC 6455).
 const WEBSOCKET_VERSION: &str = "13";
+/// The `Upgrade` header's token for WebSocket.
+const UPGRADE_WEBSOCKET: &str = "websocket";
+/// The `Connection` header's token for an upgrade.
+const CONNECTION_UPGRADE: &str = "upgrade";
 
 /// Read buffer per socket. tungstenite's default (128 KiB) would dominate an idle socket's
 /// memory; 1 KiB holds several typical frames per read (measured: 13.6 KiB per idle socket
@@ -119,8 +123,11 @@ pub async fn websocket(
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::CONNECTION,
+        HeaderValue::from_static(CONNECTION_UPGRADE),
+    );
+    headers.insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_WEBSOCKET));
     if let Ok(accept) = HeaderValue::try_from(derive_accept_key(key.as_bytes())) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
@@ -151,7 +158,7 @@ fn upgrade_key(request: &Request) -> Result<HeaderValue, (StatusCode, &'static s
             "a WebSocket upgrade is a GET",
         ));
     }
-    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+    if !has(header::CONNECTION, CONNECTION_UPGRADE) || !has(header::UPGRADE, UPGRADE_WEBSOCKET) {
         return Err((
             StatusCode::BAD_REQUEST,
             "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
@@ -243,6 +250,10 @@ impl Outgoing {
 
     /// Writes what is gathered; safe to cancel (the next call goes on where it stopped).
     async fn write(&mut self, ws: &mut Ws) -> io::Result<()> {
+        use futures_util::SinkExt as _;
+        // A control frame tungstenite could not finish (a pong to a client's ping, with the
+        // socket's send buffer full) goes first: these frames must not land inside it.
+        ws.flush().await.map_err(io::Error::other)?;
         let io = ws.get_mut();
         while self.sent < self.buf.len() {
             match io.write(&self.buf[self.sent..]).await? {

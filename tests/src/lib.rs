@@ -241,6 +241,19 @@ impl Client {
         self.ws.send(Message::binary(data)).await.expect("send");
     }
 
+    /// The next message of any kind, pongs included; panics on close or timeout.
+    pub async fn recv_any(&mut self) -> Message {
+        let msg = tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("socket open")
+            .expect("read");
+        if let Message::Close(frame) = msg {
+            panic!("socket closed: {frame:?}");
+        }
+        msg
+    }
+
     /// The next data message (text or binary), skipping pings; panics on close or timeout.
     pub async fn recv_message(&mut self) -> Message {
         loop {

@@ -366,6 +366,31 @@ async fn a_request_that_is_not_an_upgrade_is_refused_with_the_reason() {
 }
 
 #[tokio::test]
+async fn pings_are_answered_in_order_between_broadcasts() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start().await;
+    let mut c = server.client("1").await;
+    c.join("1", "room:lobby", json!({})).await;
+    let body = r#"{"topic":"room:lobby","event":"news","payload":{"n":1}}"#;
+    const ROUNDS: u8 = 50;
+    for i in 0..ROUNDS {
+        c.send_raw(Message::Ping(vec![i].into())).await;
+        let answer = http_post(server.addr, "/api/broadcast", Some(ADMIN), body).await;
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+    let (mut pongs, mut news) = (Vec::new(), 0);
+    while pongs.len() < usize::from(ROUNDS) || news < ROUNDS {
+        match c.recv_any().await {
+            Message::Pong(data) => pongs.extend_from_slice(&data),
+            Message::Text(text) if text.contains("\"news\"") => news += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pongs, (0..ROUNDS).collect::<Vec<u8>>());
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_index_says_where_the_socket_is() {
     let server = TestServer::start().await;
     let body = http_get(server.addr, "/").await;
