@@ -3,10 +3,11 @@
 //! outbound queue, answers nothing itself but enforces the idle timeout, the frame size and
 //! the queue limit, and closes cleanly on shutdown.
 //!
-//! tungstenite reads the socket and writes its control frames (pongs, the close frame).
-//! Data frames are framed here, straight from the encoded message into the socket's write
-//! buffer: a broadcast's frame, shared by every member, is copied once per member rather
-//! than handed to tungstenite as a counted reference per member.
+//! tungstenite reads the socket and writes its control frames (pongs, the close frame),
+//! never in the middle of a batch. Data frames are framed here, straight from the encoded
+//! message into the socket's write buffer: a broadcast's frame, shared by every member, is
+//! copied once per member rather than handed to tungstenite as a counted reference per
+//! member.
 
 use std::collections::HashMap;
 use std::io;
