@@ -7,11 +7,11 @@
 
 use std::fmt::{self, Write as _};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The topic of socket-level messages (heartbeats).
 pub const PHOENIX_TOPIC: &str = "phoenix";

@@ -565,13 +565,12 @@ mod tests {
 
     #[test]
     fn frames_put_together_read_back_as_the_same_messages() {
-        use axum::extract::ws::Utf8Bytes as Text;
         use tokio_tungstenite::tungstenite::WebSocket;
         // Each length encoding: 7 bits, 16 bits, 64 bits.
         let sizes = [0, 125, 126, 65_535, 65_536];
         let mut out = Outgoing::default();
         for n in sizes {
-            out.put(&Frame::Text(Text::from("x".repeat(n))));
+            out.put(&Frame::Text(Utf8Bytes::from("x".repeat(n))));
             out.put(&Frame::Binary(vec![7; n].into()));
         }
         let mut client =
