@@ -1036,8 +1036,12 @@ fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
-/// One chat member: sends `new_message` with its send time every `every`, from `offset`,
-/// until `stop`; records the latency of every message it receives (microseconds).
+/// Tenths of the send period, for the check that the offered load is even.
+const PHASES: usize = 10;
+
+/// One chat member: sends `new_message` with its send time every `every`, from `epoch` +
+/// `offset`, until `stop`; records the latency of every message it receives (microseconds)
+/// and returns it with its sends counted by the tenth of the period they fell in.
 async fn chat_member(
     mut ws: Ws,
     topic: String,
@@ -1046,11 +1050,18 @@ async fn chat_member(
     epoch: Instant,
     measure_from: Instant,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(Vec<u32>, u64)> {
+) -> anyhow::Result<(Vec<u32>, [u64; PHASES])> {
     let mut latencies = Vec::new();
-    let mut sent = 0;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = [0; PHASES];
+    let period = every.as_nanos() as u64;
+    // On a schedule fixed from the run's common epoch: a member's first poll comes up to
+    // tens of milliseconds after `epoch` (10,000 spawns), and a start counted from it
+    // wrapped the latest members' phases into the next period's first 50 ms (a third more
+    // messages there); a late tick is sent at once and the schedule kept (`Burst`), where
+    // `Delay` moved every late member to the moment the delay ended, which bunched them.
+    let start = tokio::time::Instant::from_std(epoch) + offset;
+    let mut tick = tokio::time::interval_at(start, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -1063,7 +1074,7 @@ async fn chat_member(
                 if ws.send(Message::text(frame)).await.is_err() {
                     break;
                 }
-                sent += 1;
+                sent[((now % period) * PHASES as u64 / period) as usize] += 1;
             }
             msg = ws.next() => {
                 let Some(Ok(msg)) = msg else { break };
@@ -1168,17 +1179,22 @@ async fn chat_run(
     // Each member stops at its next tick, having read what arrived until then.
     stop_tx.send_replace(true);
     let mut latencies = Vec::new();
-    let mut sent = 0;
+    let mut by_phase = [0; PHASES];
     for member in members {
         let (l, s) = member.await??;
         latencies.extend(l);
-        sent += s;
+        by_phase
+            .iter_mut()
+            .zip(s)
+            .for_each(|(all, one)| *all += one);
     }
+    let sent: u64 = by_phase.iter().sum();
+    let busiest = by_phase.iter().max().copied().unwrap_or(0);
     latencies.sort_unstable();
     anyhow::ensure!(!latencies.is_empty(), "nothing received");
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     Ok(format!(
-        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs; server CPU {:.2} cores, {:.1} µs per message in; load generator CPU {:.2} cores",
+        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs; busiest tenth of the send period {:.2}x the mean; server CPU {:.2} cores, {:.1} µs per message in; load generator CPU {:.2} cores",
         sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
         sent,
         latencies.len() as f64 / MEASURE.as_secs_f64(),
@@ -1186,6 +1202,7 @@ async fn chat_run(
         at(0.5),
         at(0.99),
         at(0.999),
+        busiest as f64 * PHASES as f64 / sent.max(1) as f64,
         cpu.as_secs_f64() / MEASURE.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / (rate as f64 * MEASURE.as_secs_f64()),
         own.as_secs_f64() / MEASURE.as_secs_f64(),
