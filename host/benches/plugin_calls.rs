@@ -1,5 +1,5 @@
-//! Micro benchmarks of the plugin boundary with criterion: `handle_in` round trips and
-//! first-join instantiation, through the same runtime the server uses (pooling allocator,
+//! Micro benchmarks of the plugin boundary with criterion: `handle_in` round trips, the
+//! `handle_out` an intercepted broadcast costs per member, and first-join instantiation, through the same runtime the server uses (pooling allocator,
 //! epoch deadline, WASI linked, host imports), driven through the `RoomLogic` trait the room
 //! actor uses, without sockets. Needs the plugins built: `make plugins`.
 //!
@@ -101,6 +101,31 @@ fn plugin_calls(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // What an intercepted `new_message` costs per member: the chat plugin's `handle_out`
+    // (the SDK's default, which pushes the broadcast unchanged).
+    c.bench_function("handle_out: chat new_message, pushed unchanged", |b| {
+        let sock = common::socket("room:lobby");
+        let payload = Payload::json(r#"{"body":"hello, world"}"#.into()).expect("json");
+        let mut room = rt.block_on(async {
+            let mut room = chat.instantiate("room:lobby").await.expect("instance");
+            room.join(Payload::empty(), &sock).await.expect("join");
+            room
+        });
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let handled = room
+                        .handle_out("new_message", payload.clone(), &sock)
+                        .await
+                        .expect("call");
+                    std::hint::black_box(handled);
+                }
+                start.elapsed()
+            })
+        })
+    });
 
     c.bench_function("first join: instantiate + join (chat)", |b| {
         let sock = common::socket("room:lobby");
