@@ -1172,9 +1172,9 @@ async fn chat_run(
         })
         .collect();
     tokio::time::sleep_until(measure_from.into()).await;
-    let (cpu_from, own_from) = (cpu_time(pid)?, cpu_time(std::process::id())?);
+    let (cpu_from, own_from) = (Cpu::of(pid)?, cpu_time(std::process::id())?);
     tokio::time::sleep_until((measure_from + MEASURE).into()).await;
-    let cpu = cpu_time(pid)? - cpu_from;
+    let cpu = Cpu::of(pid)?.since(cpu_from);
     let own = cpu_time(std::process::id())? - own_from;
     // Each member stops at its next tick, having read what arrived until then.
     stop_tx.send_replace(true);
@@ -1194,7 +1194,7 @@ async fn chat_run(
     anyhow::ensure!(!latencies.is_empty(), "nothing received");
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     Ok(format!(
-        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs; busiest tenth of the send period {:.2}x the mean; server CPU {:.2} cores, {:.1} µs per message in; load generator CPU {:.2} cores",
+        "{rooms} rooms x {MEMBERS} members, {:.0} messages/s in ({} sent), {:.0} deliveries/s measured over {}s: latency p50 {} µs, p99 {} µs, p999 {} µs; busiest tenth of the send period {:.2}x the mean; server CPU {:.2} cores, {} per message in; load generator CPU {:.2} cores",
         sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
         sent,
         latencies.len() as f64 / MEASURE.as_secs_f64(),
@@ -1203,8 +1203,8 @@ async fn chat_run(
         at(0.99),
         at(0.999),
         busiest as f64 * PHASES as f64 / sent.max(1) as f64,
-        cpu.as_secs_f64() / MEASURE.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / (rate as f64 * MEASURE.as_secs_f64()),
+        cpu.total().as_secs_f64() / MEASURE.as_secs_f64(),
+        cpu.per(rate as f64 * MEASURE.as_secs_f64()),
         own.as_secs_f64() / MEASURE.as_secs_f64(),
     ))
 }
