@@ -1,7 +1,8 @@
 //! Micro benchmarks of the plugin boundary with criterion: `handle_in` round trips, the
-//! `handle_out` an intercepted broadcast costs per member, and first-join instantiation, through the same runtime the server uses (pooling allocator,
-//! epoch deadline, WASI linked, host imports), driven through the `RoomLogic` trait the room
-//! actor uses, without sockets. Needs the plugins built: `make plugins`.
+//! `handle_out` an intercepted broadcast costs per member, and first-join instantiation,
+//! through the same runtime the server uses (pooling allocator, epoch deadline, WASI linked,
+//! host imports), driven through the `RoomLogic` trait the room actor uses, without sockets.
+//! Needs the plugins built: `make plugins`.
 //!
 //! Run with `cargo bench -p cinder --bench plugin_calls` (criterion's estimates: the time
 //! per call with its confidence interval).
