@@ -34,6 +34,13 @@ fn load(runtime: &Runtime, limits: &Limits, name: &str) -> Plugin {
     runtime.load(manifest, &component).expect("plugin loads")
 }
 
+/// A room of `plugin` on `topic` that `sock` has joined.
+async fn joined(plugin: &Plugin, topic: &str, sock: &ChannelSocket) -> Box<dyn RoomLogic> {
+    let mut room = plugin.instantiate(topic).await.expect("instance");
+    room.join(Payload::empty(), sock).await.expect("join");
+    room
+}
+
 /// `iters` calls of `handle_in` with `payload`, timed together.
 async fn handle_in_calls(
     room: &mut dyn RoomLogic,
@@ -90,11 +97,7 @@ fn plugin_calls(c: &mut Criterion) {
     for (name, plugin, topic, event, payload) in calls {
         let sock = common::socket(topic);
         let payload = Payload::json(payload).expect("json");
-        let mut room = rt.block_on(async {
-            let mut room = plugin.instantiate(topic).await.expect("instance");
-            room.join(Payload::empty(), &sock).await.expect("join");
-            room
-        });
+        let mut room = rt.block_on(joined(plugin, topic, &sock));
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(handle_in_calls(&mut *room, event, &payload, &sock, iters))
@@ -108,11 +111,7 @@ fn plugin_calls(c: &mut Criterion) {
     c.bench_function("handle_out: chat new_message, pushed unchanged", |b| {
         let sock = common::socket("room:lobby");
         let payload = Payload::json(r#"{"body":"hello, world"}"#.into()).expect("json");
-        let mut room = rt.block_on(async {
-            let mut room = chat.instantiate("room:lobby").await.expect("instance");
-            room.join(Payload::empty(), &sock).await.expect("join");
-            room
-        });
+        let mut room = rt.block_on(joined(&chat, "room:lobby", &sock));
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let start = Instant::now();
