@@ -23,13 +23,15 @@ wasm-target:
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
 # in $(PLUGIN_DIR), the Rust examples and the test plugins in $(TEST_PLUGIN_DIR), all of
 # them in $(JS_TEST_PLUGIN_DIR), and version 2 of `counter` in $(UPLOAD_DIR) as
-# counter-2.0.0.wasm + .toml.
+# counter-2.0.0.wasm + .toml. The test dirs also hold each chat component a second time as
+# <name>-intercept, under its cinder-intercept.toml (new_message through handle_out).
 plugins: rust-plugins lang-plugins
 	@mkdir -p $(JS_TEST_PLUGIN_DIR)
 	cp $(TEST_PLUGIN_DIR)/* $(JS_TEST_PLUGIN_DIR)/
 	@for p in $(LANG_PLUGINS); do \
 		cp $(PLUGIN_OUT)/$$p.wasm $(PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(PLUGIN_DIR)/$$p.toml; \
 		cp $(PLUGIN_OUT)/$$p.wasm $(JS_TEST_PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(JS_TEST_PLUGIN_DIR)/$$p.toml; \
+		cp $(PLUGIN_OUT)/$$p.wasm $(JS_TEST_PLUGIN_DIR)/$$p-intercept.wasm && cp plugins/$$p/cinder-intercept.toml $(JS_TEST_PLUGIN_DIR)/$$p-intercept.toml; \
 	done
 
 # The chat plugin in JavaScript (componentize-qjs: QuickJS; docs/plugins/javascript.md says
@@ -58,6 +60,7 @@ rust-plugins: wasm-target
 	@for p in $(EXAMPLES) $(TEST_ONLY); do \
 		cp $(PLUGIN_OUT)/$$p.wasm $(TEST_PLUGIN_DIR)/$$p.wasm && cp plugins/$$p/cinder.toml $(TEST_PLUGIN_DIR)/$$p.toml; \
 	done
+	cp $(PLUGIN_OUT)/chat.wasm $(TEST_PLUGIN_DIR)/chat-intercept.wasm && cp plugins/chat/cinder-intercept.toml $(TEST_PLUGIN_DIR)/chat-intercept.toml
 
 # Serves the example plugins; CINDER_LISTEN, CINDER_JWT_SECRET, CINDER_ADMIN_TOKEN and
 # CINDER_DATA_DIR are honoured.

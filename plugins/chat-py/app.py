@@ -3,9 +3,10 @@
 
 - Joining `py:lobby` (or a numbered overflow lobby, `py:lobby-<n>`) is allowed; any other
   room is refused with `{"reason": "unauthorized"}`.
-- `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`; it is
-  intercepted (see cinder.toml), so each subscriber's copy goes through `handle_out`, which
-  pushes it as is.
+- `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`, through the
+  fastlane (cinder.toml intercepts nothing). `handle_out` pushes an intercepted event as
+  is; the tests run it with cinder-intercept.toml, which serves this component on
+  `py-out:*` with `new_message` intercepted.
 - `boom` raises an exception in the handler: the host gets an `err`, and only this channel
   crashes (`phx_error`), as for any failing handler.
 - Any other event gets an error reply.

@@ -37,6 +37,24 @@ describe(`chat plugin in ${language} (${prefix}:*)`, () => {
     bob.disconnect();
   });
 
+  test(`with new_message intercepted (${prefix}-out:*), handle_out pushes every member's copy`, async () => {
+    // The same component under cinder-intercept.toml: each copy is a push from handle_out,
+    // carrying the member's join_ref, which the client checks against its channel's.
+    const alice = await connect(server, "alice");
+    const bob = await connect(server, "bob");
+    const a = alice.channel(`${prefix}-out:lobby`, {});
+    const b = bob.channel(`${prefix}-out:lobby`, {});
+    await join(a);
+    await join(b);
+    const bobGets = next(b, "new_message");
+    const aliceGets = next(a, "new_message");
+    a.push("new_message", { body: "through handle_out" });
+    assert.deepEqual(await bobGets, { body: "through handle_out" });
+    assert.deepEqual(await aliceGets, { body: "through handle_out" });
+    alice.disconnect();
+    bob.disconnect();
+  });
+
   test("a message without a body gets an error reply", async () => {
     const s = await connect(server, "carol");
     const c = s.channel(lobby, {});

@@ -27,14 +27,32 @@ async fn joins_replies_and_broadcasts_in_v2() {
     );
     a.send(json!(["1", "2", "room:lobby", "new_message", {"body": "hi"}]))
         .await;
-    // Intercepted: handle_out pushes it, so each copy carries the member's join_ref.
+    // Not intercepted: one frame for the topic, without a join_ref, as Phoenix sends a
+    // broadcast.
+    let frame = json!([null, null, "room:lobby", "new_message", {"body": "hi"}]);
+    assert_eq!(a.recv().await, frame);
+    assert_eq!(b.recv().await, frame);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_intercepted_broadcast_reaches_each_member_through_handle_out() {
+    // The chat component again, with `new_message` intercepted (cinder-intercept.toml).
+    let server = TestServer::start().await;
+    let mut a = server.client("a").await;
+    let mut b = server.client("b").await;
+    a.join("1", "room-out:lobby", json!({})).await;
+    b.join("7", "room-out:lobby", json!({})).await;
+    a.send(json!(["1", "2", "room-out:lobby", "new_message", {"body": "hi"}]))
+        .await;
+    // handle_out pushes each member's copy, so it carries that member's join_ref.
     assert_eq!(
         a.recv().await,
-        json!(["1", null, "room:lobby", "new_message", {"body": "hi"}])
+        json!(["1", null, "room-out:lobby", "new_message", {"body": "hi"}])
     );
     assert_eq!(
         b.recv().await,
-        json!(["7", null, "room:lobby", "new_message", {"body": "hi"}])
+        json!(["7", null, "room-out:lobby", "new_message", {"body": "hi"}])
     );
     server.stop().await;
 }
@@ -158,8 +176,9 @@ async fn duplicate_join_event_closes_existing_channel_after_the_new_reply() {
         .await;
     assert_eq!(
         c.recv().await,
-        json!(["3", null, "room:lobby", "new_message", {"body": "x"}])
+        json!([null, null, "room:lobby", "new_message", {"body": "x"}])
     );
+    // One copy: the closed channel is no longer subscribed.
     c.silent_for(100).await;
     server.stop().await;
 }
@@ -502,7 +521,7 @@ async fn a_disconnect_broadcast_on_the_socket_id_closes_every_socket_with_it() {
         .await;
     assert_eq!(
         other.recv().await,
-        json!(["1", null, "room:lobby", "new_message", {"body": "still here"}])
+        json!([null, null, "room:lobby", "new_message", {"body": "still here"}])
     );
     server.stop().await;
 }

@@ -5,9 +5,11 @@
 //! - Joining `room:lobby` (or a numbered overflow lobby, `room:lobby-<n>`) is allowed; any
 //!   other room is refused with `{"reason":"unauthorized"}`.
 //! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`.
-//! - `new_message` is intercepted (see `cinder.toml`), so each subscriber's copy goes
-//!   through `handle_out`; the SDK's default `handle_out` pushes it as is. Override it to
-//!   filter or personalise per user.
+//! - `new_message` is not intercepted (see `cinder.toml`): the broadcast is encoded once
+//!   and written to every member (the fastlane), and `handle_out` is not called. To filter
+//!   or personalise each member's copy, list the event in `intercept` and override
+//!   `handle_out` (the SDK's default pushes it as is); that is a guest call per member.
+//!   `cinder-intercept.toml` serves this component so, for the tests, on `room-out:*`.
 //! - `boom` fails in the handler (an `Err`): only this channel crashes (`phx_error`).
 //! - Any other event gets an error reply.
 
