@@ -16,9 +16,10 @@
 //! cinder-bench chat [ROOMS] [RATE]   ROOMS chat rooms of 10 members, RATE messages/s in all
 //!                                    through the chat plugin: send-to-receive latency
 //!                                    p50/p99/p999, deliveries per second and the CPU the
-//!                                    server and the load generator used, for 10 s; with
-//!                                    new_message intercepted (handle_out per member, as
-//!                                    shipped), then not (the same component, fastlane)
+//!                                    server and the load generator used, for 10 s; as
+//!                                    shipped (new_message on the fastlane), then the same
+//!                                    component with new_message intercepted (handle_out
+//!                                    per member)
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
 //!                                    every text frame it gets to every other connection
 //! ```
@@ -47,11 +48,10 @@ struct Server {
     _data: std::path::PathBuf,
 }
 
+/// The release server (or `$CINDER_BIN`) with the test plugins (`make plugins`): among them
+/// `chat` on `room:*`, and the same component as `chat-intercept` on `room-out:*` with
+/// `new_message` intercepted.
 async fn start_server() -> anyhow::Result<Server> {
-    start_server_with(&cinder_tests::test_plugins_dir()).await
-}
-
-async fn start_server_with(plugins: &std::path::Path) -> anyhow::Result<Server> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = std::env::var("CINDER_BIN")
         .unwrap_or_else(|_| root.join("target/release/cinder").display().to_string());
@@ -67,7 +67,7 @@ async fn start_server_with(plugins: &std::path::Path) -> anyhow::Result<Server> 
             cinder_tests::ADMIN,
         ])
         .arg("--plugins-dir")
-        .arg(plugins)
+        .arg(cinder_tests::test_plugins_dir())
         .arg("--data-dir")
         .arg(&data)
         // Load, not abuse: lift the per-socket rate limit and the crash quarantine.
@@ -855,44 +855,36 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
         })
         .collect();
     let api_bodies = std::sync::Arc::new(api_bodies);
-    let (rates, cpu) = cinder_fanout(
-        &cinder_tests::test_plugins_dir(),
-        "room:lobby",
-        "\"news\"",
-        subscribers,
-        per_round,
-        |addr| {
-            let bodies = api_bodies.clone();
-            // All requests at once, as a backend with news for everyone would send them.
-            async move {
-                let answers =
-                    futures_util::future::join_all(bodies.iter().map(|body| {
-                        cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))
-                    }))
-                    .await;
-                for (status, answer) in answers {
-                    anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
-                }
-                Ok(())
+    let (rates, cpu) = cinder_fanout("room:lobby", "\"news\"", subscribers, per_round, |addr| {
+        let bodies = api_bodies.clone();
+        // All requests at once, as a backend with news for everyone would send them.
+        async move {
+            let answers = futures_util::future::join_all(
+                bodies
+                    .iter()
+                    .map(|body| cinder_tests::admin(addr, "POST", "/api/broadcast", Some(body))),
+            )
+            .await;
+            for (status, answer) in answers {
+                anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
             }
-        },
-    )
+            Ok(())
+        }
+    })
     .await?;
 
     // Cinder again, the broadcasts made by a plugin: one more socket sends the chat
-    // fastlane's `new_message` 100 times over one WebSocket, as the baseline's publisher
-    // sends its frames.
-    let plugins = chat_plugins()?;
+    // plugin's `new_message` (not intercepted) 100 times over one WebSocket, as the
+    // baseline's publisher sends its frames.
     let frames: Vec<String> = (0..BROADCASTS)
         .map(|seq| {
-            json!(["p", null, "fast:lobby", "new_message", {"body": format!("{seq} {pad}")}])
+            json!(["p", null, "room:lobby", "new_message", {"body": format!("{seq} {pad}")}])
                 .to_string()
         })
         .collect();
     let frames = std::sync::Arc::new(frames);
-    let made_by_plugin = cinder_fanout(
-        &plugins,
-        "fast:lobby",
+    let (plugin_rates, plugin_cpu) = cinder_fanout(
+        "room:lobby",
         "\"new_message\"",
         subscribers,
         per_round,
@@ -900,7 +892,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
             let frames = frames.clone();
             async move {
                 let mut publisher = open(&addr.to_string(), 0).await?;
-                join(&mut publisher, "p", "fast:lobby").await?;
+                join(&mut publisher, "p", "room:lobby").await?;
                 for frame in frames.iter() {
                     publisher.send(Message::text(frame.clone())).await?;
                 }
@@ -916,9 +908,7 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
             }
         },
     )
-    .await;
-    std::fs::remove_dir_all(&plugins)?;
-    let (plugin_rates, plugin_cpu) = made_by_plugin?;
+    .await?;
 
     // The first round also grows every socket's write buffer; the others are the steady
     // state. Medians of those, since one round lasts a few hundred milliseconds.
@@ -961,7 +951,6 @@ async fn fanout(subscribers: usize) -> anyhow::Result<()> {
 /// fan-out rounds with `publish` (given the server's address); each frame holding `marker`
 /// counts as a delivery. Returns each round's rate and the CPU of the later rounds.
 async fn cinder_fanout<F, Fut>(
-    plugins: &std::path::Path,
     topic: &'static str,
     marker: &'static str,
     subscribers: usize,
@@ -972,7 +961,7 @@ where
     F: Fn(std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let mut server = start_server_with(plugins).await?;
+    let mut server = start_server().await?;
     let addr: std::net::SocketAddr = server.addr.parse()?;
     let server_addr = server.addr.clone();
     let sockets = open_many(subscribers, |i| {
@@ -1092,29 +1081,16 @@ async fn chat_member(
     Ok((latencies, sent))
 }
 
-/// A plugins dir with the chat plugin as shipped (`room:*`, `new_message` intercepted) and
-/// the same component as `chat-fastlane` on `fast:*`, intercepting nothing.
-fn chat_plugins() -> anyhow::Result<std::path::PathBuf> {
-    let from = cinder_tests::test_plugins_dir();
-    let dir = std::env::temp_dir().join(format!("cinder-bench-chat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(from.join("chat.wasm"), dir.join("chat.wasm"))?;
-    std::fs::copy(from.join("chat.toml"), dir.join("chat.toml"))?;
-    std::fs::copy(from.join("chat.wasm"), dir.join("chat-fastlane.wasm"))?;
-    std::fs::write(
-        dir.join("chat-fastlane.toml"),
-        "name = \"chat-fastlane\"\nversion = \"0.1.0\"\ntopics = [\"fast:*\"]\nintercept = []\n",
-    )?;
-    Ok(dir)
-}
-
-/// Both chat variants at `rate` messages/s in: intercepted (the example as shipped: one
-/// `handle_in` and ten `handle_out` calls per message) and fastlane (one `handle_in`, the
-/// broadcast encoded once for the ten members). A server each, one after the other.
+/// Both chat variants at `rate` messages/s in: the plugin as shipped, on the fastlane (one
+/// `handle_in`, the broadcast encoded once for the ten members), then the same component
+/// with `new_message` intercepted (one `handle_in` and ten `handle_out` calls per message,
+/// each member's copy encoded on its own). A server each, one after the other.
 async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
-    let plugins = chat_plugins()?;
-    for (variant, prefix) in [("intercepted", "room"), ("fastlane", "fast")] {
-        let mut server = start_server_with(&plugins).await?;
+    for (variant, prefix) in [
+        ("fastlane, as shipped", "room"),
+        ("intercepted", "room-out"),
+    ] {
+        let mut server = start_server().await?;
         let pid = server
             .child
             .id()
@@ -1123,7 +1099,6 @@ async fn chat(rooms: usize, rate: usize) -> anyhow::Result<()> {
         server.child.kill().await?;
         println!("chat ({variant}): {}", result?);
     }
-    std::fs::remove_dir_all(&plugins)?;
     Ok(())
 }
 
