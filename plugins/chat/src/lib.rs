@@ -9,7 +9,8 @@
 //!   and written to every member (the fastlane), and `handle_out` is not called. To filter
 //!   or personalise each member's copy, list the event in `intercept` and override
 //!   `handle_out` (the SDK's default pushes it as is); that is a guest call per member.
-//!   `cinder-intercept.toml` serves this component so, for the tests, on `room-out:*`.
+//!   For the tests, `cinder-intercept.toml` serves this component on `room-out:*` with
+//!   `new_message` intercepted.
 //! - `boom` fails in the handler (an `Err`): only this channel crashes (`phx_error`).
 //! - Any other event gets an error reply.
 
