@@ -44,8 +44,8 @@ describe(`chat plugin in ${language} (${prefix}:*)`, () => {
     const bob = await connect(server, "bob");
     const a = alice.channel(`${prefix}-out:lobby`, {});
     const b = bob.channel(`${prefix}-out:lobby`, {});
-    await join(a);
-    await join(b);
+    assert.deepEqual(await join(a), { status: "ok", response: {} });
+    assert.deepEqual(await join(b), { status: "ok", response: {} });
     const bobGets = next(b, "new_message");
     const aliceGets = next(a, "new_message");
     a.push("new_message", { body: "through handle_out" });

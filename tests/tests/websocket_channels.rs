@@ -41,8 +41,14 @@ async fn an_intercepted_broadcast_reaches_each_member_through_handle_out() {
     let server = TestServer::start().await;
     let mut a = server.client("a").await;
     let mut b = server.client("b").await;
-    a.join("1", "room-out:lobby", json!({})).await;
-    b.join("7", "room-out:lobby", json!({})).await;
+    assert_eq!(
+        a.join("1", "room-out:lobby", json!({})).await,
+        reply(Some("1"), "1", "room-out:lobby", "ok", json!({}))
+    );
+    assert_eq!(
+        b.join("7", "room-out:lobby", json!({})).await,
+        reply(Some("7"), "7", "room-out:lobby", "ok", json!({}))
+    );
     a.send(json!(["1", "2", "room-out:lobby", "new_message", {"body": "hi"}]))
         .await;
     // handle_out pushes each member's copy, so it carries that member's join_ref.
