@@ -16,13 +16,19 @@ after(async () => { await server.stop(); });
 for (const [prefix, language] of [["room", "Rust"], ["js", "JavaScript"], ["py", "Python"]]) {
 describe(`chat plugin in ${language} (${prefix}:*)`, () => {
   const lobby = `${prefix}:lobby`;
-  test(`two users join ${lobby} and chat`, async () => {
+  // Alice and Bob, each on a socket of their own, joined to `topic`: both joins answer ok.
+  async function aliceAndBob(topic) {
     const alice = await connect(server, "alice");
     const bob = await connect(server, "bob");
-    const a = alice.channel(lobby, {});
-    const b = bob.channel(lobby, {});
+    const a = alice.channel(topic, {});
+    const b = bob.channel(topic, {});
     assert.deepEqual(await join(a), { status: "ok", response: {} });
     assert.deepEqual(await join(b), { status: "ok", response: {} });
+    return { alice, bob, a, b };
+  }
+
+  test(`two users join ${lobby} and chat`, async () => {
+    const { alice, bob, a, b } = await aliceAndBob(lobby);
 
     const bobGets = next(b, "new_message");
     const aliceGets = next(a, "new_message");
@@ -40,12 +46,7 @@ describe(`chat plugin in ${language} (${prefix}:*)`, () => {
   test(`with new_message intercepted (${prefix}-out:*), handle_out pushes every member's copy`, async () => {
     // The same component under cinder-intercept.toml: each copy is a push from handle_out,
     // carrying the member's join_ref, which the client checks against its channel's.
-    const alice = await connect(server, "alice");
-    const bob = await connect(server, "bob");
-    const a = alice.channel(`${prefix}-out:lobby`, {});
-    const b = bob.channel(`${prefix}-out:lobby`, {});
-    assert.deepEqual(await join(a), { status: "ok", response: {} });
-    assert.deepEqual(await join(b), { status: "ok", response: {} });
+    const { alice, bob, a, b } = await aliceAndBob(`${prefix}-out:lobby`);
     const bobGets = next(b, "new_message");
     const aliceGets = next(a, "new_message");
     a.push("new_message", { body: "through handle_out" });

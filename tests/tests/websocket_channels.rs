@@ -12,19 +12,23 @@ async fn answers_heartbeats() {
     server.stop().await;
 }
 
+/// Two clients joined to `topic`, with join refs "1" and "7"; each join must be answered ok.
+async fn two_members(server: &TestServer, topic: &str) -> (Client, Client) {
+    let mut a = server.client("a").await;
+    let mut b = server.client("b").await;
+    for (c, join_ref) in [(&mut a, "1"), (&mut b, "7")] {
+        assert_eq!(
+            c.join(join_ref, topic, json!({})).await,
+            reply(Some(join_ref), join_ref, topic, "ok", json!({}))
+        );
+    }
+    (a, b)
+}
+
 #[tokio::test]
 async fn joins_replies_and_broadcasts_in_v2() {
     let server = TestServer::start().await;
-    let mut a = server.client("a").await;
-    let mut b = server.client("b").await;
-    assert_eq!(
-        a.join("1", "room:lobby", json!({})).await,
-        reply(Some("1"), "1", "room:lobby", "ok", json!({}))
-    );
-    assert_eq!(
-        b.join("7", "room:lobby", json!({})).await,
-        reply(Some("7"), "7", "room:lobby", "ok", json!({}))
-    );
+    let (mut a, mut b) = two_members(&server, "room:lobby").await;
     a.send(json!(["1", "2", "room:lobby", "new_message", {"body": "hi"}]))
         .await;
     // Not intercepted: one frame for the topic, without a join_ref, as Phoenix sends a
@@ -39,16 +43,7 @@ async fn joins_replies_and_broadcasts_in_v2() {
 async fn an_intercepted_broadcast_reaches_each_member_through_handle_out() {
     // The chat component again, with `new_message` intercepted (cinder-intercept.toml).
     let server = TestServer::start().await;
-    let mut a = server.client("a").await;
-    let mut b = server.client("b").await;
-    assert_eq!(
-        a.join("1", "room-out:lobby", json!({})).await,
-        reply(Some("1"), "1", "room-out:lobby", "ok", json!({}))
-    );
-    assert_eq!(
-        b.join("7", "room-out:lobby", json!({})).await,
-        reply(Some("7"), "7", "room-out:lobby", "ok", json!({}))
-    );
+    let (mut a, mut b) = two_members(&server, "room-out:lobby").await;
     a.send(json!(["1", "2", "room-out:lobby", "new_message", {"body": "hi"}]))
         .await;
     // handle_out pushes each member's copy, so it carries that member's join_ref.
