@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 EXAMPLES := chat notifications presence counter
-TEST_ONLY := misbehave
+TEST_ONLY := misbehave hostile
 PLUGIN_OUT := target/wasm32-wasip2/plugin
 PLUGIN_DIR := target/plugins
 TEST_PLUGIN_DIR := target/test-plugins
@@ -72,8 +72,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Some tests run the binary as a process of its own (to limit its open files): it is built
+# first, with the workspace's features, as test-js builds it.
 test-rust: plugins
-	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
+	$(CARGO) build --workspace --bins
+	CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
 
 # The binary is built with the workspace's features, as `cargo test --workspace` built
 # everything else, so nothing is compiled twice.

@@ -47,11 +47,12 @@ fn main() {
             Arc::new(Sink(Default::default(), AtomicU64::new(0))),
         );
     }
-    let tracker = Tracker::new(pubsub.clone());
+    let tracker = Tracker::new(pubsub.clone(), usize::MAX, usize::MAX);
     let meta = r#"{"online_at":1764000000}"#;
+    let account = Arc::new(cinder::presence::Account::default());
     for id in 0..MEMBERS {
         tracker
-            .track(&topic, id, &format!("user{id}"), meta)
+            .track(&topic, id, &format!("user{id}"), meta, &account)
             .expect("track");
     }
 
@@ -61,7 +62,9 @@ fn main() {
         let owner = MEMBERS + i;
         let key = format!("newcomer{i}");
         let start = Instant::now();
-        tracker.track(&topic, owner, &key, meta).expect("track");
+        tracker
+            .track(&topic, owner, &key, meta, &account)
+            .expect("track");
         joins.push(start.elapsed());
         let start = Instant::now();
         tracker.untrack_owner(&topic, owner);
@@ -90,11 +93,11 @@ fn main() {
     );
 
     // The same join without subscribers: the tracker's own share of the cost.
-    let quiet = Tracker::new(Arc::new(LocalPubSub::new()));
+    let quiet = Tracker::new(Arc::new(LocalPubSub::new()), usize::MAX, usize::MAX);
     let topic: Arc<str> = "presence:quiet".into();
     for id in 0..MEMBERS {
         quiet
-            .track(&topic, id, &format!("user{id}"), meta)
+            .track(&topic, id, &format!("user{id}"), meta, &account)
             .expect("track");
     }
     let mut joins = Vec::new();
@@ -103,7 +106,7 @@ fn main() {
         let owner = MEMBERS + i;
         let start = Instant::now();
         quiet
-            .track(&topic, owner, &format!("n{i}"), meta)
+            .track(&topic, owner, &format!("n{i}"), meta, &account)
             .expect("track");
         joins.push(start.elapsed());
         let start = Instant::now();

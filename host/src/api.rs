@@ -1,6 +1,7 @@
 //! The HTTP API: the landing page at `/`, server push (`POST /api/broadcast`, Phoenix's
 //! `Endpoint.broadcast`), stats, and plugin administration under `/api/plugins` (upload,
-//! list, activate, roll back, delete). Everything but `/` needs the admin bearer token.
+//! list, activate, roll back, delete). Everything but `/` needs the admin bearer token,
+//! checked before the body is read ([`crate::server`] runs [`refusal`] first).
 
 use std::sync::Arc;
 
@@ -13,10 +14,10 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::AppState;
 use crate::protocol::{self, Payload};
 use crate::pubsub::Broadcast;
 use crate::registry::Refusal;
+use crate::server::AppState;
 use crate::store::Source;
 
 /// `GET /`: what this server is and where its socket is.
@@ -43,7 +44,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A 401 unless the request carries `Authorization: Bearer <admin token>`.
-fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -59,12 +60,8 @@ fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// `GET /api/stats`: open sockets, live rooms and the event counters.
-pub async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
-    let sockets = app.live_sockets.load(std::sync::atomic::Ordering::Relaxed);
-    Json(app.hub.stats().snapshot(sockets, app.hub.room_count())).into_response()
+pub async fn stats(State(app): State<Arc<AppState>>) -> Response {
+    Json(app.hub.stats().snapshot(app.gauges())).into_response()
 }
 
 #[derive(Deserialize)]
@@ -76,14 +73,7 @@ struct BroadcastBody {
 }
 
 /// `POST /api/broadcast` with `{"topic","event","payload"}`: deliver to every subscriber.
-pub async fn broadcast(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
+pub async fn broadcast(State(app): State<Arc<AppState>>, body: Bytes) -> Response {
     let body: BroadcastBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
@@ -102,13 +92,36 @@ pub async fn broadcast(
             format!("event {} is reserved", body.event),
         );
     }
-    let b = Broadcast::new(
-        body.topic.into(),
-        body.event,
-        Payload::Json(body.payload),
-        None,
-    );
-    app.hub.pubsub().publish(Arc::new(b));
+    if !protocol::nests_within(body.payload.get(), protocol::MAX_JSON_DEPTH) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "payload nests deeper than {} levels",
+                protocol::MAX_JSON_DEPTH
+            ),
+        );
+    }
+    // Socket ids are not topics: `disconnect` goes to the sockets listening on the id,
+    // and nothing else goes there.
+    if body.event == protocol::event::DISCONNECT {
+        app.hub.pubsub().disconnect(&body.topic);
+    } else if body.topic.starts_with(protocol::SOCKET_ID_PREFIX) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} is a socket id: only disconnect is broadcast there",
+                body.topic.chars().take(64).collect::<String>()
+            ),
+        );
+    } else {
+        let b = Broadcast::new(
+            body.topic.into(),
+            body.event,
+            Payload::Json(body.payload),
+            None,
+        );
+        app.hub.pubsub().publish(Arc::new(b));
+    }
     (StatusCode::ACCEPTED, Json(json!({ "status": "ok" }))).into_response()
 }
 
@@ -145,13 +158,9 @@ pub struct UploadQuery {
 /// version was already stored.
 pub async fn upload(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
     Query(query): Query<UploadQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
     const USAGE: &str = "send multipart/form-data with a `manifest` part (TOML) and a `wasm` part (the component), e.g. curl -F manifest=@cinder.toml -F wasm=@plugin.wasm";
     let mut multipart = match multipart {
         Ok(m) => m,
@@ -223,10 +232,7 @@ fn multipart_error(app: &AppState, e: &axum::extract::multipart::MultipartError)
 }
 
 /// `GET /api/plugins`: every plugin with its versions, active version and live rooms.
-pub async fn list_plugins(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
+pub async fn list_plugins(State(app): State<Arc<AppState>>) -> Response {
     answer(app.registry.list(&app.hub))
 }
 
@@ -250,13 +256,9 @@ fn version_body(body: &[u8]) -> Result<Option<String>, String> {
 /// move the live rooms to it; the answer says how each room's swap went.
 pub async fn activate(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
     let named = version_body(&body).and_then(|v| {
         v.ok_or_else(|| "body must name the version: {\"version\": \"x.y.z\"}".to_owned())
     });
@@ -271,13 +273,9 @@ pub async fn activate(
 /// version, or to the one active before the current.
 pub async fn rollback(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
     let version = match version_body(&body) {
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -291,14 +289,7 @@ pub async fn rollback(
 
 /// `DELETE /api/plugins/{name}`: remove a plugin with every version (refused while it has
 /// live rooms).
-pub async fn delete_plugin(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
+pub async fn delete_plugin(State(app): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     match app.registry.delete_plugin(&app.hub, &name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refused(e),
@@ -309,12 +300,8 @@ pub async fn delete_plugin(
 /// active one).
 pub async fn delete_version(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    if let Some(refused) = refusal(&app, &headers) {
-        return refused;
-    }
     match app.registry.delete_version(&name, &version).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refused(e),

@@ -128,6 +128,40 @@ pub struct ServeArgs {
     /// Plugin stdout/stderr lines logged per second per plugin [default: 50].
     #[arg(long)]
     pub plugin_log_lines_per_sec: Option<u32>,
+    /// How long a socket may stay over `outbound_queue_bytes` behind before it is cut off,
+    /// in milliseconds [default: 5000].
+    #[arg(long)]
+    pub slow_client_grace_ms: Option<u64>,
+    /// Bytes behind at which a socket is cut off at once [default: 8388608].
+    #[arg(long)]
+    pub outbound_queue_max_bytes: Option<usize>,
+    /// Linear memory all plugin instances of the node may hold together, in bytes
+    /// [default: 1073741824].
+    #[arg(long)]
+    pub plugin_memory_total_bytes: Option<usize>,
+    /// Presence bytes (keys and metas) one socket's channels may track [default: 1048576].
+    #[arg(long)]
+    pub presence_bytes_per_socket: Option<usize>,
+    /// Presence bytes the node may hold [default: 268435456].
+    #[arg(long)]
+    pub presence_bytes_total: Option<usize>,
+    /// Time per second a room's timers (`handle_info`) may use, in milliseconds [default: 20].
+    #[arg(long)]
+    pub timer_cpu_ms_per_sec: Option<u64>,
+    /// Open connections (HTTP and WebSocket) [default: the open-file limit less a reserve].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, and an idle keep-alive connection
+    /// waits for its next request, in seconds [default: 10].
+    #[arg(long)]
+    pub http_header_timeout_secs: Option<u64>,
+    /// Time an HTTP API request has to send its body, in seconds [default: 30].
+    #[arg(long)]
+    pub http_body_timeout_secs: Option<u64>,
+    /// Longest lifetime a connect token may have (`exp` from now), in seconds
+    /// [default: 604800].
+    #[arg(long)]
+    pub max_token_lifetime_secs: Option<u64>,
 }
 
 /// Options of `cinder token`.
@@ -201,6 +235,35 @@ pub struct Limits {
     /// Plugin stdout/stderr lines logged per second per plugin; the rest are counted and
     /// dropped.
     pub plugin_log_lines_per_sec: u32,
+    /// A socket more than `outbound_queue_bytes` behind for this long is cut off: a burst
+    /// a reader drains is not slowness, a backlog that stays is.
+    pub slow_client_grace_ms: u64,
+    /// A socket this far behind is cut off at once, whatever the grace: what bounds the
+    /// memory a backlog holds.
+    pub outbound_queue_max_bytes: usize,
+    /// Linear memory of every plugin instance on the node together: the defaults would
+    /// otherwise let 1000 rooms of 32 MiB ask for more memory than the machine has.
+    pub plugin_memory_total_bytes: usize,
+    /// Presence keys and metas one socket's channels may hold: presence lives in host
+    /// memory, and a socket must not be able to fill it.
+    pub presence_bytes_per_socket: usize,
+    /// Presence keys and metas the whole node may hold.
+    pub presence_bytes_total: usize,
+    /// Time per second a room's `handle_info` calls (timers) may use: a plugin re-arming
+    /// timers in a loop must not keep the cores busy with no client asking.
+    pub timer_cpu_ms_per_sec: u64,
+    /// Open connections, HTTP and WebSocket; past it, new connections get a 503 and are
+    /// closed. `None`: the process's open-file limit less a reserve, so that accepting
+    /// never runs out of descriptors.
+    pub max_connections: Option<usize>,
+    /// A client that has not sent a request's headers within this time (a slow or idle
+    /// keep-alive connection) is disconnected.
+    pub http_header_timeout_secs: u64,
+    /// An HTTP API request whose body has not arrived within this time is refused.
+    pub http_body_timeout_secs: u64,
+    /// Connect tokens valid for longer than this from now are refused: a token that never
+    /// expires cannot be revoked by waiting.
+    pub max_token_lifetime_secs: u64,
 }
 
 impl Default for Limits {
@@ -226,6 +289,16 @@ impl Default for Limits {
             messages_per_sec: 100,
             message_burst: 200,
             plugin_log_lines_per_sec: 50,
+            slow_client_grace_ms: 5000,
+            outbound_queue_max_bytes: 8 << 20,
+            plugin_memory_total_bytes: 1 << 30,
+            presence_bytes_per_socket: 1 << 20,
+            presence_bytes_total: 256 << 20,
+            timer_cpu_ms_per_sec: 20,
+            max_connections: None,
+            http_header_timeout_secs: 10,
+            http_body_timeout_secs: 30,
+            max_token_lifetime_secs: 7 * 86_400,
         }
     }
 }
@@ -347,6 +420,22 @@ impl Config {
         set(&mut l.messages_per_sec, &a.messages_per_sec);
         set(&mut l.message_burst, &a.message_burst);
         set(&mut l.plugin_log_lines_per_sec, &a.plugin_log_lines_per_sec);
+        set(&mut l.slow_client_grace_ms, &a.slow_client_grace_ms);
+        set(&mut l.outbound_queue_max_bytes, &a.outbound_queue_max_bytes);
+        set(
+            &mut l.plugin_memory_total_bytes,
+            &a.plugin_memory_total_bytes,
+        );
+        set(
+            &mut l.presence_bytes_per_socket,
+            &a.presence_bytes_per_socket,
+        );
+        set(&mut l.presence_bytes_total, &a.presence_bytes_total);
+        set(&mut l.timer_cpu_ms_per_sec, &a.timer_cpu_ms_per_sec);
+        set_opt(&mut l.max_connections, &a.max_connections);
+        set(&mut l.http_header_timeout_secs, &a.http_header_timeout_secs);
+        set(&mut l.http_body_timeout_secs, &a.http_body_timeout_secs);
+        set(&mut l.max_token_lifetime_secs, &a.max_token_lifetime_secs);
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -8,6 +8,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Token(args)) => {
             let config = Config::load(&args.serve)?;
+            let longest = config.limits.max_token_lifetime_secs;
+            anyhow::ensure!(
+                args.ttl_secs <= longest,
+                "--ttl-secs {} is over max_token_lifetime_secs ({longest}): the server would refuse the token",
+                args.ttl_secs
+            );
             // A given secret is used as is: nothing is generated or written.
             let secret = match config.jwt_secret.clone() {
                 Some(secret) => secret,
@@ -26,13 +32,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Logs go to stderr; stdout carries the listen address and generated secrets.
-        .with_writer(std::io::stderr)
-        .init();
+    cinder::logging::init();
+    raise_open_file_limit();
     let config = Config::load(&args)?;
     let (secrets, generated) = Secrets::resolve(&config)?;
     if config.jwt_secret.is_none() || config.admin_token.is_none() {
@@ -75,5 +76,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Raises the soft limit of open files to the hard one: every socket is a descriptor, and
+/// the default soft limit (often 1024) would cap the connections far below what the
+/// system allows. `max_connections` defaults to the limit this leaves.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            ..limit
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
     }
 }

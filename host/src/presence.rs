@@ -10,6 +10,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -38,22 +39,59 @@ pub enum PresenceError {
     /// Metadata over [`MAX_META_BYTES`].
     #[error("presence meta over {MAX_META_BYTES} bytes")]
     MetaTooLarge,
+    /// Metadata nested deeper than [`MAX_META_DEPTH`].
+    #[error("presence meta nests deeper than {MAX_META_DEPTH} levels")]
+    MetaTooDeep,
+    /// A key over [`MAX_KEY_BYTES`].
+    #[error("presence key over {MAX_KEY_BYTES} bytes")]
+    KeyTooLong,
     /// The channel tracks [`MAX_KEYS_PER_CHANNEL`] keys already.
     #[error("a channel may track at most {MAX_KEYS_PER_CHANNEL} keys")]
     TooManyKeys,
+    /// The socket's channels hold as many presence bytes as one socket may.
+    #[error("presence budget per socket ({0} bytes, presence_bytes_per_socket) used up")]
+    SocketBudget(usize),
+    /// The node holds as many presence bytes as it may.
+    #[error("presence budget of the node ({0} bytes, presence_bytes_total) used up")]
+    NodeBudget(usize),
 }
 
 /// Largest meta one entry may carry: presence lives in host memory.
 pub const MAX_META_BYTES: usize = 64 << 10;
+/// Deepest meta: `presence_state` and `presence_diff` wrap it in four more levels, and
+/// the whole must stay within what clients and plugins are sent.
+pub const MAX_META_DEPTH: usize = 32;
+/// Longest key (a user id, say).
+pub const MAX_KEY_BYTES: usize = 256;
 /// Keys one channel may track at once.
 pub const MAX_KEYS_PER_CHANNEL: usize = 32;
+/// What an entry costs besides its key and meta, for the budgets.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// The presence bytes one socket's channels hold, shared by its channels, charged when
+/// they track and given back when their entries leave.
+#[derive(Debug, Default)]
+pub struct Account(AtomicUsize);
+
+impl Account {
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One tracked entry as its owner holds it: where it is and what it was charged.
+struct Owned {
+    dot: Dot,
+    bytes: usize,
+    account: Arc<Account>,
+}
 
 #[derive(Default)]
 struct Topic {
     state: Option<State>,
-    /// (owner, key) -> the dot of that entry.
-    /// owner -> key -> the dot of that entry: a channel's entries in O(1).
-    owned: HashMap<u64, HashMap<String, Dot>>,
+    /// owner -> key -> the entry: a channel's entries in O(1).
+    owned: HashMap<u64, HashMap<String, Owned>>,
 }
 
 impl Topic {
@@ -65,14 +103,20 @@ impl Topic {
         key: &str,
         meta: &str,
         prev: Option<Dot>,
+        charge: (usize, Arc<Account>),
     ) -> Diff {
         let state = self.state.get_or_insert_with(|| State::new(replica));
         let (_, diff) = state.add(key, owner, meta.to_owned(), prev);
         if let Some((dot, _)) = diff.joins.first() {
-            self.owned
-                .entry(owner)
-                .or_default()
-                .insert(key.to_owned(), *dot);
+            let (bytes, account) = charge;
+            self.owned.entry(owner).or_default().insert(
+                key.to_owned(),
+                Owned {
+                    dot: *dot,
+                    bytes,
+                    account,
+                },
+            );
         }
         diff
     }
@@ -83,17 +127,63 @@ pub struct Tracker {
     replica: Replica,
     pubsub: Arc<dyn PubSub>,
     topics: Mutex<HashMap<Arc<str>, Arc<Mutex<Topic>>>>,
+    /// Bytes every entry of the node holds.
+    held: AtomicUsize,
+    per_socket: usize,
+    total: usize,
 }
 
 impl Tracker {
-    /// A tracker publishing diffs through `pubsub`; a random replica id keeps `phx_ref`s
-    /// unique across restarts.
-    pub fn new(pubsub: Arc<dyn PubSub>) -> Self {
+    /// A tracker publishing diffs through `pubsub`, holding at most `total` bytes of
+    /// presence, `per_socket` for one socket; a random replica id keeps `phx_ref`s unique
+    /// across restarts.
+    pub fn new(pubsub: Arc<dyn PubSub>, per_socket: usize, total: usize) -> Self {
         Tracker {
             replica: rand::random(),
             pubsub,
             topics: Mutex::default(),
+            held: AtomicUsize::new(0),
+            per_socket,
+            total,
         }
+    }
+
+    /// Bytes of presence the node holds now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Charges `bytes` to `account` and the node, or says which budget is used up.
+    fn charge(&self, account: &Account, bytes: usize) -> Result<(), PresenceError> {
+        if account.held().saturating_add(bytes) > self.per_socket {
+            return Err(PresenceError::SocketBudget(self.per_socket));
+        }
+        let node = self.held.fetch_add(bytes, Ordering::Relaxed);
+        if node.saturating_add(bytes) > self.total {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(PresenceError::NodeBudget(self.total));
+        }
+        account.0.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Charges an entry's account and the node for `bytes` instead of what it holds.
+    fn recharge(&self, owned: &Owned, bytes: usize) -> Result<(), PresenceError> {
+        match bytes.checked_sub(owned.bytes) {
+            Some(growth) => self.charge(&owned.account, growth),
+            None => {
+                let shrink = owned.bytes - bytes;
+                owned.account.0.fetch_sub(shrink, Ordering::Relaxed);
+                self.held.fetch_sub(shrink, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back what an entry was charged.
+    fn release(&self, owned: &Owned) {
+        owned.account.0.fetch_sub(owned.bytes, Ordering::Relaxed);
+        self.held.fetch_sub(owned.bytes, Ordering::Relaxed);
     }
 
     fn topic(&self, topic: &Arc<str>) -> Arc<Mutex<Topic>> {
@@ -140,15 +230,17 @@ impl Tracker {
         value
     }
 
-    /// `owner` (a channel) tracks `key` with `meta` (a JSON object) on `topic`.
+    /// `owner` (a channel of the socket whose presence is `account`) tracks `key` with
+    /// `meta` (a JSON object) on `topic`.
     pub fn track(
         &self,
         topic: &Arc<str>,
         owner: u64,
         key: &str,
         meta: &str,
+        account: &Arc<Account>,
     ) -> Result<(), PresenceError> {
-        check_meta(meta)?;
+        check_entry(key, meta)?;
         self.mutate(topic, |t, replica| {
             if let Some(keys) = t.owned.get(&owner) {
                 let refused = if keys.contains_key(key) {
@@ -162,7 +254,11 @@ impl Tracker {
                     return (Err(e), Diff::default());
                 }
             }
-            let diff = t.add(replica, owner, key, meta, None);
+            let bytes = cost(key, meta);
+            if let Err(e) = self.charge(account, bytes) {
+                return (Err(e), Diff::default());
+            }
+            let diff = t.add(replica, owner, key, meta, None, (bytes, account.clone()));
             (Ok(()), diff)
         })
     }
@@ -176,17 +272,35 @@ impl Tracker {
         key: &str,
         meta: &str,
     ) -> Result<(), PresenceError> {
-        check_meta(meta)?;
+        check_entry(key, meta)?;
         self.mutate(topic, |t, replica| {
-            let Some(old) = t.owned.get(&owner).and_then(|keys| keys.get(key)).copied() else {
+            let Some(old) = t.owned.get_mut(&owner).and_then(|keys| keys.remove(key)) else {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
                 );
             };
+            // Only growth is charged: an update that does not fit leaves the entry as it was.
+            let bytes = cost(key, meta);
+            if let Err(e) = self.recharge(&old, bytes) {
+                t.owned
+                    .entry(owner)
+                    .or_default()
+                    .insert(key.to_owned(), old);
+                return (Err(e), Diff::default());
+            }
             let state = t.state.get_or_insert_with(|| State::new(replica));
-            let (_, mut diff) = state.remove(&[old]);
-            diff.joins = t.add(replica, owner, key, meta, Some(old)).joins;
+            let (_, mut diff) = state.remove(&[old.dot]);
+            diff.joins = t
+                .add(
+                    replica,
+                    owner,
+                    key,
+                    meta,
+                    Some(old.dot),
+                    (bytes, old.account),
+                )
+                .joins;
             (Ok(()), diff)
         })
     }
@@ -195,19 +309,20 @@ impl Tracker {
     pub fn untrack(&self, topic: &Arc<str>, owner: u64, key: &str) -> Result<(), PresenceError> {
         self.mutate(topic, |t, _| {
             let keys = t.owned.get_mut(&owner);
-            let Some(dot) = keys.and_then(|keys| keys.remove(key)) else {
+            let Some(owned) = keys.and_then(|keys| keys.remove(key)) else {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
                 );
             };
+            self.release(&owned);
             if t.owned.get(&owner).is_some_and(HashMap::is_empty) {
                 t.owned.remove(&owner);
             }
             let diff = t
                 .state
                 .as_mut()
-                .map(|s| s.remove(&[dot]).1)
+                .map(|s| s.remove(&[owned.dot]).1)
                 .unwrap_or_default();
             (Ok(()), diff)
         })
@@ -222,7 +337,14 @@ impl Tracker {
             let dots: Vec<Dot> = t
                 .owned
                 .remove(&owner)
-                .map(|keys| keys.into_values().collect())
+                .map(|keys| {
+                    keys.into_values()
+                        .map(|owned| {
+                            self.release(&owned);
+                            owned.dot
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             let diff = match (&mut t.state, dots.is_empty()) {
                 (Some(state), false) => state.remove(&dots).1,
@@ -256,9 +378,24 @@ impl Tracker {
     }
 }
 
+/// What an entry costs the budgets.
+fn cost(key: &str, meta: &str) -> usize {
+    key.len() + meta.len() + ENTRY_OVERHEAD
+}
+
+fn check_entry(key: &str, meta: &str) -> Result<(), PresenceError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(PresenceError::KeyTooLong);
+    }
+    check_meta(meta)
+}
+
 fn check_meta(meta: &str) -> Result<(), PresenceError> {
     if meta.len() > MAX_META_BYTES {
         return Err(PresenceError::MetaTooLarge);
+    }
+    if !crate::protocol::nests_within(meta, MAX_META_DEPTH) {
+        return Err(PresenceError::MetaTooDeep);
     }
     match serde_json::from_str::<serde_json::Value>(meta) {
         Ok(serde_json::Value::Object(_)) => Ok(()),
@@ -375,7 +512,11 @@ mod tests {
         let seen = Arc::new(Collect::default());
         let topic: Arc<str> = "presence:lobby".into();
         pubsub.subscribe(&topic, 1, seen.clone());
-        (Tracker::new(pubsub), seen, topic)
+        (Tracker::new(pubsub, 1 << 20, 1 << 20), seen, topic)
+    }
+
+    fn account() -> Arc<Account> {
+        Arc::new(Account::default())
     }
 
     fn parse(p: Payload) -> Value {
@@ -388,13 +529,16 @@ mod tests {
     #[test]
     fn track_lists_and_diffs_in_phoenix_shapes() {
         let (tracker, seen, topic) = setup();
+        let acct = account();
         tracker
-            .track(&topic, 10, "alice", r#"{"online_at":1}"#)
+            .track(&topic, 10, "alice", r#"{"online_at":1}"#, &acct)
             .expect("tracks");
         tracker
-            .track(&topic, 11, "alice", r#"{"online_at":2}"#)
+            .track(&topic, 11, "alice", r#"{"online_at":2}"#, &acct)
             .expect("tracks");
-        tracker.track(&topic, 12, "bob", "{}").expect("tracks");
+        tracker
+            .track(&topic, 12, "bob", "{}", &acct)
+            .expect("tracks");
         let state = parse(tracker.list(&topic));
         assert_eq!(state["alice"]["metas"].as_array().map(Vec::len), Some(2));
         assert_eq!(state["alice"]["metas"][0]["online_at"], 1);
@@ -408,8 +552,9 @@ mod tests {
     #[test]
     fn update_is_a_leave_and_a_join_with_phx_ref_prev() {
         let (tracker, seen, topic) = setup();
+        let acct = account();
         tracker
-            .track(&topic, 10, "alice", r#"{"status":"here"}"#)
+            .track(&topic, 10, "alice", r#"{"status":"here"}"#, &acct)
             .expect("tracks");
         tracker
             .update(&topic, 10, "alice", r#"{"status":"away"}"#)
@@ -433,9 +578,12 @@ mod tests {
     #[test]
     fn an_owner_leaving_removes_its_entries_and_empty_topics_are_forgotten() {
         let (tracker, seen, topic) = setup();
-        tracker.track(&topic, 10, "alice", "{}").expect("tracks");
+        let acct = account();
         tracker
-            .track(&topic, 10, "alice-bot", "{}")
+            .track(&topic, 10, "alice", "{}", &acct)
+            .expect("tracks");
+        tracker
+            .track(&topic, 10, "alice-bot", "{}", &acct)
             .expect("tracks");
         tracker.untrack_owner(&topic, 10);
         let diffs = seen.0.lock().expect("lock").clone();
@@ -448,8 +596,9 @@ mod tests {
     #[test]
     fn bad_calls_are_errors() {
         let (tracker, _, topic) = setup();
+        let acct = account();
         assert_eq!(
-            tracker.track(&topic, 1, "a", "[1]"),
+            tracker.track(&topic, 1, "a", "[1]", &acct),
             Err(PresenceError::MetaNotObject)
         );
         assert_eq!(
@@ -460,24 +609,75 @@ mod tests {
             tracker.update(&topic, 1, "a", "{}"),
             Err(PresenceError::NotTracked("a".into()))
         );
-        tracker.track(&topic, 1, "a", "{}").expect("tracks");
+        tracker.track(&topic, 1, "a", "{}", &acct).expect("tracks");
         assert_eq!(
-            tracker.track(&topic, 1, "a", "{}"),
+            tracker.track(&topic, 1, "a", "{}", &acct),
             Err(PresenceError::AlreadyTracked("a".into()))
         );
         let big = format!("{{\"x\":\"{}\"}}", "y".repeat(MAX_META_BYTES));
         assert_eq!(
-            tracker.track(&topic, 2, "b", &big),
+            tracker.track(&topic, 2, "b", &big, &acct),
             Err(PresenceError::MetaTooLarge)
         );
         for i in 1..MAX_KEYS_PER_CHANNEL {
             tracker
-                .track(&topic, 1, &format!("k{i}"), "{}")
+                .track(&topic, 1, &format!("k{i}"), "{}", &acct)
                 .expect("tracks");
         }
         assert_eq!(
-            tracker.track(&topic, 1, "one-more", "{}"),
+            tracker.track(&topic, 1, "one-more", "{}", &acct),
             Err(PresenceError::TooManyKeys)
+        );
+    }
+
+    #[test]
+    fn budgets_per_socket_and_per_node_are_charged_and_given_back() {
+        let pubsub = Arc::new(LocalPubSub::new());
+        let tracker = Tracker::new(pubsub, 1000, 1400);
+        let topic: Arc<str> = "t".into();
+        let (a, b) = (account(), account());
+        let meta = format!("{{\"p\":\"{}\"}}", "x".repeat(300));
+        let mut tracked = 0;
+        while tracker
+            .track(&topic, 1, &format!("k{tracked}"), &meta, &a)
+            .is_ok()
+        {
+            tracked += 1;
+        }
+        assert_eq!(tracked, 2, "370 bytes an entry, 1000 a socket");
+        assert_eq!(
+            tracker.track(&topic, 1, "more", &meta, &a),
+            Err(PresenceError::SocketBudget(1000))
+        );
+        tracker
+            .track(&topic, 2, "b0", &meta, &b)
+            .expect("fits the node");
+        assert_eq!(
+            tracker.track(&topic, 2, "b1", &meta, &b),
+            Err(PresenceError::NodeBudget(1400))
+        );
+        // An update that grows past the budget leaves the entry as it was.
+        let bigger = format!("{{\"p\":\"{}\"}}", "x".repeat(900));
+        assert_eq!(
+            tracker.update(&topic, 2, "b0", &bigger),
+            Err(PresenceError::NodeBudget(1400))
+        );
+        assert_eq!(tracker.held(), a.held() + b.held());
+        tracker.untrack_owner(&topic, 1);
+        tracker.untrack(&topic, 2, "b0").expect("untracks");
+        assert_eq!((tracker.held(), a.held(), b.held()), (0, 0, 0));
+        assert_eq!(
+            tracker.track(&topic, 3, &"k".repeat(MAX_KEY_BYTES + 1), "{}", &a),
+            Err(PresenceError::KeyTooLong)
+        );
+        let deep = format!(
+            "{{\"a\":{}{}}}",
+            "[".repeat(MAX_META_DEPTH),
+            "]".repeat(MAX_META_DEPTH)
+        );
+        assert_eq!(
+            tracker.track(&topic, 3, "k", &deep, &a),
+            Err(PresenceError::MetaTooDeep)
         );
     }
 }

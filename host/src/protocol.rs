@@ -44,10 +44,66 @@ pub mod event {
     pub const DISCONNECT: &str = "disconnect";
 
     /// Whether `event` is reserved by the protocol (clients may not send it as a custom
-    /// event, plugins may not broadcast it).
+    /// event, the HTTP API may not broadcast it).
     pub fn is_reserved(event: &str) -> bool {
         matches!(event, HEARTBEAT | JOIN | LEAVE | REPLY | CLOSE | ERROR)
     }
+
+    /// Whether a plugin may not use `event` (broadcast, push or intercept it): the
+    /// protocol's events and `disconnect`, which only the server's owner may send, to a
+    /// socket id.
+    pub fn is_reserved_for_plugins(event: &str) -> bool {
+        is_reserved(event) || event == DISCONNECT
+    }
+}
+
+/// Topics a plugin may never serve: the socket-level topic and the socket ids
+/// (`user_socket:<user_id>`), as patterns. A plugin pattern that would cover a topic one
+/// of these covers is refused.
+pub const RESERVED_TOPICS: [&str; 2] = [PHOENIX_TOPIC, SOCKET_ID_PATTERN];
+
+/// The prefix of every socket id: a connect token's `user_id` 42 makes `user_socket:42`.
+pub const SOCKET_ID_PREFIX: &str = "user_socket:";
+
+/// Every socket id, as a topic pattern.
+const SOCKET_ID_PATTERN: &str = "user_socket:*";
+
+/// How deeply JSON from a client or a plugin may nest (a payload, a reply): the frame
+/// around it adds one level, so a whole frame nests at most 127 levels, which a JSON parser
+/// with the common limit of 128 (serde_json's, which refuses the 128th level) reads.
+pub const MAX_JSON_DEPTH: usize = 126;
+
+/// Whether `json` (valid JSON) nests at most `max` arrays and objects deep.
+pub fn nests_within(json: &str, max: usize) -> bool {
+    let bytes = json.as_bytes();
+    // Most payloads have fewer brackets than the limit in all: one quick count decides.
+    if bytes.iter().filter(|b| matches!(b, b'[' | b'{')).count() <= max {
+        return true;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 /// Reasons the server gives in error replies and `phx_error` payloads.
@@ -66,6 +122,12 @@ pub mod reason {
     pub const RATE_LIMITED: &str = "rate limited";
     /// This node runs as many rooms as it may; a new room cannot start.
     pub const AT_CAPACITY: &str = "too many rooms";
+    /// The node's plugin memory budget is used up; a new room cannot start.
+    pub const MEMORY_FULL: &str = "server memory full";
+    /// The room did not answer in time (it is busy with messages queued before this one).
+    pub const ROOM_BUSY: &str = "room busy";
+    /// A binary reply or push to a socket whose serializer (V1) has no binary frames.
+    pub const BINARY_NEEDS_V2: &str = "binary payloads need the V2 serializer";
     /// Terminate reason: the client left.
     pub const LEFT: &str = "left";
     /// Terminate reason: the socket closed.
@@ -124,6 +186,9 @@ pub enum ProtocolError {
     /// The V1 serializer has no binary frames.
     #[error("binary frames need the V2 serializer")]
     BinaryUnsupported,
+    /// JSON nested deeper than [`MAX_JSON_DEPTH`].
+    #[error("JSON nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
 }
 
 /// A message body: JSON text or raw bytes.
@@ -158,6 +223,18 @@ impl Payload {
         RawValue::from_string(text)
             .map(Payload::Json)
             .map_err(|e| ProtocolError::Malformed(format!("invalid JSON payload: {e}")))
+    }
+
+    /// JSON payload from text someone else wrote (a plugin, an API caller): valid JSON
+    /// nested at most [`MAX_JSON_DEPTH`] levels.
+    pub fn untrusted_json(text: String) -> Result<Self, ProtocolError> {
+        let payload = Self::json(text)?;
+        match &payload {
+            Payload::Json(raw) if !nests_within(raw.get(), MAX_JSON_DEPTH) => {
+                Err(ProtocolError::TooDeep)
+            }
+            _ => Ok(payload),
+        }
     }
 
     /// Size in bytes, for queue accounting and limits.
@@ -348,7 +425,7 @@ impl<'de> Deserialize<'de> for V2Frame {
         impl<'de> Visitor<'de> for V2Visitor {
             type Value = V2Frame;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array [join_ref, ref, topic, event, payload]")
+                f.write_str("an array of exactly 5 elements [join_ref, ref, topic, event, payload]")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V2Frame, A::Error> {
                 let missing = |n| de::Error::invalid_length(n, &self);
@@ -357,7 +434,11 @@ impl<'de> Deserialize<'de> for V2Frame {
                 let topic: String = seq.next_element()?.ok_or_else(|| missing(2))?;
                 let event: String = seq.next_element()?.ok_or_else(|| missing(3))?;
                 let payload: Box<RawValue> = seq.next_element()?.ok_or_else(|| missing(4))?;
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                // Phoenix ignores elements past the fifth; no client sends them, and a
+                // frame that has them is not the frame it claims to be.
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_length(6, &self));
+                }
                 Ok(V2Frame(Message {
                     join_ref: join_ref.0,
                     msg_ref: msg_ref.0,
@@ -372,9 +453,20 @@ impl<'de> Deserialize<'de> for V2Frame {
 }
 
 fn decode_v2_text(text: &str) -> Result<Message, ProtocolError> {
-    serde_json::from_str::<V2Frame>(text)
+    let message = serde_json::from_str::<V2Frame>(text)
         .map(|f| f.0)
-        .map_err(malformed)
+        .map_err(malformed)?;
+    within_depth(message)
+}
+
+/// A decoded message whose payload nests at most [`MAX_JSON_DEPTH`] levels.
+fn within_depth(message: Message) -> Result<Message, ProtocolError> {
+    match &message.payload {
+        Payload::Json(raw) if !nests_within(raw.get(), MAX_JSON_DEPTH) => {
+            Err(ProtocolError::TooDeep)
+        }
+        _ => Ok(message),
+    }
 }
 
 #[derive(Deserialize)]
@@ -390,7 +482,7 @@ struct V1Frame {
 
 fn decode_v1_text(text: &str) -> Result<Message, ProtocolError> {
     let f: V1Frame = serde_json::from_str(text).map_err(malformed)?;
-    Ok(Message {
+    within_depth(Message {
         join_ref: f.join_ref.and_then(|r| r.0),
         msg_ref: f.msg_ref.and_then(|r| r.0),
         topic: f.topic,
@@ -703,16 +795,44 @@ mod tests {
     }
 
     #[test]
-    fn decodes_v2_heartbeat_with_null_join_ref_and_ignores_extra_elements() {
-        let m = decode_text(
-            Vsn::V2,
-            r#"[null,"7","phoenix","heartbeat",{},"extra",[1,2]]"#,
-        )
-        .expect("decodes");
+    fn decodes_v2_heartbeat_with_null_join_ref() {
+        let m = decode_text(Vsn::V2, r#"[null,"7","phoenix","heartbeat",{}]"#).expect("decodes");
         assert_eq!(m.join_ref, None);
         assert_eq!(m.msg_ref.as_deref(), Some("7"));
         assert_eq!(m.topic, PHOENIX_TOPIC);
         assert_eq!(m.event, event::HEARTBEAT);
+    }
+
+    #[test]
+    fn a_v2_frame_has_exactly_five_elements() {
+        for extra in [
+            r#"[null,"7","phoenix","heartbeat",{},"extra"]"#,
+            r#"[null,"7","phoenix","heartbeat",{},[1,2],3]"#,
+        ] {
+            assert!(decode_text(Vsn::V2, extra).is_err(), "accepted {extra}");
+        }
+    }
+
+    #[test]
+    fn payloads_nest_at_most_the_limit() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let frame = |n: usize| format!(r#"[null,"1","t","e",{}]"#, nested(n));
+        assert!(decode_text(Vsn::V2, &frame(MAX_JSON_DEPTH)).is_ok());
+        assert_eq!(
+            decode_text(Vsn::V2, &frame(MAX_JSON_DEPTH + 1)),
+            Err(ProtocolError::TooDeep)
+        );
+        let v1 = format!(
+            r#"{{"topic":"t","event":"e","payload":{},"ref":null}}"#,
+            nested(500)
+        );
+        assert_eq!(decode_text(Vsn::V1, &v1), Err(ProtocolError::TooDeep));
+        // Brackets inside strings are not nesting.
+        let quoted = format!(r#"{{"a":"{}","b":[[1]]}}"#, "[{\\\"".repeat(300));
+        assert!(nests_within(&quoted, 3));
+        assert!(!nests_within(&nested(4), 3));
+        assert!(Payload::untrusted_json(nested(MAX_JSON_DEPTH)).is_ok());
+        assert!(Payload::untrusted_json(nested(MAX_JSON_DEPTH + 1)).is_err());
     }
 
     #[test]

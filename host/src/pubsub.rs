@@ -1,9 +1,14 @@
-//! Topic fan-out: who is subscribed to a topic, and delivering a broadcast to all of them.
+//! Topic fan-out: who is subscribed to a topic, and delivering a broadcast to all of them;
+//! and, apart from topics, who listens on a socket id for `disconnect`.
 //!
 //! A broadcast is shared (`Arc`) by every subscriber and encoded at most once per
 //! serializer, by whichever subscriber needs that encoding first (the fastlane). Subscribers
 //! are opaque sinks; this module knows nothing of sockets, rooms or plugins. The adapter
 //! trait lets a clustered implementation (Redis) replace the local one.
+//!
+//! Socket ids (`user_socket:42`) and room topics are two namespaces: a room joined at a
+//! topic spelled like a socket id never hears a socket's `disconnect`, and nothing a room
+//! broadcasts reaches the sockets listening on an id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -72,15 +77,35 @@ pub trait PubSub: Send + Sync {
     fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>);
     /// Delivers to every subscriber of the broadcast's topic; returns how many received it.
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize;
+    /// Listens on a socket id (not a topic): [`PubSub::disconnect`] of that id reaches
+    /// `subscriber`, as a `disconnect` broadcast.
+    fn subscribe_socket(
+        &self,
+        socket_id: &Arc<str>,
+        id: SubscriberId,
+        subscriber: Arc<dyn Subscriber>,
+    );
+    /// Stops listening on a socket id; unknown ids are ignored.
+    fn unsubscribe_socket(&self, socket_id: &str, id: SubscriberId);
+    /// Closes every socket with this id (Phoenix's `Endpoint.broadcast(socket_id,
+    /// "disconnect", %{})`); returns how many listeners heard it.
+    fn disconnect(&self, socket_id: &str) -> usize;
 }
 
 type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
 
-/// The single-node adapter: subscribers in memory.
+/// Subscribers by name, in memory.
+#[derive(Default)]
+struct Names {
+    // A std lock: held only to copy a few pointers, never across an await.
+    names: RwLock<HashMap<Arc<str>, Subscribers>>,
+}
+
+/// The single-node adapter: subscribers in memory, topics and socket ids apart.
 #[derive(Default)]
 pub struct LocalPubSub {
-    // A std lock: held only to copy a few pointers, never across an await.
-    topics: RwLock<HashMap<Arc<str>, Subscribers>>,
+    topics: Names,
+    sockets: Names,
 }
 
 impl LocalPubSub {
@@ -92,7 +117,48 @@ impl LocalPubSub {
 
 impl PubSub for LocalPubSub {
     fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        self.topics.subscribe(topic, id, subscriber);
+    }
+
+    fn unsubscribe(&self, topic: &str, id: SubscriberId) {
+        self.topics.unsubscribe(topic, id);
+    }
+
+    fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>) {
+        self.topics.resubscribe(topic, subscribers);
+    }
+
+    fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
+        self.topics.publish(&broadcast)
+    }
+
+    fn subscribe_socket(
+        &self,
+        socket_id: &Arc<str>,
+        id: SubscriberId,
+        subscriber: Arc<dyn Subscriber>,
+    ) {
+        self.sockets.subscribe(socket_id, id, subscriber);
+    }
+
+    fn unsubscribe_socket(&self, socket_id: &str, id: SubscriberId) {
+        self.sockets.unsubscribe(socket_id, id);
+    }
+
+    fn disconnect(&self, socket_id: &str) -> usize {
+        let b = Arc::new(Broadcast::new(
+            socket_id.into(),
+            protocol::event::DISCONNECT.into(),
+            Payload::empty(),
+            None,
+        ));
+        self.sockets.publish(&b)
+    }
+}
+
+impl Names {
+    fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
+        let mut topics = self.names.write().unwrap_or_else(|p| p.into_inner());
         topics
             .entry(topic.clone())
             .or_default()
@@ -100,7 +166,7 @@ impl PubSub for LocalPubSub {
     }
 
     fn unsubscribe(&self, topic: &str, id: SubscriberId) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut topics = self.names.write().unwrap_or_else(|p| p.into_inner());
         if let Some(subs) = topics.get_mut(topic) {
             subs.retain(|(sid, _)| *sid != id);
             if subs.is_empty() {
@@ -111,7 +177,7 @@ impl PubSub for LocalPubSub {
 
     fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>) {
         let mut new: HashMap<SubscriberId, Arc<dyn Subscriber>> = subscribers.into_iter().collect();
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut topics = self.names.write().unwrap_or_else(|p| p.into_inner());
         if let Some(subs) = topics.get_mut(topic) {
             for (id, sub) in subs.iter_mut() {
                 if let Some(replacement) = new.remove(id) {
@@ -121,15 +187,15 @@ impl PubSub for LocalPubSub {
         }
     }
 
-    fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+    fn publish(&self, broadcast: &Arc<Broadcast>) -> usize {
+        let topics = self.names.read().unwrap_or_else(|p| p.into_inner());
         let Some(subs) = topics.get(&*broadcast.topic) else {
             return 0;
         };
         let mut delivered = 0;
         for (id, sub) in subs {
             if broadcast.except != Some(*id) {
-                sub.deliver(&broadcast);
+                sub.deliver(broadcast);
                 delivered += 1;
             }
         }
@@ -184,6 +250,26 @@ mod tests {
         assert_eq!(ps.publish(broadcast("room:1", "v", None)), 1);
         assert_eq!(*a.0.lock().expect("lock"), ["room:1:x", "room:1:w"]);
         assert_eq!(*c.0.lock().expect("lock"), ["room:1:v"]);
+
+        // Socket ids are not topics: a room subscribed at a topic spelled like a socket id
+        // hears no disconnect, and a broadcast there reaches no socket.
+        let socket = Arc::new(Collect::default());
+        let room = Arc::new(Collect::default());
+        let id: Arc<str> = "user_socket:42".into();
+        ps.subscribe_socket(&id, 10, socket.clone());
+        ps.subscribe(&id, 11, room.clone());
+        assert_eq!(
+            ps.publish(broadcast("user_socket:42", "disconnect", None)),
+            1
+        );
+        assert_eq!(ps.disconnect("user_socket:42"), 1);
+        assert_eq!(
+            *socket.0.lock().expect("lock"),
+            ["user_socket:42:disconnect"]
+        );
+        assert_eq!(*room.0.lock().expect("lock"), ["user_socket:42:disconnect"]);
+        ps.unsubscribe_socket("user_socket:42", 10);
+        assert_eq!(ps.disconnect("user_socket:42"), 0);
     }
 
     #[test]

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::channel::{Hub, Route, Router};
+use crate::channel::{Hub, Route, Router, SwapResult};
 use crate::config::Limits;
-use crate::runtime::{Manifest, Plugin, Runtime, pattern_matches};
+use crate::runtime::{Manifest, Plugin, Runtime, check_name, check_version, pattern_matches};
 use crate::store::{ActiveRecord, PluginStore, Source, sha256_hex};
 
 /// How often a watched dir is looked at.
@@ -41,9 +41,22 @@ pub enum Refusal {
     Internal(String),
 }
 
+/// A store failure: the details (paths included) go to the log, the caller learns only
+/// that the store failed.
 fn internal(e: anyhow::Error) -> Refusal {
     tracing::error!(error = %format!("{e:#}"), "plugin store failure");
-    Refusal::Internal(format!("{e:#}"))
+    Refusal::Internal("the plugin store failed; the server log has the details".into())
+}
+
+/// A plugin name from a request, checked before it names anything.
+fn named(name: &str) -> Result<(), Refusal> {
+    check_name(name).map_err(|e| Refusal::BadRequest(e.to_string()))
+}
+
+/// A plugin name and version from a request, checked before they name anything.
+fn versioned(name: &str, version: &str) -> Result<(), Refusal> {
+    named(name)?;
+    check_version(version).map_err(|e| Refusal::BadRequest(e.to_string()))
 }
 
 /// What an activation did.
@@ -61,6 +74,9 @@ pub struct Activation {
     pub swapped: usize,
     /// Rooms that stayed on their version, and why.
     pub failed: Vec<FailedSwap>,
+    /// Rooms still busy with messages queued before the swap when the activation
+    /// answered (after `ROOM_WAIT`): each moves once it reaches the swap.
+    pub pending: Vec<String>,
     /// How long the swap paused each moved room, in microseconds.
     pub pause_us: Option<Pauses>,
     /// From the request to the last room's answer, in milliseconds.
@@ -184,6 +200,7 @@ fn route_of(plugin: &Arc<Plugin>) -> Route {
         version: plugin.version().clone(),
         intercepts: plugin.intercepts().clone(),
         factory: plugin.clone(),
+        warnings: plugin.warnings().clone(),
     }
 }
 
@@ -260,13 +277,12 @@ impl Registry {
         sha256: String,
         check: bool,
     ) -> Result<(Arc<Plugin>, bool), Refusal> {
-        let (runtime, store) = (self.runtime.clone(), self.store.clone());
         let name = manifest.name.clone();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &sha256, &store))
+        let (component, cached) = self
+            .runtime
+            .compile_queued(wasm, sha256, self.store.clone())
             .await
-            .map_err(|e| Refusal::Internal(format!("compiling {name}: {e}")))?;
-        let (component, cached) =
-            compiled.map_err(|e| Refusal::Invalid(format!("plugin {name}: {e:#}")))?;
+            .map_err(|e| Refusal::Invalid(format!("plugin {name}: {e:#}")))?;
         let plugin = self
             .runtime
             .load(manifest, &component)
@@ -402,6 +418,7 @@ impl Registry {
         name: &str,
         version: &str,
     ) -> Result<Activation, Refusal> {
+        versioned(name, version)?;
         let _changing = self.changes.lock().await;
         let (plugin, _) = self.load_stored(name, version).await?;
         self.activate_built(hub, plugin, false).await
@@ -414,6 +431,10 @@ impl Registry {
         name: &str,
         version: Option<&str>,
     ) -> Result<Activation, Refusal> {
+        named(name)?;
+        if let Some(version) = version {
+            versioned(name, version)?;
+        }
         let _changing = self.changes.lock().await;
         let record = self
             .store
@@ -462,13 +483,15 @@ impl Registry {
         let rooms = results.len();
         let mut moved = Vec::new();
         let mut failed = Vec::new();
+        let mut pending = Vec::new();
         for (topic, result) in results {
             match result {
-                Ok(pause) => moved.push(pause),
-                Err(error) => failed.push(FailedSwap {
+                SwapResult::Moved(pause) => moved.push(pause),
+                SwapResult::Stayed(error) => failed.push(FailedSwap {
                     topic: topic.to_string(),
                     error,
                 }),
+                SwapResult::Pending => pending.push(topic.to_string()),
             }
         }
         let activation = Activation {
@@ -478,6 +501,7 @@ impl Registry {
             rooms,
             swapped: moved.len(),
             failed,
+            pending,
             pause_us: pauses(moved),
             took_ms: started.elapsed().as_secs_f64() * 1000.0,
         };
@@ -496,6 +520,7 @@ impl Registry {
 
     /// Deletes a stored version; never the active one.
     pub async fn delete_version(&self, name: &str, version: &str) -> Result<(), Refusal> {
+        versioned(name, version)?;
         let _changing = self.changes.lock().await;
         if self
             .store
@@ -524,6 +549,7 @@ impl Registry {
 
     /// Deletes a plugin with every version; refused while it has live rooms.
     pub async fn delete_plugin(&self, hub: &Hub, name: &str) -> Result<(), Refusal> {
+        named(name)?;
         let _changing = self.changes.lock().await;
         if !self
             .store

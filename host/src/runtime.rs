@@ -14,26 +14,33 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use serde::Deserialize;
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, UpdateDeadline,
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::channel::{
-    BoxFuture, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
-    JoinOutcome, LogicFactory, MemberId, RoomLogic,
+    BoxFuture, CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome,
+    InfoOutcome, JoinOutcome, LogicFactory, MemberId, RoomLogic, Unavailable,
 };
 use crate::config::{Limits, MAX_PLUGIN_CALL_MS};
-use crate::presence::{PRESENCE_STATE, Tracker};
-use crate::protocol::{self, Payload, Status};
+use crate::limit::{SharedBucket, Warnings};
+use crate::presence::{Account, PRESENCE_STATE, PresenceError, Tracker};
+use crate::protocol::{self, Payload, Status, reason};
 use crate::stats::Stats;
 use crate::store::PluginStore;
 
+mod clock;
+mod compiler;
+mod imports;
+mod memory;
 mod output;
 mod ticker;
-use output::{LogLimiter, LogTarget};
+use clock::{CallClock, Tick};
+use compiler::CompileThread;
+use memory::{InstanceMemoryFull, Limiter, NodeMemory, NodeMemoryFull};
+use output::LogTarget;
 use ticker::Ticker;
 
 mod bindings {
@@ -44,7 +51,6 @@ mod bindings {
     });
 }
 
-use bindings::StatefulChannel;
 use bindings::cinder::channel::types as wit;
 use bindings::exports::cinder::channel::handler::{
     Guest as HandlerExports, GuestIndices as HandlerIndices,
@@ -78,13 +84,16 @@ const TABLE_KEEP_RESIDENT: usize = 16 << 10;
 /// be able to grow them without bound.
 const MAX_ASSIGNS_BYTES: usize = 64 << 10;
 
-/// The wasmtime engine with Cinder's configuration and its epoch ticker.
+/// The wasmtime engine with Cinder's configuration, its epoch ticker, the node's plugin
+/// memory and the compile thread.
 pub struct Runtime {
     engine: Engine,
     limits: Limits,
     stats: Arc<Stats>,
     presence: Arc<Tracker>,
     ticker: Arc<Ticker>,
+    memory: Arc<NodeMemory>,
+    compiler: CompileThread,
 }
 
 impl Runtime {
@@ -97,6 +106,8 @@ impl Runtime {
         // Component-model async is not used; its bookkeeping costs every call.
         config.concurrency_support(false);
         config.max_wasm_stack(512 << 10);
+        // Compiling runs on one low-priority thread (`compiler`), never on every core.
+        config.parallel_compilation(false);
         // A slot per room, plus headroom for the second instance a room holds while it
         // swaps versions and for the test instance of an upload.
         let slots = limits
@@ -128,7 +139,30 @@ impl Runtime {
             stats,
             presence,
             ticker,
+            memory: Arc::new(NodeMemory::new(limits.plugin_memory_total_bytes)),
+            compiler: CompileThread::start().context("starting the compile thread")?,
         })
+    }
+
+    /// Linear memory every instance of the node holds now.
+    pub fn plugin_memory(&self) -> usize {
+        self.memory.held()
+    }
+
+    /// [`Runtime::compile`] on the compile thread: one compile at a time, at a lower
+    /// priority than the threads that run rooms, so a large upload does not take their
+    /// time.
+    pub async fn compile_queued(
+        self: &Arc<Self>,
+        wasm: Arc<Vec<u8>>,
+        sha256: String,
+        store: Arc<PluginStore>,
+    ) -> anyhow::Result<(Component, bool)> {
+        let runtime = self.clone();
+        self.compiler
+            .run(move || runtime.compile(&wasm, &sha256, &store))
+            .await
+            .map_err(anyhow::Error::msg)?
     }
 
     /// The cache key of a component's compiled artifact: its hash and wasmtime's
@@ -192,8 +226,7 @@ impl Runtime {
         let mut linker: Linker<RoomData> = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
-        StatefulChannel::add_to_linker::<_, HasSelf<_>>(&mut linker, |d| d)
-            .map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
+        imports::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("linking host: {e}"))?;
         let pre = linker
             .instantiate_pre(component)
             .map_err(|e| anyhow::anyhow!("imports do not match what the host offers: {e:#}"))?;
@@ -221,6 +254,7 @@ impl Runtime {
             name: manifest.name.as_str().into(),
             version: manifest.version.as_str().into(),
             intercepts: manifest.intercept.clone().into(),
+            patterns: manifest.topics.clone().into(),
             manifest,
             pre,
             handler,
@@ -234,7 +268,9 @@ impl Runtime {
             stats: self.stats.clone(),
             presence: self.presence.clone(),
             ticker: self.ticker.clone(),
-            log_limiter: Arc::new(LogLimiter::new(self.limits.plugin_log_lines_per_sec)),
+            log_limiter: Arc::new(SharedBucket::per_sec(self.limits.plugin_log_lines_per_sec)),
+            warnings: Arc::new(Warnings::new(self.stats.clone())),
+            memory: self.memory.clone(),
         })
     }
 }
@@ -293,45 +329,53 @@ impl Manifest {
     }
 
     fn validate(&self, server: &Limits) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !self.name.is_empty()
-                && self
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-            "plugin name {:?} must be non-empty ASCII letters, digits, - or _",
-            self.name
-        );
-        anyhow::ensure!(
-            semver::Version::parse(&self.version).is_ok(),
-            "plugin {}: version {:?} is not semver (like 1.2.0)",
-            self.name,
-            self.version
-        );
+        check_name(&self.name)?;
+        check_version(&self.version).map_err(|e| anyhow::anyhow!("plugin {}: {e}", self.name))?;
         anyhow::ensure!(
             !self.topics.is_empty(),
             "plugin {} serves no topics",
             self.name
         );
+        anyhow::ensure!(
+            self.topics.len() <= MAX_LISTED && self.intercept.len() <= MAX_LISTED,
+            "plugin {}: at most {MAX_LISTED} topic patterns and {MAX_LISTED} intercepted events",
+            self.name
+        );
+        anyhow::ensure!(
+            self.description.len() <= MAX_DESCRIPTION_BYTES,
+            "plugin {}: description over {MAX_DESCRIPTION_BYTES} bytes",
+            self.name
+        );
         for pattern in &self.topics {
             let stem = pattern.strip_suffix('*').unwrap_or(pattern);
             anyhow::ensure!(
-                !stem.is_empty() && !stem.contains('*'),
-                "plugin {}: topic pattern {pattern:?} must be a topic or a prefix ending in a single *",
-                self.name
+                !stem.is_empty()
+                    && !stem.contains('*')
+                    && pattern.len() <= MAX_PATTERN_BYTES
+                    && !pattern.chars().any(char::is_control),
+                "plugin {}: topic pattern {:?} must be a topic or a prefix ending in a single *, at most {MAX_PATTERN_BYTES} bytes without control characters",
+                self.name,
+                truncated(pattern)
             );
-            anyhow::ensure!(
-                stem != protocol::PHOENIX_TOPIC,
-                "plugin {}: the phoenix topic is reserved",
-                self.name
-            );
+            if let Some(reserved) = protocol::RESERVED_TOPICS
+                .iter()
+                .find(|r| patterns_overlap(pattern, r))
+            {
+                anyhow::bail!(
+                    "plugin {}: topic pattern {pattern:?} covers topics reserved by the server ({reserved}); reserved: {}",
+                    self.name,
+                    protocol::RESERVED_TOPICS.join(", ")
+                );
+            }
         }
         for event in &self.intercept {
-            anyhow::ensure!(
-                !protocol::event::is_reserved(event),
-                "plugin {}: cannot intercept {event}",
-                self.name
-            );
+            check_event(event).map_err(|e| {
+                anyhow::anyhow!(
+                    "plugin {}: cannot intercept {:?}: {e}",
+                    self.name,
+                    truncated(event)
+                )
+            })?;
         }
         if let Some(bytes) = self.limits.memory_bytes {
             anyhow::ensure!(
@@ -350,6 +394,49 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Longest plugin name: it names a directory of the store.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Longest version string: it names a directory of the store.
+pub const MAX_VERSION_BYTES: usize = 64;
+/// Topic patterns, and intercepted events, one manifest may list.
+const MAX_LISTED: usize = 64;
+/// Longest topic pattern.
+const MAX_PATTERN_BYTES: usize = 1024;
+/// Longest description.
+const MAX_DESCRIPTION_BYTES: usize = 4096;
+
+/// The start of `text`, for an error message about it.
+fn truncated(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// Checks a plugin name: 1 to 64 ASCII letters, digits, `-` or `_`. Every name the
+/// server takes (a manifest's, an admin request's) passes here before it names a path.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= MAX_NAME_BYTES
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "plugin name {:?} must be 1 to {MAX_NAME_BYTES} ASCII letters, digits, - or _",
+        truncated(name)
+    );
+    Ok(())
+}
+
+/// Checks a version: semver (`1.2.0`, `1.2.0-rc.1+build.5`), at most 64 bytes. Semver's
+/// characters (letters, digits, `.`, `-`, `+`, never an empty part) cannot make a path
+/// other than one directory name.
+pub fn check_version(version: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        version.len() <= MAX_VERSION_BYTES && semver::Version::parse(version).is_ok(),
+        "version {:?} is not semver of at most {MAX_VERSION_BYTES} bytes (like 1.2.0)",
+        truncated(version)
+    );
+    Ok(())
 }
 
 /// Whether `pattern` (exact or `prefix*`) covers `topic`.
@@ -375,6 +462,8 @@ pub struct Plugin {
     name: Arc<str>,
     version: Arc<str>,
     intercepts: Arc<[String]>,
+    /// The manifest's topic patterns: the topics that are this plugin's.
+    patterns: Arc<[String]>,
     manifest: Manifest,
     pre: InstancePre<RoomData>,
     handler: HandlerIndices,
@@ -391,7 +480,9 @@ pub struct Plugin {
     stats: Arc<Stats>,
     presence: Arc<Tracker>,
     ticker: Arc<Ticker>,
-    log_limiter: Arc<LogLimiter>,
+    log_limiter: Arc<SharedBucket>,
+    warnings: Arc<Warnings>,
+    memory: Arc<NodeMemory>,
 }
 
 /// Recent room crashes of a plugin, for quarantine.
@@ -422,6 +513,11 @@ impl Plugin {
         &self.intercepts
     }
 
+    /// How often the host may warn about this plugin.
+    pub fn warnings(&self) -> &Arc<Warnings> {
+        &self.warnings
+    }
+
     /// Whether the plugin exports `cinder:channel/state` (hands room state over).
     pub fn stateful(&self) -> bool {
         self.state.is_some()
@@ -436,7 +532,7 @@ impl Plugin {
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
             anyhow::anyhow!(
                 "instantiation failed: {}",
-                trap_cause(&e, self.instantiate_time)
+                trap_cause(&e, self.instantiate_time).text()
             )
         })?;
         if let Err(e) = self.handler.load(&mut store, &instance) {
@@ -487,36 +583,53 @@ impl Plugin {
         let data = RoomData {
             wasi,
             table: ResourceTable::new(),
-            store_limits: StoreLimitsBuilder::new()
-                .memory_size(self.memory_bytes)
-                .instances(MAX_CORE_INSTANCES_PER_COMPONENT as usize)
-                .memories(MAX_MEMORIES_PER_COMPONENT as usize)
-                .tables(MAX_MEMORIES_PER_COMPONENT as usize)
-                .trap_on_grow_failure(true)
-                .build(),
+            limiter: Limiter::new(
+                self.memory.clone(),
+                self.memory_bytes,
+                MAX_CORE_INSTANCES_PER_COMPONENT as usize,
+                MAX_MEMORIES_PER_COMPONENT as usize,
+                MAX_MEMORIES_PER_COMPONENT as usize,
+            ),
             effects: Vec::new(),
-            effect_bytes: 0,
-            deadline: Instant::now(),
+            spent: Spent::default(),
+            budget: None,
+            clock: CallClock::new(),
             plugin: self.name.clone(),
+            patterns: self.patterns.clone(),
             topic,
             limits: self.limits.clone(),
             presence: self.presence.clone(),
+            account: None,
             channel: NO_CHANNEL,
             ticker: self.ticker.clone(),
+            stats: self.stats.clone(),
+            warnings: self.warnings.clone(),
+            log_limiter: self.log_limiter.clone(),
+            allowed: CallBudget::full(&self.limits, 0),
         };
         let mut store = Store::new(&self.engine, data);
-        store.limiter(|d| &mut d.store_limits);
-        // On every epoch tick (1 ms) of a running call: trap once the call's time is up,
-        // else yield to the executor so other rooms and sockets on this worker thread run.
-        // tokio's `yield_now` (not a bare self-wake) lets the I/O driver run as well.
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
-                Err(wasmtime::Trap::Interrupt.into())
-            } else {
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+        store.limiter(|d| &mut d.limiter);
+        // On every epoch tick (1 ms) of a running call: trap once the call used its CPU
+        // time, else keep the ticker ticking and yield to the executor so other rooms and
+        // sockets on this worker thread run. tokio's `yield_now` (not a bare self-wake)
+        // lets the I/O driver run as well.
+        store.epoch_deadline_callback(|mut ctx| {
+            let data = ctx.data_mut();
+            match data.clock.tick() {
+                Tick::Spent => Err(wasmtime::Trap::Interrupt.into()),
+                Tick::Left(left) => {
+                    // A call descheduled past its wall-clock deadline still runs: the
+                    // ticker must go on ticking for it.
+                    data.ticker.keep_ticking(Instant::now() + left);
+                    let resumed = data.clock.on_resume();
+                    Ok(UpdateDeadline::YieldCustom(
+                        1,
+                        Box::pin(async move {
+                            tokio::task::yield_now().await;
+                            resumed();
+                        }),
+                    ))
+                }
             }
         });
         store
@@ -527,15 +640,18 @@ impl LogicFactory for Plugin {
     fn instantiate<'a>(
         &'a self,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, Unavailable>> {
         Box::pin(async move {
             if let Some(until) = self.quarantined() {
                 let left = until.saturating_duration_since(Instant::now());
-                return Err(format!(
-                    "plugin {} is quarantined for {}s more after repeated crashes",
-                    self.name,
-                    left.as_secs()
-                ));
+                return Err(Unavailable {
+                    reason: reason::PLUGIN_UNAVAILABLE,
+                    detail: format!(
+                        "plugin {} is quarantined for {}s more after repeated crashes",
+                        self.name,
+                        left.as_secs()
+                    ),
+                });
             }
             let mut store = self.new_store(topic);
             arm(&mut store, self.instantiate_time);
@@ -561,14 +677,26 @@ impl LogicFactory for Plugin {
                     call_time: self.call_time,
                     dead: None,
                 }) as Box<dyn RoomLogic>),
-                Err(e) => {
-                    let cause = format!(
-                        "instantiation failed: {}",
-                        trap_cause(&e, self.instantiate_time)
-                    );
-                    self.crashed(topic, &cause);
-                    Err(cause)
-                }
+                Err(e) => match trap_cause(&e, self.instantiate_time) {
+                    Cause::Evicted(why) => {
+                        Stats::bump(&self.stats.plugin_memory_refused);
+                        if self.warnings.allow() {
+                            tracing::warn!(plugin = %self.name, %topic, cause = %why, "no instance made: the node's plugin memory is used up");
+                        }
+                        Err(Unavailable {
+                            reason: reason::MEMORY_FULL,
+                            detail: why,
+                        })
+                    }
+                    Cause::Crashed(why) => {
+                        let detail = format!("instantiation failed: {why}");
+                        self.crashed(topic, &detail);
+                        Err(Unavailable {
+                            reason: reason::PLUGIN_UNAVAILABLE,
+                            detail,
+                        })
+                    }
+                },
             }
         })
     }
@@ -655,16 +783,38 @@ fn mismatched_handler_function(
         .map(|(name, _)| name)
 }
 
+/// Why a call or an instantiation trapped.
+enum Cause {
+    /// The plugin's own doing (a panic, its time, its memory cap).
+    Crashed(String),
+    /// The node's: its plugin memory budget is used up.
+    Evicted(String),
+}
+
+impl Cause {
+    fn text(self) -> String {
+        match self {
+            Cause::Crashed(why) | Cause::Evicted(why) => why,
+        }
+    }
+}
+
 /// Why a call or an instantiation trapped, in words for logs.
-fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> String {
-    match e.downcast_ref::<wasmtime::Trap>() {
+fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> Cause {
+    if let Some(full) = e.downcast_ref::<NodeMemoryFull>() {
+        return Cause::Evicted(full.to_string());
+    }
+    if let Some(full) = e.downcast_ref::<InstanceMemoryFull>() {
+        return Cause::Crashed(full.to_string());
+    }
+    Cause::Crashed(match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => {
-            format!("time limit of {} ms exceeded", call_time.as_millis())
+            format!("CPU time limit of {} ms exceeded", call_time.as_millis())
         }
         Some(wasmtime::Trap::StackOverflow) => "wasm stack overflow".into(),
         Some(t) => format!("trap: {t}"),
         None => format!("{e:#}"),
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -675,29 +825,60 @@ fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> String {
 struct RoomData {
     wasi: WasiCtx,
     table: ResourceTable,
-    store_limits: StoreLimits,
+    limiter: Limiter,
     /// Host calls of the current call.
     effects: Vec<Effect>,
-    /// Bytes of payload in `effects`.
-    effect_bytes: usize,
-    /// When the current call must have returned.
-    deadline: Instant,
+    /// What the current call's host calls used of its limits.
+    spent: Spent,
+    /// What the room allows the next call (see [`CallBudget`]), until it starts.
+    budget: Option<CallBudget>,
+    /// What the current call is allowed beside the per-call limits.
+    allowed: CallBudget,
+    /// The current call's CPU time.
+    clock: CallClock,
     plugin: Arc<str>,
+    /// The plugin's topic patterns: what `presence.list` may read.
+    patterns: Arc<[String]>,
     topic: Arc<str>,
     limits: Limits,
     presence: Arc<Tracker>,
+    /// The presence account of the current call's socket.
+    account: Option<Arc<Account>>,
     /// The channel the current call is about: owner of the presence it tracks.
     channel: MemberId,
     ticker: Arc<Ticker>,
+    stats: Arc<Stats>,
+    warnings: Arc<Warnings>,
+    log_limiter: Arc<SharedBucket>,
 }
 
-/// Lets guest code in `store` run for `time` from now: sets its deadline and the epoch
-/// deadline of the next tick, and keeps the ticker ticking until then.
+/// What one call's host calls used.
+#[derive(Default)]
+struct Spent {
+    /// Pushes, broadcasts, timers and tracks.
+    messages: usize,
+    /// Their payload bytes.
+    bytes: usize,
+    broadcasts: usize,
+    broadcast_bytes: usize,
+    timers: usize,
+}
+
+/// What a host call asks for, for the limits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    Push,
+    Broadcast,
+    Timer,
+    Track,
+}
+
+/// Lets guest code in `store` run for `time` of CPU from now: starts its clock, arms the
+/// epoch deadline of the next tick and keeps the ticker ticking until at least then.
 fn arm(store: &mut Store<RoomData>, time: Duration) {
-    let deadline = Instant::now() + time;
     let data = store.data_mut();
-    data.deadline = deadline;
-    data.ticker.keep_ticking(deadline);
+    data.clock.start(time);
+    data.ticker.keep_ticking(Instant::now() + time);
     store.set_epoch_deadline(1);
 }
 
@@ -711,69 +892,182 @@ impl WasiView for RoomData {
 }
 
 impl RoomData {
-    fn payload(&self, payload: wit::Payload) -> Result<Payload, String> {
-        from_wit_payload(payload).map_err(|e| e.to_string())
+    /// Starts a call about `channel`.
+    fn begin(&mut self, channel: MemberId, account: Option<Arc<Account>>) {
+        self.effects.clear();
+        self.spent = Spent::default();
+        self.allowed = self
+            .budget
+            .take()
+            .unwrap_or_else(|| CallBudget::full(&self.limits, self.limits.max_timers_per_channel));
+        self.channel = channel;
+        self.account = account;
     }
 
-    /// Host calls act on the channel of the current call; snapshot and restore have none.
-    fn in_channel(&self) -> Result<(), String> {
+    /// A host call refused for a limit: counted, warned about (at a bounded rate), and
+    /// the plugin gets `why`.
+    fn refuse(&self, why: String) -> String {
+        Stats::bump(&self.stats.call_refusals);
+        if self.warnings.allow() {
+            tracing::warn!(plugin = %self.plugin, topic = %self.topic, error = %why, "host call refused");
+        }
+        why
+    }
+
+    /// Checks that a host call asking for `ask` with `bytes` of payload fits the call's
+    /// limits; nothing of the payload has been looked at yet.
+    fn check(&self, ask: Ask, bytes: usize) -> Result<(), String> {
         if self.channel == NO_CHANNEL {
             return Err("host calls are not available in snapshot and restore".into());
         }
-        Ok(())
+        let limits = &self.limits;
+        if self.spent.messages >= limits.max_messages_per_call {
+            return Err(self.refuse(format!(
+                "more than {} messages in one call",
+                limits.max_messages_per_call
+            )));
+        }
+        let max = limits.max_plugin_payload_bytes;
+        if self.spent.bytes.saturating_add(bytes) > max {
+            return Err(self.refuse(format!("more than {max} bytes of messages in one call")));
+        }
+        match ask {
+            Ask::Broadcast
+                if self.spent.broadcasts >= self.allowed.broadcasts
+                    || self.spent.broadcast_bytes.saturating_add(bytes)
+                        > self.allowed.broadcast_bytes =>
+            {
+                Err(self.refuse(format!(
+                    "this message's broadcasts are used up: at most {} broadcasts and {} bytes, in its call and every handle_out round they cause",
+                    limits.max_messages_per_call, max
+                )))
+            }
+            Ask::Timer if self.spent.timers >= self.allowed.timers => {
+                Stats::bump(&self.stats.timers_refused);
+                if self.warnings.allow() {
+                    tracing::warn!(plugin = %self.plugin, topic = %self.topic, "send-after refused: too many pending timers");
+                }
+                Err(format!(
+                    "too many pending timers: {} per channel of the room",
+                    limits.max_timers_per_channel
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
-    fn effect(
-        &mut self,
-        effect: impl FnOnce(&Self) -> Result<Effect, String>,
-    ) -> Result<(), String> {
-        self.in_channel()?;
-        if self.effects.len() >= self.limits.max_messages_per_call {
-            return Err(format!(
-                "more than {} messages in one call",
-                self.limits.max_messages_per_call
-            ));
+    /// Counts a host call that passed [`RoomData::check`].
+    fn commit(&mut self, ask: Ask, bytes: usize) {
+        let spent = &mut self.spent;
+        spent.messages += 1;
+        spent.bytes += bytes;
+        match ask {
+            Ask::Broadcast => {
+                spent.broadcasts += 1;
+                spent.broadcast_bytes += bytes;
+            }
+            Ask::Timer => spent.timers += 1,
+            Ask::Push | Ask::Track => {}
         }
-        let effect = effect(self)?;
-        let bytes = match &effect {
-            Effect::Push { payload, .. } | Effect::Broadcast { payload, .. } => payload.len(),
-            Effect::SendAfter { message, .. } => message.len(),
+    }
+
+    /// Checks a push or a broadcast (`target`) of `event` with `payload`, still in the
+    /// plugin's memory: names and sizes first, then the payload is copied and parsed.
+    fn accept_send(
+        &self,
+        target: Target,
+        event: &str,
+        payload: &imports::Seen<'_>,
+    ) -> Result<(String, Payload), String> {
+        check_event(event)?;
+        let ask = match target {
+            Target::Channel => Ask::Push,
+            Target::Topic { .. } => Ask::Broadcast,
         };
-        let max = self.limits.max_plugin_payload_bytes;
-        if self.effect_bytes + bytes > max {
-            return Err(format!("more than {max} bytes of messages in one call"));
-        }
-        self.effect_bytes += bytes;
-        self.effects.push(effect);
-        Ok(())
+        self.check(ask, payload.len())?;
+        Ok((event.to_owned(), owned_payload(payload)?))
     }
-}
 
-fn check_event(event: &str) -> Result<(), String> {
-    if event.is_empty() || event.len() > 255 {
-        return Err("event names must be 1 to 255 bytes".into());
+    /// Records an accepted push or broadcast.
+    fn send(&mut self, target: Target, event: String, payload: Payload) {
+        let ask = match target {
+            Target::Channel => Ask::Push,
+            Target::Topic { .. } => Ask::Broadcast,
+        };
+        self.commit(ask, payload.len());
+        self.effects.push(match target {
+            Target::Channel => Effect::Push { event, payload },
+            Target::Topic { exclude_self } => Effect::Broadcast {
+                event,
+                payload,
+                exclude_self,
+            },
+        });
     }
-    if protocol::event::is_reserved(event) {
-        return Err(format!("event {event} is reserved"));
-    }
-    Ok(())
-}
 
-impl wit::Host for RoomData {}
-
-impl bindings::cinder::channel::presence::Host for RoomData {
-    fn track(&mut self, key: String, meta: String) -> Result<(), String> {
-        self.in_channel()?;
-        if self.effects.len() >= self.limits.max_messages_per_call {
+    /// Checks a `send-after` of `message` in `delay_ms`.
+    fn accept_timer(
+        &self,
+        delay_ms: u32,
+        message: &imports::Seen<'_>,
+    ) -> Result<(Duration, Payload), String> {
+        if delay_ms > self.limits.max_timer_delay_ms {
             return Err(format!(
-                "more than {} messages in one call",
-                self.limits.max_messages_per_call
+                "delay over the limit of {} ms",
+                self.limits.max_timer_delay_ms
             ));
         }
+        self.check(Ask::Timer, message.len())?;
+        Ok((
+            Duration::from_millis(delay_ms.into()),
+            owned_payload(message)?,
+        ))
+    }
+
+    /// Records an accepted timer.
+    fn timer(&mut self, delay: Duration, message: Payload) {
+        self.commit(Ask::Timer, message.len());
+        self.effects.push(Effect::SendAfter { delay, message });
+    }
+
+    /// The `log` import: the line goes to the host's log at the plugin's line rate (shared
+    /// with its stdout and stderr). Control characters in it are escaped by the log writer
+    /// (crate::logging): no record can be forged.
+    fn log(&mut self, level: imports::Level, line: &str) {
+        if !self.log_limiter.take() {
+            Stats::bump(&self.stats.plugin_log_dropped);
+            return;
+        }
+        let (plugin, topic) = (&*self.plugin, &*self.topic);
+        match level {
+            imports::Level::Trace => tracing::trace!(target: "plugin", plugin, topic, "{line}"),
+            imports::Level::Debug => tracing::debug!(target: "plugin", plugin, topic, "{line}"),
+            imports::Level::Info => tracing::info!(target: "plugin", plugin, topic, "{line}"),
+            imports::Level::Warn => tracing::warn!(target: "plugin", plugin, topic, "{line}"),
+            imports::Level::Error => tracing::error!(target: "plugin", plugin, topic, "{line}"),
+        }
+    }
+
+    /// A presence refusal, counted when a budget refused it.
+    fn presence_error(&self, e: PresenceError) -> String {
+        if matches!(
+            e,
+            PresenceError::SocketBudget(_) | PresenceError::NodeBudget(_)
+        ) {
+            Stats::bump(&self.stats.presence_refused);
+        }
+        e.to_string()
+    }
+
+    /// `presence.track`: one message of the call; the tracking channel is pushed the
+    /// topic's whole presence once the call returns.
+    fn track(&mut self, key: &str, meta: &str) -> Result<(), String> {
+        self.check(Ask::Track, 0)?;
+        let account = self.account.clone().unwrap_or_default();
         self.presence
-            .track(&self.topic, self.channel, &key, &meta)
-            .map_err(|e| e.to_string())?;
-        // The tracking channel gets the whole presence once the call returns.
+            .track(&self.topic, self.channel, key, meta, &account)
+            .map_err(|e| self.presence_error(e))?;
+        self.commit(Ask::Track, 0);
         let state = self.presence.list(&self.topic);
         self.effects.push(Effect::Push {
             event: PRESENCE_STATE.into(),
@@ -782,96 +1076,88 @@ impl bindings::cinder::channel::presence::Host for RoomData {
         Ok(())
     }
 
-    fn update(&mut self, key: String, meta: String) -> Result<(), String> {
-        self.in_channel()?;
+    /// `presence.update`.
+    fn update(&mut self, key: &str, meta: &str) -> Result<(), String> {
+        self.check(Ask::Track, 0)?;
         self.presence
-            .update(&self.topic, self.channel, &key, &meta)
+            .update(&self.topic, self.channel, key, meta)
+            .map_err(|e| self.presence_error(e))
+    }
+
+    /// `presence.untrack`.
+    fn untrack(&mut self, key: &str) -> Result<(), String> {
+        self.check(Ask::Track, 0)?;
+        self.presence
+            .untrack(&self.topic, self.channel, key)
             .map_err(|e| e.to_string())
     }
 
-    fn untrack(&mut self, key: String) -> Result<(), String> {
-        self.in_channel()?;
-        self.presence
-            .untrack(&self.topic, self.channel, &key)
-            .map_err(|e| e.to_string())
-    }
-
-    fn list(&mut self, topic: String) -> String {
-        self.presence.list_json(&topic)
+    /// `presence.list`: the topics of other plugins are theirs, and their presence is not
+    /// this plugin's to read (patterns of two plugins never overlap, so this is exact).
+    fn list(&mut self, topic: &str) -> String {
+        if !self.patterns.iter().any(|p| pattern_matches(p, topic)) {
+            self.refuse(format!(
+                "presence.list of {:?}: not a topic of this plugin",
+                truncated(topic)
+            ));
+            return "{}".into();
+        }
+        self.presence.list_json(topic)
     }
 }
 
-impl bindings::cinder::channel::host::Host for RoomData {
-    fn broadcast(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
-        self.effect(|d| {
-            check_event(&event)?;
-            Ok(Effect::Broadcast {
-                event,
-                payload: d.payload(payload)?,
-                exclude_self: false,
-            })
-        })
-    }
-
-    fn broadcast_from(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
-        self.effect(|d| {
-            check_event(&event)?;
-            Ok(Effect::Broadcast {
-                event,
-                payload: d.payload(payload)?,
-                exclude_self: true,
-            })
-        })
-    }
-
-    fn push(&mut self, event: String, payload: wit::Payload) -> Result<(), String> {
-        self.effect(|d| {
-            check_event(&event)?;
-            Ok(Effect::Push {
-                event,
-                payload: d.payload(payload)?,
-            })
-        })
-    }
-
-    fn send_after(&mut self, delay_ms: u32, message: wit::Payload) -> Result<(), String> {
-        self.effect(|d| {
-            if delay_ms > d.limits.max_timer_delay_ms {
-                return Err(format!(
-                    "delay over the limit of {} ms",
-                    d.limits.max_timer_delay_ms
-                ));
-            }
-            Ok(Effect::SendAfter {
-                delay: Duration::from_millis(delay_ms.into()),
-                message: d.payload(message)?,
-            })
-        })
-    }
-
-    fn log(&mut self, level: wit::Level, message: String) {
-        let mut message = message;
-        if message.len() > output::MAX_LINE {
-            let mut cut = output::MAX_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        let (plugin, topic) = (&*self.plugin, &*self.topic);
-        match level {
-            wit::Level::Trace => tracing::trace!(target: "plugin", plugin, topic, "{message}"),
-            wit::Level::Debug => tracing::debug!(target: "plugin", plugin, topic, "{message}"),
-            wit::Level::Info => tracing::info!(target: "plugin", plugin, topic, "{message}"),
-            wit::Level::Warn => tracing::warn!(target: "plugin", plugin, topic, "{message}"),
-            wit::Level::Error => tracing::error!(target: "plugin", plugin, topic, "{message}"),
-        }
-    }
-}
-
-fn from_wit_payload(p: wit::Payload) -> Result<Payload, protocol::ProtocolError> {
+/// A payload the plugin passed, copied out of its memory: JSON is checked (valid, nested
+/// at most [`protocol::MAX_JSON_DEPTH`] levels).
+fn owned_payload(p: &imports::Seen<'_>) -> Result<Payload, String> {
     match p {
-        wit::Payload::Json(text) => Payload::json(text),
+        imports::Seen::Json(text) => {
+            Payload::untrusted_json(text.to_string()).map_err(|e| e.to_string())
+        }
+        imports::Seen::Binary(bytes) => Ok(Payload::Binary(Bytes::copy_from_slice(bytes))),
+    }
+}
+
+/// The part of a log line kept: at most [`output::MAX_LINE`] bytes.
+fn cut_line(line: &str) -> &str {
+    let mut cut = line.len().min(output::MAX_LINE);
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &line[..cut]
+}
+
+/// Where a push or a broadcast goes.
+#[derive(Clone, Copy)]
+enum Target {
+    /// The channel of the call (`push`).
+    Channel,
+    /// The call's topic (`broadcast`, or `broadcast-from` when `exclude_self`).
+    Topic { exclude_self: bool },
+}
+
+fn check_event(event: &str) -> Result<(), String> {
+    if event.is_empty() || event.len() > 255 {
+        return Err("event names must be 1 to 255 bytes".into());
+    }
+    if protocol::event::is_reserved_for_plugins(event) {
+        return Err(format!("event {event} is reserved"));
+    }
+    Ok(())
+}
+
+/// Bytes of a payload as the plugin handed it over, before anything parses it.
+fn wit_len(p: &wit::Payload) -> usize {
+    match p {
+        wit::Payload::Json(text) => text.len(),
+        wit::Payload::Binary(bytes) => bytes.len(),
+    }
+}
+
+/// A payload a plugin handed over: JSON is checked (valid, nested at most
+/// [`protocol::MAX_JSON_DEPTH`] levels).
+fn from_wit_payload(p: wit::Payload) -> Result<Payload, String> {
+    match p {
+        wit::Payload::Json(text) => Payload::untrusted_json(text).map_err(|e| e.to_string()),
         wit::Payload::Binary(bytes) => Ok(Payload::Binary(Bytes::from(bytes))),
     }
 }
@@ -919,16 +1205,15 @@ fn json_payload(text: String, max: usize) -> Result<Payload, CallError> {
 }
 
 /// A reply from a plugin: valid JSON (or bytes) within the payload limit, else the channel
-/// crashes.
+/// crashes. The size is checked first.
 fn reply_payload(p: wit::Payload, max: usize) -> Result<Payload, CallError> {
-    let payload = from_wit_payload(p).map_err(|e| CallError::Failed(e.to_string()))?;
-    if payload.len() > max {
+    let len = wit_len(&p);
+    if len > max {
         return Err(CallError::Failed(format!(
-            "reply of {} bytes is over the limit of {max}",
-            payload.len()
+            "reply of {len} bytes is over the limit of {max}"
         )));
     }
-    Ok(payload)
+    from_wit_payload(p).map_err(CallError::Failed)
 }
 
 struct WasmRoom {
@@ -943,18 +1228,19 @@ struct WasmRoom {
 
 impl WasmRoom {
     fn begin(&mut self, socket: &ChannelSocket) -> Result<(), CallError> {
-        self.begin_for(socket.channel)
+        self.begin_for(socket.channel, Some(socket.presence.clone()))
     }
 
     /// Starts a call about `channel` (`NO_CHANNEL` for snapshot and restore).
-    fn begin_for(&mut self, channel: MemberId) -> Result<(), CallError> {
+    fn begin_for(
+        &mut self,
+        channel: MemberId,
+        account: Option<Arc<Account>>,
+    ) -> Result<(), CallError> {
         if let Some(cause) = &self.dead {
             return Err(CallError::Crashed(cause.clone()));
         }
-        let data = self.store.data_mut();
-        data.effects.clear();
-        data.effect_bytes = 0;
-        data.channel = channel;
+        self.store.data_mut().begin(channel, account);
         arm(&mut self.store, self.call_time);
         Ok(())
     }
@@ -968,11 +1254,17 @@ impl WasmRoom {
         match result {
             Ok(Ok(value)) => Ok((value, effects)),
             Ok(Err(message)) => Err(CallError::Failed(message)),
-            Err(trap) => {
-                let cause = trap_cause(&trap, self.call_time);
-                self.dead = Some(cause.clone());
-                Err(CallError::Crashed(cause))
-            }
+            Err(trap) => match trap_cause(&trap, self.call_time) {
+                Cause::Crashed(cause) => {
+                    self.dead = Some(cause.clone());
+                    Err(CallError::Crashed(cause))
+                }
+                Cause::Evicted(cause) => {
+                    Stats::bump(&self.store.data().stats.plugin_memory_refused);
+                    self.dead = Some(cause.clone());
+                    Err(CallError::Evicted(cause))
+                }
+            },
         }
     }
 }
@@ -982,9 +1274,13 @@ impl RoomLogic for WasmRoom {
         &self.version
     }
 
+    fn budget(&mut self, budget: CallBudget) {
+        self.store.data_mut().budget = Some(budget);
+    }
+
     fn snapshot(&mut self) -> BoxFuture<'_, Result<Vec<u8>, CallError>> {
         Box::pin(async move {
-            self.begin_for(NO_CHANNEL)?;
+            self.begin_for(NO_CHANNEL, None)?;
             let Some(state) = &self.state else {
                 return Ok(Vec::new());
             };
@@ -999,7 +1295,7 @@ impl RoomLogic for WasmRoom {
         from_version: &'a str,
     ) -> BoxFuture<'a, Result<bool, CallError>> {
         Box::pin(async move {
-            self.begin_for(NO_CHANNEL)?;
+            self.begin_for(NO_CHANNEL, None)?;
             let Some(state) = &self.state else {
                 return Ok(false);
             };
@@ -1200,5 +1496,43 @@ mod tests {
         assert!(m.validate(&server).is_err());
         m.limits.call_ms = Some(50);
         assert!(m.validate(&server).is_ok());
+        let mut m = manifest("chat", &["room:*"]);
+        m.intercept = vec![String::new()];
+        assert!(m.validate(&server).is_err());
+        m.intercept = vec!["disconnect".into()];
+        assert!(m.validate(&server).is_err());
+        assert!(
+            manifest(&"n".repeat(65), &["room:*"])
+                .validate(&server)
+                .is_err()
+        );
+        let mut m = manifest("chat", &["room:*"]);
+        m.version = format!("1.0.0+{}", "b".repeat(64));
+        assert!(m.validate(&server).is_err());
+    }
+
+    #[test]
+    fn patterns_covering_reserved_topics_are_refused() {
+        let server = Limits::default();
+        for pattern in [
+            "user_socket:*",
+            "user_socket:42",
+            "user_*",
+            "u*",
+            "phoenix",
+            "phoeni*",
+            "p*",
+        ] {
+            let err = manifest("x", &[pattern])
+                .validate(&server)
+                .expect_err(pattern);
+            assert!(err.to_string().contains("reserved"), "{pattern}: {err}");
+        }
+        for pattern in ["users:*", "phoenix:*", "user_socket", "room:user_socket:*"] {
+            assert!(
+                manifest("x", &[pattern]).validate(&server).is_ok(),
+                "{pattern}"
+            );
+        }
     }
 }

@@ -1,70 +1,112 @@
 //! Counters of what the server did and refused, for operators (`GET /api/stats`) and tests.
-//! Plain atomics, bumped where the event happens; no I/O here.
+//! Plain atomics, bumped where the event happens; no I/O here. Every limit in
+//! docs/limits.md has a counter here that says how often it was hit.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-/// Event counters since start.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Room instances discarded after a trap, a blown deadline or the memory cap.
-    pub room_crashes: AtomicU64,
-    /// Channels crashed by a plugin returning an error.
-    pub channel_errors: AtomicU64,
-    /// Times a plugin was quarantined for crashing too often.
-    pub quarantines: AtomicU64,
-    /// Joins refused because the node runs `max_rooms` rooms.
-    pub rooms_refused: AtomicU64,
-    /// Sockets cut off because their outbound queue overflowed.
-    pub slow_disconnects: AtomicU64,
-    /// Client messages refused by the rate limit.
-    pub rate_limited: AtomicU64,
-    /// Frames that could not be decoded.
-    pub malformed_frames: AtomicU64,
-    /// Plugin stdout/stderr lines dropped by the log rate limit.
-    pub plugin_log_dropped: AtomicU64,
-    /// Components compiled (a version new to the artifact cache).
-    pub artifact_compiles: AtomicU64,
-    /// Components loaded from the artifact cache instead of compiled.
-    pub artifact_cache_hits: AtomicU64,
-    /// Live rooms moved to another plugin version.
-    pub room_swaps: AtomicU64,
-    /// Live rooms that stayed on their version because the swap failed.
-    pub room_swap_failures: AtomicU64,
+/// Declares the counters once: the struct and the list a snapshot reads.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+        /// Event counters since start.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($(#[doc = $doc])+ pub $name: AtomicU64,)+
+        }
+
+        impl Stats {
+            fn counters(&self) -> BTreeMap<&'static str, u64> {
+                BTreeMap::from([$((stringify!($name), self.$name.load(Ordering::Relaxed)),)+])
+            }
+        }
+    };
 }
 
-/// A point-in-time copy of [`Stats`] plus gauges.
-#[derive(Debug, Serialize)]
-pub struct Snapshot {
-    /// Open sockets.
+counters! {
+    /// Room instances discarded after a trap, a blown deadline or the memory cap.
+    room_crashes,
+    /// Channels crashed by a plugin returning an error.
+    channel_errors,
+    /// Times a plugin was quarantined for crashing too often.
+    quarantines,
+    /// Joins refused because the node runs `max_rooms` rooms.
+    rooms_refused,
+    /// Joins refused because the socket has `max_channels_per_socket` channels.
+    channels_refused,
+    /// Joins and swaps that waited longer than a room's answer may take (`room busy`).
+    room_busy,
+    /// Sockets cut off as too slow: over `outbound_queue_bytes` behind for longer than the
+    /// grace, or past `outbound_queue_max_bytes`.
+    slow_disconnects,
+    /// Client messages refused by the rate limit.
+    rate_limited,
+    /// Frames that could not be decoded.
+    malformed_frames,
+    /// Frames over `max_frame_bytes`.
+    oversized_frames,
+    /// Sockets closed for sending nothing within `idle_timeout_secs`.
+    idle_timeouts,
+    /// Replies and pushes the socket's serializer cannot carry (binary for V1), answered
+    /// or dropped instead.
+    undeliverable,
+    /// Host calls refused for a call's limits (messages, payload bytes, the broadcasts of
+    /// one message's `handle_out` rounds, a topic not the plugin's).
+    call_refusals,
+    /// `send-after` calls refused at the pending-timer cap.
+    timers_refused,
+    /// Timers held back because their room used its `timer_cpu_ms_per_sec`.
+    timers_deferred,
+    /// Plugin stdout/stderr lines dropped by the log rate limit.
+    plugin_log_dropped,
+    /// Host warnings about a plugin dropped by their rate limit.
+    plugin_warnings_dropped,
+    /// Instances and memory growth refused at `plugin_memory_total_bytes`.
+    plugin_memory_refused,
+    /// Presence tracks and updates refused at a presence budget.
+    presence_refused,
+    /// Connect attempts refused (a missing, bad or expired token).
+    connects_refused,
+    /// Connections refused at `max_connections`.
+    connections_refused,
+    /// HTTP connections cut for sending their headers or body too slowly.
+    http_timeouts,
+    /// Failed accepts (out of file descriptors, say).
+    accept_errors,
+    /// Components compiled (a version new to the artifact cache).
+    artifact_compiles,
+    /// Components loaded from the artifact cache instead of compiled.
+    artifact_cache_hits,
+    /// Live rooms moved to another plugin version.
+    room_swaps,
+    /// Live rooms that stayed on their version because the swap failed.
+    room_swap_failures,
+}
+
+/// What is in use now, beside the counters.
+#[derive(Debug, Default, Serialize)]
+pub struct Gauges {
+    /// Open WebSockets.
     pub sockets: usize,
+    /// Open connections (HTTP and WebSocket).
+    pub connections: usize,
     /// Live rooms (plugin instances).
     pub rooms: usize,
-    /// See [`Stats::room_crashes`].
-    pub room_crashes: u64,
-    /// See [`Stats::channel_errors`].
-    pub channel_errors: u64,
-    /// See [`Stats::quarantines`].
-    pub quarantines: u64,
-    /// See [`Stats::rooms_refused`].
-    pub rooms_refused: u64,
-    /// See [`Stats::slow_disconnects`].
-    pub slow_disconnects: u64,
-    /// See [`Stats::rate_limited`].
-    pub rate_limited: u64,
-    /// See [`Stats::malformed_frames`].
-    pub malformed_frames: u64,
-    /// See [`Stats::plugin_log_dropped`].
-    pub plugin_log_dropped: u64,
-    /// See [`Stats::artifact_compiles`].
-    pub artifact_compiles: u64,
-    /// See [`Stats::artifact_cache_hits`].
-    pub artifact_cache_hits: u64,
-    /// See [`Stats::room_swaps`].
-    pub room_swaps: u64,
-    /// See [`Stats::room_swap_failures`].
-    pub room_swap_failures: u64,
+    /// Linear memory of every plugin instance.
+    pub plugin_memory_bytes: usize,
+    /// Presence keys and metas held.
+    pub presence_bytes: usize,
+}
+
+/// A point-in-time copy of [`Stats`] with the gauges, as `/api/stats` answers it: one
+/// flat JSON object.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    #[serde(flatten)]
+    gauges: Gauges,
+    #[serde(flatten)]
+    counters: BTreeMap<&'static str, u64>,
 }
 
 impl Stats {
@@ -74,23 +116,29 @@ impl Stats {
     }
 
     /// The counters now, with the given gauges.
-    pub fn snapshot(&self, sockets: usize, rooms: usize) -> Snapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    pub fn snapshot(&self, gauges: Gauges) -> Snapshot {
         Snapshot {
-            sockets,
-            rooms,
-            room_crashes: get(&self.room_crashes),
-            channel_errors: get(&self.channel_errors),
-            quarantines: get(&self.quarantines),
-            rooms_refused: get(&self.rooms_refused),
-            slow_disconnects: get(&self.slow_disconnects),
-            rate_limited: get(&self.rate_limited),
-            malformed_frames: get(&self.malformed_frames),
-            plugin_log_dropped: get(&self.plugin_log_dropped),
-            artifact_compiles: get(&self.artifact_compiles),
-            artifact_cache_hits: get(&self.artifact_cache_hits),
-            room_swaps: get(&self.room_swaps),
-            room_swap_failures: get(&self.room_swap_failures),
+            gauges,
+            counters: self.counters(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_one_flat_object_of_gauges_and_counters() {
+        let stats = Stats::default();
+        Stats::bump(&stats.room_crashes);
+        let json = serde_json::to_value(stats.snapshot(Gauges {
+            sockets: 2,
+            ..Gauges::default()
+        }))
+        .expect("serializes");
+        assert_eq!(json["sockets"], 2);
+        assert_eq!(json["room_crashes"], 1);
+        assert_eq!(json["timers_refused"], 0);
     }
 }

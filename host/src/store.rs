@@ -201,6 +201,21 @@ fn remove_leftovers(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `part` if it is one plain path component (no separator, not `.` or `..`, no NUL, not
+/// a temporary entry's name).
+fn component(part: &str) -> anyhow::Result<&str> {
+    anyhow::ensure!(
+        !part.is_empty()
+            && part != "."
+            && part != ".."
+            && !part.starts_with(TMP)
+            && !part.contains(['/', '\\', '\0']),
+        "{:?} is not a plugin name or version",
+        part.chars().take(64).collect::<String>()
+    );
+    Ok(part)
+}
+
 impl PluginStore {
     /// Opens (creating if needed) the store under `data_dir/plugins` with artifacts in
     /// `cache_dir`, and removes what interrupted writes left behind.
@@ -224,12 +239,18 @@ impl PluginStore {
         })
     }
 
-    fn plugin_dir(&self, name: &str) -> PathBuf {
-        self.plugins.join(name)
+    /// The directory of plugin `name`. Names are checked by their callers (the registry,
+    /// the manifest); this refuses anything that is not one plain path component anyway,
+    /// so no input can reach outside the store.
+    fn plugin_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.plugins.join(component(name)?))
     }
 
-    fn version_dir(&self, name: &str, version: &str) -> PathBuf {
-        self.plugin_dir(name).join("versions").join(version)
+    fn version_dir(&self, name: &str, version: &str) -> anyhow::Result<PathBuf> {
+        Ok(self
+            .plugin_dir(name)?
+            .join("versions")
+            .join(component(version)?))
     }
 
     /// Names of stored plugins, sorted.
@@ -247,7 +268,7 @@ impl PluginStore {
 
     /// The stored versions of `name`, in no particular order.
     pub fn versions(&self, name: &str) -> anyhow::Result<Vec<StoredVersion>> {
-        let dir = self.plugin_dir(name).join("versions");
+        let dir = self.plugin_dir(name)?.join("versions");
         let Ok(entries) = fs::read_dir(&dir) else {
             return Ok(Vec::new());
         };
@@ -270,7 +291,7 @@ impl PluginStore {
 
     /// One stored version's record and manifest, if it exists.
     pub fn version(&self, name: &str, version: &str) -> anyhow::Result<Option<StoredVersion>> {
-        let dir = self.version_dir(name, version);
+        let dir = self.version_dir(name, version)?;
         if !dir.is_dir() {
             return Ok(None);
         }
@@ -289,7 +310,7 @@ impl PluginStore {
 
     /// The wasm of a stored version, checked against its recorded hash.
     pub fn wasm(&self, name: &str, version: &StoredVersion) -> anyhow::Result<Vec<u8>> {
-        let path = self.version_dir(name, &version.version).join(WASM_FILE);
+        let path = self.version_dir(name, &version.version)?.join(WASM_FILE);
         let wasm = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         anyhow::ensure!(
             sha256_hex(&wasm) == version.record.sha256,
@@ -308,9 +329,9 @@ impl PluginStore {
         wasm: &[u8],
         source: Source,
     ) -> anyhow::Result<VersionRecord> {
-        let versions = self.plugin_dir(name).join("versions");
+        let versions = self.plugin_dir(name)?.join("versions");
         create_dir_synced(&versions)?;
-        let target = versions.join(version);
+        let target = versions.join(component(version)?);
         anyhow::ensure!(
             !target.exists(),
             "version {version} of {name} is already stored"
@@ -334,7 +355,7 @@ impl PluginStore {
 
     /// The active record of `name`, if it has one.
     pub fn active(&self, name: &str) -> anyhow::Result<Option<ActiveRecord>> {
-        let path = self.plugin_dir(name).join(ACTIVE_FILE);
+        let path = self.plugin_dir(name)?.join(ACTIVE_FILE);
         match fs::read_to_string(&path) {
             Ok(text) => Ok(Some(
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
@@ -347,15 +368,15 @@ impl PluginStore {
     /// Replaces the active record of `name` durably.
     pub fn set_active(&self, name: &str, record: &ActiveRecord) -> anyhow::Result<()> {
         replace_file(
-            &self.plugin_dir(name).join(ACTIVE_FILE),
+            &self.plugin_dir(name)?.join(ACTIVE_FILE),
             toml::to_string(record)?.as_bytes(),
         )
     }
 
     /// Removes a stored version (never the active one: the caller checks).
     pub fn delete_version(&self, name: &str, version: &str) -> anyhow::Result<()> {
-        let dir = self.version_dir(name, version);
-        let parent = self.plugin_dir(name).join("versions");
+        let dir = self.version_dir(name, version)?;
+        let parent = self.plugin_dir(name)?.join("versions");
         let doomed = parent.join(format!("{TMP}deleted-{version}-{}", rand::random::<u32>()));
         fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
         sync_dir(&parent)?;
@@ -364,7 +385,7 @@ impl PluginStore {
 
     /// Removes a plugin with every version.
     pub fn delete_plugin(&self, name: &str) -> anyhow::Result<()> {
-        let dir = self.plugin_dir(name);
+        let dir = self.plugin_dir(name)?;
         let doomed = self
             .plugins
             .join(format!("{TMP}deleted-{name}-{}", rand::random::<u32>()));
@@ -413,6 +434,32 @@ mod tests {
     }
     fn temp() -> Dir {
         Dir(std::env::temp_dir().join(format!("cinder-store-{}", rand::random::<u64>())))
+    }
+
+    #[test]
+    fn no_name_or_version_reaches_outside_the_store() -> anyhow::Result<()> {
+        let dir = temp();
+        let store = PluginStore::open(&dir.0, &dir.0.join("cache"))?;
+        for (name, version) in [
+            ("..", "1.0.0"),
+            ("chat", ".."),
+            ("chat", "/tmp/x"),
+            ("a/b", "1"),
+            ("chat", ".tmp-1"),
+        ] {
+            assert!(store.version(name, version).is_err(), "{name} {version}");
+            assert!(
+                store.put(name, version, "", b"x", Source::Upload).is_err(),
+                "{name} {version}"
+            );
+            assert!(
+                store.delete_version(name, version).is_err(),
+                "{name} {version}"
+            );
+        }
+        assert!(store.delete_plugin("..").is_err());
+        assert!(store.active("/etc").is_err());
+        Ok(())
     }
 
     #[test]

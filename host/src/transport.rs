@@ -30,9 +30,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
-use crate::AppState;
-use crate::channel::{Next, Outbound, OutboundRx, Session, outbound_queue};
-use crate::protocol::{self, Frame, Vsn};
+use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
+use crate::limit::Bucket;
+use crate::protocol::{self, Frame, Status, Vsn};
+use crate::server::{AppState, Slot};
 use crate::stats::Stats;
 
 /// Close codes Cinder uses (RFC 6455); never 1000, so the JS client reconnects.
@@ -72,13 +73,19 @@ const WRITE_BATCH: usize = 64;
 /// with eager writes). The buffer grows only as far as it is used: an idle socket pays for
 /// the largest batch it was ever sent, not for this size.
 const WRITE_BUFFER: usize = 16 << 10;
-/// How long a closing socket may take to send its close frame.
+/// How long a closing socket may take to write what was queued for it, its close frame,
+/// and to hear the client's answer.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Bytes a socket closed for a broken frame reads and drops while the client finishes
+/// sending it, so the close frame reaches the client (a close with unread input resets
+/// the connection, and the client sees 1006 instead of the code).
+const CLOSE_DRAIN_BYTES: u64 = 128 << 20;
 
 /// `GET <mount>/websocket`: authenticate, then upgrade.
 pub async fn websocket(
     State(app): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
+    slot: Option<axum::Extension<Slot>>,
     mut request: Request,
 ) -> Response {
     let key = match upgrade_key(&request) {
@@ -97,6 +104,7 @@ pub async fn websocket(
     let identity = match app.verifier.verify(token.as_deref()) {
         Ok(identity) => identity,
         Err(e) => {
+            Stats::bump(&app.hub.stats().connects_refused);
             tracing::debug!(error = %e, "connect refused");
             return (StatusCode::FORBIDDEN, e.to_string()).into_response();
         }
@@ -114,6 +122,8 @@ pub async fn websocket(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
+                // The socket holds its connection's slot until it closes.
+                let _slot = slot;
                 let io = TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 run(ws, app, vsn, identity).await;
@@ -274,7 +284,7 @@ impl Outgoing {
 }
 
 /// Encodes one queued item for this socket, or `None` when there is nothing to write.
-fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<Frame> {
+fn encode(vsn: Vsn, session: &mut Session, item: Outbound, stats: &Stats) -> Option<Frame> {
     let frame = match item {
         Outbound::Reply {
             join_ref,
@@ -282,20 +292,23 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<Frame> {
             topic,
             status,
             payload,
-        } => protocol::encode_reply(
-            vsn,
-            join_ref.as_deref(),
-            msg_ref.as_deref(),
-            &topic,
-            status,
-            &payload,
-        ),
+        } => {
+            let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
+            return match protocol::encode_reply(vsn, join_ref, msg_ref, &topic, status, &payload) {
+                Ok(frame) => Some(frame),
+                Err(why) => {
+                    Stats::bump(&stats.undeliverable);
+                    undeliverable_reply(vsn, join_ref, msg_ref, &topic, &why)
+                }
+            };
+        }
         Outbound::Push {
             join_ref,
             topic,
             event,
             payload,
-        } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload),
+        } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload)
+            .inspect_err(|_| Stats::bump(&stats.undeliverable)),
         Outbound::Disconnect => return None,
         Outbound::Close { topic, join_ref } => {
             Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
@@ -319,10 +332,28 @@ fn encode(vsn: Vsn, session: &mut Session, item: Outbound) -> Option<Frame> {
     match frame {
         Ok(frame) => Some(frame),
         Err(e) => {
-            tracing::debug!(error = %e, "message cannot be encoded for this socket: dropped");
+            tracing::debug!(error = %e, "message cannot be encoded for this socket");
             None
         }
     }
+}
+
+/// A reply this socket's serializer cannot carry (a binary response to V1, a topic too
+/// long for a binary frame) answered with an error the client can read instead, so it
+/// does not wait for a reply that never comes.
+fn undeliverable_reply(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    why: &protocol::ProtocolError,
+) -> Option<Frame> {
+    let reason = match why {
+        protocol::ProtocolError::BinaryUnsupported => protocol::reason::BINARY_NEEDS_V2,
+        _ => "reply cannot be encoded for this socket",
+    };
+    let payload = protocol::reason_payload(reason);
+    protocol::encode_reply(vsn, join_ref, msg_ref, topic, Status::Error, &payload).ok()
 }
 
 /// Writes what is ready, up to [`WRITE_BATCH`] items, a write per [`WRITE_BUFFER`] bytes
@@ -333,6 +364,7 @@ async fn write_batch(
     vsn: Vsn,
     session: &mut Session,
     rx: &mut OutboundRx,
+    stats: &Stats,
 ) -> io::Result<bool> {
     for _ in 0..WRITE_BATCH {
         match session.next_ready(rx) {
@@ -343,7 +375,7 @@ async fn write_batch(
                 return Ok(true);
             }
             Some(Next::Queued(item)) => {
-                if let Some(frame) = encode(vsn, session, item) {
+                if let Some(frame) = encode(vsn, session, item, stats) {
                     out.put(&frame);
                 }
             }
@@ -361,60 +393,75 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn too_slow(app: &AppState) -> Option<CloseFrame> {
+fn too_slow(app: &AppState) -> End {
     Stats::bump(&app.hub.stats().slow_disconnects);
     tracing::info!(
         limit = app.hub.limits().outbound_queue_bytes,
         "slow client disconnected: outbound queue full"
     );
-    close(close_code::POLICY, "outbound queue full: client too slow")
+    End::close(close_code::POLICY, "outbound queue full: client too slow")
 }
 
-/// The close frame for a failed read: the client broke a limit or the WebSocket protocol.
-fn read_failure(e: WsError, limits: &crate::config::Limits) -> Option<CloseFrame> {
-    match e {
-        WsError::Capacity(_) => close(
-            close_code::TOO_BIG,
-            &format!("frame over {} bytes", limits.max_frame_bytes),
-        ),
-        WsError::Utf8(_) => close(close_code::INVALID_DATA, "text frame is not UTF-8"),
+/// How a socket's loop ended.
+enum End {
+    /// The server closes the socket with this frame.
+    Close(CloseFrame),
+    /// A frame could not be read (over the size limit, broken): the server closes with
+    /// this frame, and drops what the client still sends.
+    ReadFailed(CloseFrame),
+    /// The client sent its close frame (tungstenite answers it with the same code).
+    ClientClosed,
+    /// The connection is gone.
+    Gone,
+}
+
+impl End {
+    fn close(code: u16, reason: &str) -> End {
+        close(code, reason).map_or(End::Gone, End::Close)
+    }
+}
+
+/// The end for a failed read: the client broke a limit or the WebSocket protocol.
+fn read_failure(e: WsError, app: &AppState) -> End {
+    let limits = app.hub.limits();
+    let frame = match e {
+        WsError::Capacity(_) => {
+            Stats::bump(&app.hub.stats().oversized_frames);
+            close(
+                close_code::TOO_BIG,
+                &format!("frame over {} bytes", limits.max_frame_bytes),
+            )
+        }
+        WsError::Utf8(_) => {
+            Stats::bump(&app.hub.stats().malformed_frames);
+            close(close_code::INVALID_DATA, "text frame is not UTF-8")
+        }
         WsError::Protocol(p) => close(close_code::PROTOCOL_ERROR, &p.to_string()),
         other => {
             tracing::debug!(error = %other, "websocket read failed");
             None
         }
-    }
+    };
+    frame.map_or(End::Gone, End::ReadFailed)
 }
 
 /// A token bucket of client messages: `per_sec` sustained, `burst` at once. Past it,
 /// messages are refused; `burst` refusals in a row end the socket.
 struct RateLimit {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+    bucket: Bucket,
     refused: u32,
 }
 
 impl RateLimit {
     fn new(per_sec: u32, burst: u32) -> Self {
-        let burst = f64::from(burst);
         RateLimit {
-            per_sec: f64::from(per_sec),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
+            bucket: Bucket::new(f64::from(per_sec), f64::from(burst)),
             refused: 0,
         }
     }
 
     fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
-            .min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.bucket.take() {
             self.refused = 0;
             true
         } else {
@@ -425,7 +472,7 @@ impl RateLimit {
 
     /// Whether the client kept sending through a whole burst of refusals.
     fn exhausted(&self) -> bool {
-        f64::from(self.refused) >= self.burst
+        f64::from(self.refused) >= self.bucket.burst()
     }
 }
 
@@ -441,11 +488,11 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
     app.live_sockets.fetch_add(1, Ordering::Relaxed);
     let _live = LiveGuard(app.clone());
     let limits = app.hub.limits().clone();
-    let (out, mut rx) = outbound_queue(limits.outbound_queue_bytes);
+    let (out, mut rx) = outbound_queue(Slowness::from_limits(&limits));
     let mut session = Session::new(
         app.hub.clone(),
         identity.socket_id,
-        &identity.assigns,
+        identity.assigns,
         out,
         vsn,
     );
@@ -464,9 +511,10 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
     tokio::pin!(idle);
     let mut rate = RateLimit::new(limits.messages_per_sec, limits.message_burst);
 
-    let close_frame = loop {
+    let stats = app.hub.stats().clone();
+    let end = loop {
         if shutdown.has_changed().unwrap_or(true) {
-            break close(close_code::RESTART, "server restart");
+            break End::close(close_code::RESTART, "server restart");
         }
         if overflow.happened() {
             break too_slow(&app);
@@ -478,21 +526,22 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
                 // must still end it.
                 let written = tokio::select! {
                     biased;
-                    written = write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx) => written,
+                    written = write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx, &stats) => written,
                     () = &mut overflowed => break too_slow(&app),
-                    () = &mut stop => break close(close_code::RESTART, "server restart"),
+                    () = &mut stop => break End::close(close_code::RESTART, "server restart"),
                 };
                 match written {
                     Ok(false) => {}
-                    Ok(true) => break close(close_code::GOING_AWAY, "disconnected"),
-                    Err(_) => break None,
+                    Ok(true) => break End::close(close_code::GOING_AWAY, "disconnected"),
+                    Err(_) => break End::Gone,
                 }
             }
             incoming = ws.next() => {
                 idle.as_mut().reset(Instant::now() + limits.idle_timeout());
                 let decoded = match incoming {
-                    None | Some(Ok(WsMessage::Close(_))) => break None,
-                    Some(Err(e)) => break read_failure(e, &limits),
+                    None => break End::Gone,
+                    Some(Ok(WsMessage::Close(_))) => break End::ClientClosed,
+                    Some(Err(e)) => break read_failure(e, &app),
                     Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
                     Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {
@@ -502,34 +551,74 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
                 match decoded {
                     Ok(msg) if rate.allow() => session.handle(msg).await,
                     Ok(msg) => {
-                        Stats::bump(&app.hub.stats().rate_limited);
+                        Stats::bump(&stats.rate_limited);
                         if rate.exhausted() {
-                            break close(close_code::POLICY, "rate limit exceeded");
+                            break End::close(close_code::POLICY, "rate limit exceeded");
                         }
                         session.refuse(&msg, protocol::reason::RATE_LIMITED);
                     }
                     Err(e) => {
-                        Stats::bump(&app.hub.stats().malformed_frames);
+                        Stats::bump(&stats.malformed_frames);
                         tracing::debug!(error = %e, "malformed frame: closing socket");
-                        break close(close_code::INVALID_DATA, &e.to_string());
+                        break End::close(close_code::INVALID_DATA, &e.to_string());
                     }
                 }
             }
             () = &mut overflowed => break too_slow(&app),
-            () = &mut stop => break close(close_code::RESTART, "server restart"),
-            () = &mut idle => break close(close_code::GOING_AWAY, "idle timeout"),
+            () = &mut stop => break End::close(close_code::RESTART, "server restart"),
+            () = &mut idle => {
+                Stats::bump(&stats.idle_timeouts);
+                break End::close(close_code::GOING_AWAY, "idle timeout");
+            }
         }
     };
-    session.close().await;
-    if let Some(frame) = close_frame {
-        // What a cut-off batch left goes first: the close frame must start a frame.
-        let closing = async {
-            if outgoing.write(&mut ws).await.is_ok() {
-                let _ = ws.send(WsMessage::Close(Some(frame))).await;
-            }
+    let slow = overflow.happened();
+    let closing = async {
+        // What was queued for the client goes out before the close frame (a slow client
+        // would not read it: only what a cut-off batch left goes), then the close frame,
+        // then the client's answer is awaited, so its TCP connection ends cleanly and the
+        // client sees the code rather than 1006.
+        let frame = match &end {
+            End::Close(frame) | End::ReadFailed(frame) => Some(frame.clone()),
+            End::ClientClosed | End::Gone => None,
         };
-        let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
-    }
+        if frame.is_some() && !slow {
+            while session.next_ready_exists(&mut rx) {
+                if !matches!(
+                    write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx, &stats).await,
+                    Ok(false)
+                ) {
+                    break;
+                }
+            }
+        }
+        if outgoing.write(&mut ws).await.is_err() {
+            return;
+        }
+        let read_failed = matches!(end, End::ReadFailed(_));
+        match frame {
+            Some(frame) => {
+                if ws.send(WsMessage::Close(Some(frame))).await.is_err() {
+                    return;
+                }
+                if read_failed {
+                    // tungstenite cannot read past a broken frame: the rest of the client's
+                    // input is read and dropped until it closes.
+                    let mut rest = tokio::io::AsyncReadExt::take(ws.get_mut(), CLOSE_DRAIN_BYTES);
+                    let _ = tokio::io::copy(&mut rest, &mut tokio::io::sink()).await;
+                } else {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            }
+            // tungstenite queued the answer to the client's close frame: it goes now.
+            None if matches!(end, End::ClientClosed) => {
+                let _ = ws.flush().await;
+            }
+            None => {}
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
+    session.close().await;
 }
 
 #[cfg(test)]

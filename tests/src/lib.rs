@@ -38,6 +38,16 @@ pub fn test_plugins_dir() -> PathBuf {
     dir
 }
 
+/// The manifest and component of a plugin `make plugins` laid out in the test plugins dir.
+pub fn test_plugin(name: &str) -> (String, Vec<u8>) {
+    let dir = test_plugins_dir();
+    let manifest = std::fs::read_to_string(dir.join(format!("{name}.toml")))
+        .unwrap_or_else(|e| panic!("{name}.toml: {e} (run `make plugins`)"));
+    let wasm = std::fs::read(dir.join(format!("{name}.wasm")))
+        .unwrap_or_else(|e| panic!("{name}.wasm: {e} (run `make plugins`)"));
+    (manifest, wasm)
+}
+
 /// Where `make plugins` puts versions the tests upload at run time (counter 2.0.0).
 pub fn test_uploads_dir() -> PathBuf {
     test_plugins_dir().join("../test-uploads")
@@ -158,6 +168,11 @@ impl TestServer {
         }
     }
 
+    /// The server's data dir (its plugin store), which no answer may reveal.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self._data.0
+    }
+
     /// A connect token for `user_id`.
     pub fn token(&self, user_id: &str) -> String {
         cinder::auth::mint(SECRET, user_id, 3600).expect("mint")
@@ -270,6 +285,22 @@ impl Client {
         }
     }
 
+    /// The next text frame as JSON, waiting at most `wait` for it.
+    pub async fn recv_within(&mut self, wait: Duration) -> Value {
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("socket open")
+                .expect("read");
+            match msg {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON frame"),
+                Message::Close(frame) => panic!("socket closed: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
     /// The next text frame as JSON.
     pub async fn recv(&mut self) -> Value {
         match self.recv_message().await {
@@ -294,6 +325,23 @@ impl Client {
             {
                 None | Some(Err(_)) => return None,
                 Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Reads until the socket closes; the code the client sees: the close frame's, or
+    /// 1006 (abnormal closure) when the connection ended without one.
+    pub async fn close_code(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("closed within the wait")
+            {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => return 1005,
+                None | Some(Err(_)) => return 1006,
                 Some(Ok(_)) => {}
             }
         }
@@ -432,6 +480,57 @@ pub async fn stats(addr: SocketAddr) -> Value {
     serde_json::from_str(body).expect("JSON stats")
 }
 
+/// What the servers of this test process logged, through Cinder's own subscriber
+/// ([`cinder::logging::subscriber`]), kept in memory. [`capture_logs`] installs it.
+static LOGS: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+    std::sync::OnceLock::new();
+
+/// Most bytes of log kept: the oldest half goes past it.
+const MAX_CAPTURED: usize = 64 << 20;
+
+/// Where captured records are written.
+#[derive(Clone)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut logs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if logs.len() + buf.len() > MAX_CAPTURED {
+            let half = logs.len() / 2;
+            logs.drain(..half);
+        }
+        logs.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends every server's log of this test process to memory (once; call it before the
+/// server starts). Read it back with [`logged`].
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Capture(buffer.clone());
+        let subscriber = cinder::logging::subscriber(move || writer.clone(), false);
+        tracing::subscriber::set_global_default(subscriber).expect("one log subscriber");
+        buffer
+    });
+}
+
+/// The log records captured so far (see [`capture_logs`]) that contain `needle`.
+pub fn logged(needle: &str) -> Vec<String> {
+    let logs = LOGS.get().expect("capture_logs() was called");
+    let logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// This process's resident memory, in KiB.
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -440,4 +539,102 @@ pub fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
+}
+
+/// The `cinder` binary the tests run as a process: `$CINDER_BIN`, else the debug build
+/// beside this test's target dir (`make test` builds it first).
+pub fn cinder_bin() -> PathBuf {
+    std::env::var_os("CINDER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cinder"))
+}
+
+/// A Cinder server running as its own process (for what a test cannot do in-process:
+/// limit its open files, kill or pause it), with the test plugins, on a free port. Its
+/// stderr (the log) is kept; dropping it kills the process.
+pub struct ServerProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    _data: TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `cinder serve` with `args`, its open files limited to `max_files`.
+    pub async fn start(max_files: u32, args: &[&str]) -> ServerProcess {
+        use tokio::io::{AsyncBufReadExt as _, BufReader};
+        let bin = cinder_bin();
+        assert!(
+            bin.exists(),
+            "no {}: run `make test` or set CINDER_BIN",
+            bin.display()
+        );
+        let data = std::env::temp_dir().join(format!(
+            "cinder-proc-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n {max_files} && exec \"$0\" \"$@\""))
+            .arg(&bin)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("CINDER_JWT_SECRET", SECRET)
+            .env("CINDER_ADMIN_TOKEN", ADMIN)
+            .env("CINDER_DATA_DIR", &data)
+            .env("CINDER_PLUGINS_DIR", test_plugins_dir())
+            .env("CINDER_CACHE_DIR", shared_cache_dir())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cinder starts");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if let Some(addr) = line.strip_prefix("cinder listening on http://") {
+                    return addr.parse().expect("an address");
+                }
+            }
+            panic!("cinder exited before listening");
+        })
+        .await
+        .expect("cinder listens within a minute");
+        // Whatever else it prints is read, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        ServerProcess {
+            addr,
+            child,
+            log,
+            _data: TempDir(data),
+        }
+    }
+
+    /// The lines of its log so far that contain `needle`.
+    pub fn logged(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Kills it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
 }

@@ -22,7 +22,11 @@ pub fn runtime(limits: &Limits) -> Runtime {
     Runtime::new(
         limits,
         Default::default(),
-        Arc::new(Tracker::new(Arc::new(LocalPubSub::new()))),
+        Arc::new(Tracker::new(
+            Arc::new(LocalPubSub::new()),
+            limits.presence_bytes_per_socket,
+            limits.presence_bytes_total,
+        )),
     )
     .expect("runtime")
 }
@@ -31,6 +35,7 @@ pub fn runtime(limits: &Limits) -> Runtime {
 pub fn socket(topic: &str) -> ChannelSocket {
     ChannelSocket {
         channel: 1,
+        presence: Default::default(),
         id: Some("user_socket:1".into()),
         topic: topic.into(),
         join_ref: Some("1".into()),

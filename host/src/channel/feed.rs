@@ -5,13 +5,14 @@
 //! Feed entries and a socket's own queue items carry numbers from one sequence
 //! ([`super::outbound::next_seq`]); the socket writes whatever is lowest first, so
 //! broadcasts, replies and pushes leave in the order they were made. A member that falls
-//! more than the outbound limit behind is cut off, as a full queue is.
+//! too far behind for too long is cut off, by the same rule as its queue
+//! ([`super::outbound::Slowness`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use super::MemberId;
-use super::outbound::{OutboundTx, broadcast_cost, next_seq};
+use super::outbound::{OutboundTx, Slowness, broadcast_cost, next_seq};
 use crate::protocol::{Frame, Vsn};
 use crate::pubsub::Broadcast;
 
@@ -60,6 +61,8 @@ impl Drop for Segment {
 struct Reader {
     /// `bytes` of the last entry the cursor read.
     read: AtomicU64,
+    /// Since when it is over the soft limit behind (0: it is not).
+    over_since: AtomicU64,
     /// Registered in the feed's waiters (its socket task is idle).
     waiting: AtomicBool,
     out: OutboundTx,
@@ -83,14 +86,13 @@ struct State {
 /// The fastlane broadcasts of one room.
 pub struct Feed {
     state: Mutex<State>,
-    /// How far (bytes) a reader may fall behind before it is cut off.
-    limit: u64,
+    /// When a reader is too far behind.
+    slowness: Slowness,
 }
 
 impl Feed {
-    /// An empty feed whose readers may fall `limit` bytes behind.
-    pub fn new(limit: usize) -> Arc<Self> {
-        let limit = limit as u64;
+    /// An empty feed whose readers are cut off when `slowness` says so.
+    pub fn new(slowness: Slowness) -> Arc<Self> {
         Arc::new(Feed {
             state: Mutex::new(State {
                 tail: Segment::new(),
@@ -99,9 +101,9 @@ impl Feed {
                 waiters: Vec::new(),
                 readers: Vec::new(),
                 departed: 0,
-                next_check: limit / 4,
+                next_check: slowness.soft as u64 / 4,
             }),
-            limit,
+            slowness,
         })
     }
 
@@ -131,7 +133,7 @@ impl Feed {
             state.filled += 1;
             state.bytes = bytes;
             if bytes >= state.next_check {
-                state.next_check = bytes + self.limit / 4;
+                state.next_check = bytes + self.slowness.soft as u64 / 4;
                 self.cut_off_laggards(&mut state);
             }
             std::mem::take(&mut state.waiters)
@@ -142,14 +144,15 @@ impl Feed {
         }
     }
 
-    /// Cuts off readers more than the limit behind (their sockets stopped reading), and
-    /// forgets readers that are gone. Runs every quarter of the limit appended, so a
-    /// reader is cut off by the time it is 1.25 limits behind.
+    /// Cuts off readers too slow to follow (their sockets stopped reading), and forgets
+    /// readers that are gone. Runs every quarter of the soft limit appended.
     fn cut_off_laggards(&self, state: &mut State) {
         let tail = state.bytes;
         state.readers.retain(|reader| match reader.upgrade() {
             Some(reader) => {
-                if tail.saturating_sub(reader.read.load(Ordering::Relaxed)) > self.limit {
+                let behind = tail.saturating_sub(reader.read.load(Ordering::Relaxed));
+                let behind = usize::try_from(behind).unwrap_or(usize::MAX);
+                if self.slowness.too_slow(behind, &reader.over_since) {
                     reader.out.cut_off();
                 }
                 true
@@ -164,6 +167,7 @@ impl Feed {
         let mut state = self.state();
         let reader = Arc::new(Reader {
             read: AtomicU64::new(state.bytes),
+            over_since: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
             out,
         });
@@ -279,6 +283,15 @@ mod tests {
     use super::*;
     use crate::channel::outbound_queue;
     use crate::protocol::Payload;
+    use std::time::Duration;
+
+    fn strict(limit: usize) -> Slowness {
+        Slowness {
+            soft: limit,
+            hard: limit,
+            grace: Duration::ZERO,
+        }
+    }
 
     fn broadcast(event: &str, except: Option<MemberId>) -> Arc<Broadcast> {
         Arc::new(Broadcast::new(
@@ -304,8 +317,8 @@ mod tests {
 
     #[tokio::test]
     async fn each_cursor_reads_from_its_join_on_in_order_without_its_own_exclusions() {
-        let feed = Feed::new(1 << 20);
-        let (out, _rx) = outbound_queue(1 << 20);
+        let feed = Feed::new(strict(1 << 20));
+        let (out, _rx) = outbound_queue(strict(1 << 20));
         feed.append(&broadcast("before", None));
         let mut a = feed.cursor(1, out.clone());
         feed.append(&broadcast("one", None));
@@ -319,8 +332,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_cursor_reads_across_segments_in_order() {
-        let feed = Feed::new(1 << 20);
-        let (out, _rx) = outbound_queue(1 << 20);
+        let feed = Feed::new(strict(1 << 20));
+        let (out, _rx) = outbound_queue(strict(1 << 20));
         let mut cursor = feed.cursor(1, out);
         let events: Vec<String> = (0..SEGMENT * 3 + 5).map(|i| i.to_string()).collect();
         let mut read = Vec::new();
@@ -337,8 +350,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_cursor_is_woken_by_the_next_append() {
-        let feed = Feed::new(1 << 20);
-        let (out, rx) = outbound_queue(1 << 20);
+        let feed = Feed::new(strict(1 << 20));
+        let (out, rx) = outbound_queue(strict(1 << 20));
         let mut cursor = feed.cursor(1, out);
         assert!(cursor.park(Vsn::V2));
         assert!(cursor.park(Vsn::V2), "parking twice registers once");
@@ -352,8 +365,8 @@ mod tests {
 
     #[tokio::test]
     async fn members_that_leave_a_quiet_feed_are_forgotten() {
-        let feed = Feed::new(1 << 20);
-        let (out, _rx) = outbound_queue(1 << 20);
+        let feed = Feed::new(strict(1 << 20));
+        let (out, _rx) = outbound_queue(strict(1 << 20));
         for member in 0..1000 {
             let mut cursor = feed.cursor(member, out.clone());
             assert!(cursor.park(Vsn::V2));
@@ -365,8 +378,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_past_the_limit_is_cut_off_and_a_long_chain_frees() {
-        let feed = Feed::new(10_000);
-        let (out, rx) = outbound_queue(10_000);
+        let feed = Feed::new(strict(10_000));
+        let (out, rx) = outbound_queue(strict(10_000));
         let cursor = feed.cursor(1, out);
         for _ in 0..1000 {
             feed.append(&broadcast("e", None));

@@ -22,11 +22,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::Limits;
+use crate::limit::Warnings;
+use crate::presence::Account;
 use crate::protocol::{Payload, Status};
 use crate::pubsub::SubscriberId;
 
-pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, outbound_queue};
-pub use room::{Hub, SwapResult};
+pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
+pub use room::{Hub, ROOM_WAIT, SwapResult};
 pub use session::{Next, Session};
 
 /// A boxed future, so the room can hold any [`RoomLogic`] as a trait object.
@@ -40,6 +43,8 @@ pub type MemberId = SubscriberId;
 pub struct ChannelSocket {
     /// Which channel: unique on this node, the owner of its presence entries.
     pub channel: MemberId,
+    /// The presence bytes its socket holds, which what it tracks is charged to.
+    pub presence: Arc<Account>,
     /// `user_socket:<user_id>` or none.
     pub id: Option<Arc<str>>,
     /// The topic.
@@ -99,6 +104,47 @@ pub enum CallError {
     /// crashes and the instance is discarded.
     #[error("plugin crashed: {0}")]
     Crashed(String),
+    /// The node refused the instance a resource it shares with every plugin (its memory
+    /// budget was used up): the room ends as after a crash, without blaming the plugin
+    /// (it does not count toward quarantine).
+    #[error("plugin evicted: {0}")]
+    Evicted(String),
+}
+
+/// What the host calls of the next plugin call may still do, beside the per-call limits
+/// the instance keeps itself (`max_messages_per_call`, `max_plugin_payload_bytes`): the
+/// room hands it over before each call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget {
+    /// Broadcasts still allowed to the message being handled, across its call and every
+    /// `handle_out` round its broadcasts cause: one call's worth in all.
+    pub broadcasts: usize,
+    /// Payload bytes of those broadcasts.
+    pub broadcast_bytes: usize,
+    /// Timers the room may still arm (`max_timers_per_channel` for each member, less those
+    /// pending).
+    pub timers: usize,
+}
+
+impl CallBudget {
+    /// A whole call's worth: what one message may broadcast, and `timers` timers.
+    pub fn full(limits: &Limits, timers: usize) -> Self {
+        CallBudget {
+            broadcasts: limits.max_messages_per_call,
+            broadcast_bytes: limits.max_plugin_payload_bytes,
+            timers,
+        }
+    }
+}
+
+/// Why no instance could be made for a room: what the joining client is told, and the
+/// details for the log.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// The reason in the join's error reply (`plugin unavailable`, `server memory full`).
+    pub reason: &'static str,
+    /// What happened.
+    pub detail: String,
 }
 
 /// The result of a plugin call.
@@ -137,6 +183,9 @@ pub enum InfoOutcome {
 pub trait RoomLogic: Send + 'static {
     /// The plugin version this instance runs.
     fn version(&self) -> &str;
+    /// What the next call's host calls may still do (see [`CallBudget`]); until it is
+    /// set, a call gets a whole call's worth.
+    fn budget(&mut self, budget: CallBudget);
     /// Hot reload: the room's state to hand to the next version (empty: nothing).
     fn snapshot(&mut self) -> BoxFuture<'_, Result<Vec<u8>, CallError>>;
     /// Hot reload: takes over `state` that version `from_version` made. `Ok(false)` when
@@ -190,7 +239,7 @@ pub trait LogicFactory: Send + Sync {
     fn instantiate<'a>(
         &'a self,
         topic: &'a str,
-    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, String>>;
+    ) -> BoxFuture<'a, Result<Box<dyn RoomLogic>, Unavailable>>;
 }
 
 /// Which plugin serves a topic.
@@ -204,6 +253,8 @@ pub struct Route {
     pub intercepts: Arc<[String]>,
     /// Instances of the plugin.
     pub factory: Arc<dyn LogicFactory>,
+    /// How often the host may warn about the plugin.
+    pub warnings: Arc<Warnings>,
 }
 
 /// Maps topics to plugins.

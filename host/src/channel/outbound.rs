@@ -1,15 +1,18 @@
 //! A socket's outbound queue: what the server writes to one socket besides its rooms'
 //! fastlane broadcasts (replies, pushes, channel closes), in the order it was made, bounded
 //! in bytes so a client that does not read is cut off instead of growing server memory.
-//! Also the sequence that orders these items against the rooms' feeds.
+//! Also the sequence that orders these items against the rooms' feeds, and the rule that
+//! says when a socket is too slow ([`Slowness`]), shared with the feeds.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::MemberId;
+use crate::config::Limits;
 use crate::protocol::{Payload, Status};
 use crate::pubsub::Broadcast;
 
@@ -84,6 +87,61 @@ pub(super) fn broadcast_cost(b: &Broadcast) -> usize {
     ITEM_OVERHEAD + b.payload.len()
 }
 
+/// When a socket is too slow: more than `soft` bytes behind for longer than `grace` (a
+/// backlog that stays, not a burst the reader drains), or more than `hard` bytes behind
+/// at any moment (what bounds the memory a backlog holds). Phoenix never cuts a socket;
+/// Centrifugo cuts at a queue cap; judging over time cuts only sockets that do not read.
+#[derive(Debug, Clone, Copy)]
+pub struct Slowness {
+    /// Bytes behind that start the grace period (`outbound_queue_bytes`).
+    pub soft: usize,
+    /// Bytes behind that cut at once (`outbound_queue_max_bytes`).
+    pub hard: usize,
+    /// How long a socket may stay over `soft` (`slow_client_grace_ms`).
+    pub grace: Duration,
+}
+
+impl Slowness {
+    /// The rule the limits set.
+    pub fn from_limits(limits: &Limits) -> Self {
+        Slowness {
+            soft: limits.outbound_queue_bytes,
+            hard: limits
+                .outbound_queue_max_bytes
+                .max(limits.outbound_queue_bytes),
+            grace: Duration::from_millis(limits.slow_client_grace_ms),
+        }
+    }
+
+    /// Whether a socket `behind` bytes behind is too slow now, given since when it was
+    /// over `soft` (`over_since`, milliseconds of [`now_ms`]; 0 when it was not), which it
+    /// updates.
+    pub(super) fn too_slow(&self, behind: usize, over_since: &AtomicU64) -> bool {
+        if behind > self.hard {
+            return true;
+        }
+        if behind <= self.soft {
+            over_since.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let now = now_ms();
+        match over_since.load(Ordering::Relaxed) {
+            0 => {
+                over_since.store(now, Ordering::Relaxed);
+                false
+            }
+            since => now.saturating_sub(since) >= self.grace.as_millis() as u64,
+        }
+    }
+}
+
+/// Milliseconds since the first call, from 1 (0 means "never" to [`Slowness::too_slow`]).
+pub(super) fn now_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
 /// The node-wide order of everything written to sockets: each queued item and each feed
 /// entry takes the next number when it is added, under its queue's or feed's lock.
 static SEQ: AtomicU64 = AtomicU64::new(1);
@@ -112,7 +170,9 @@ struct QueueState {
     items: Mutex<Items>,
     /// Items in `items.queue`, readable without the lock.
     len: AtomicUsize,
-    limit: usize,
+    slowness: Slowness,
+    /// Since when the backlog is over `slowness.soft` (0: it is not).
+    over_since: AtomicU64,
     overflow: Notify,
     /// The backlog went over the limit: the socket is being cut off, drop what is sent.
     overflowed: AtomicBool,
@@ -143,18 +203,19 @@ pub struct OutboundTx {
 /// Receiving side of a socket's outbound queue. It takes the whole queue at once (one lock
 /// per burst) and hands the items out from there. What it has taken no longer counts
 /// toward the limit, and it takes again only once that is written: a socket holds at most
-/// twice the limit.
+/// twice the hard limit.
 pub struct OutboundRx {
     state: Arc<QueueState>,
     taken: VecDeque<Queued>,
 }
 
-/// A queue for one socket holding at most `limit_bytes`.
-pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
+/// A queue for one socket, cut off when `slowness` says its backlog shows it too slow.
+pub fn outbound_queue(slowness: Slowness) -> (OutboundTx, OutboundRx) {
     let state = Arc::new(QueueState {
         items: Mutex::default(),
         len: AtomicUsize::new(0),
-        limit: limit_bytes,
+        slowness,
+        over_since: AtomicU64::new(0),
         overflow: Notify::new(),
         overflowed: AtomicBool::new(false),
         ready: Notify::new(),
@@ -171,9 +232,9 @@ pub fn outbound_queue(limit_bytes: usize) -> (OutboundTx, OutboundRx) {
 }
 
 impl OutboundTx {
-    /// Enqueues without waiting. Past the byte limit the queue is marked overflowed (the
-    /// socket task then disconnects the slow client) and the item is dropped. An item
-    /// reaching an empty queue is always taken.
+    /// Enqueues without waiting. When the backlog shows the client too slow (see
+    /// [`Slowness`]) the queue is marked overflowed (the socket task then disconnects it)
+    /// and the item is dropped. An item reaching an empty queue is always taken.
     pub fn send(&self, item: Outbound) {
         let cost = item.cost();
         let item = Box::new(item);
@@ -182,9 +243,14 @@ impl OutboundTx {
             if items.closed || self.state.overflowed.load(Ordering::Relaxed) {
                 return;
             }
-            // The limit bounds the backlog: one item larger than it (a big presence_state)
-            // is still delivered to a client that has read everything else.
-            if items.bytes > 0 && items.bytes + cost > self.state.limit {
+            // The limits bound the backlog: one item larger than them (a big
+            // presence_state) is still delivered to a client that has read everything else.
+            if items.bytes > 0
+                && self
+                    .state
+                    .slowness
+                    .too_slow(items.bytes + cost, &self.state.over_since)
+            {
                 drop(items);
                 self.cut_off();
                 return;
@@ -293,9 +359,17 @@ mod tests {
         }
     }
 
+    fn strict(limit: usize) -> Slowness {
+        Slowness {
+            soft: limit,
+            hard: limit,
+            grace: Duration::ZERO,
+        }
+    }
+
     #[tokio::test]
     async fn items_come_out_in_order_and_a_backlog_past_the_limit_overflows() {
-        let (tx, mut rx) = outbound_queue(1000);
+        let (tx, mut rx) = outbound_queue(strict(1000));
         tx.send(push(10));
         tx.send(push(20));
         tokio::time::timeout(std::time::Duration::from_secs(1), rx.ready())
@@ -322,8 +396,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backlog_over_the_soft_limit_is_cut_only_after_the_grace() {
+        let slowness = Slowness {
+            soft: 1000,
+            hard: 10_000,
+            grace: Duration::from_millis(100),
+        };
+        let (tx, mut rx) = outbound_queue(slowness);
+        for _ in 0..20 {
+            tx.send(push(100));
+        }
+        assert!(
+            !rx.overflow().happened(),
+            "over the soft limit, within the grace"
+        );
+        // The reader drains: the grace starts over.
+        while rx.pop().is_some() {}
+        tx.send(push(100));
+        std::thread::sleep(Duration::from_millis(150));
+        tx.send(push(100));
+        assert!(
+            !rx.overflow().happened(),
+            "under the soft limit, no grace runs"
+        );
+        for _ in 0..20 {
+            tx.send(push(100));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        tx.send(push(100));
+        assert!(
+            rx.overflow().happened(),
+            "over the soft limit past the grace"
+        );
+        // Past the hard limit, at once.
+        let (tx, rx) = outbound_queue(slowness);
+        for _ in 0..200 {
+            tx.send(push(100));
+        }
+        assert!(rx.overflow().happened());
+    }
+
+    #[tokio::test]
     async fn sends_after_the_receiver_is_gone_are_dropped() {
-        let (tx, rx) = outbound_queue(1000);
+        let (tx, rx) = outbound_queue(strict(1000));
         drop(rx);
         tx.send(push(10));
         assert!(tx.state.items().queue.is_empty());

@@ -12,16 +12,22 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::feed::{Cursor, Feed};
-use super::outbound::{Outbound, OutboundTx};
+use super::outbound::{Outbound, OutboundTx, Slowness};
 use super::{
-    CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome, JoinOutcome,
-    MemberId, RoomLogic, Route, Router,
+    CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
+    JoinOutcome, MemberId, RoomLogic, Route, Router,
 };
 use crate::config::Limits;
+use crate::limit::Bucket;
 use crate::presence::Tracker;
 use crate::protocol::{Payload, Status, reason};
 use crate::pubsub::{Broadcast, PubSub, Subscriber};
 use crate::stats::Stats;
+
+/// How long a socket waits for a room to take its join, and an activation for a room to
+/// swap, before it answers `room busy` (a room is never stuck for good: every message it
+/// handles is bounded, but its mailbox may hold many).
+pub const ROOM_WAIT: Duration = Duration::from_secs(5);
 
 /// The room's subscription to its topic: fastlane broadcasts go to the room's feed, which
 /// every member reads; intercepted ones from elsewhere (the HTTP API) go to the room, which
@@ -31,6 +37,7 @@ struct RoomSink {
     tx: mpsc::Sender<RoomMsg>,
     intercepts: Arc<[String]>,
     topic: Arc<str>,
+    warnings: Arc<crate::limit::Warnings>,
 }
 
 impl Subscriber for RoomSink {
@@ -41,6 +48,7 @@ impl Subscriber for RoomSink {
             .tx
             .try_send(RoomMsg::Intercepted(broadcast.clone()))
             .is_err()
+            && self.warnings.allow()
         {
             tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
         }
@@ -55,6 +63,8 @@ pub struct Hub {
     presence: Arc<Tracker>,
     limits: Limits,
     stats: Arc<Stats>,
+    /// How often the hub may warn about the node's own limits (the room cap).
+    warnings: crate::limit::Warnings,
     next_id: AtomicU64,
 }
 
@@ -65,9 +75,17 @@ pub(super) struct RoomHandle {
     pub(super) tx: mpsc::Sender<RoomMsg>,
 }
 
-/// How one room's move to another version went: the pause it cost the room, or why it
-/// stayed on its version.
-pub type SwapResult = Result<Duration, String>;
+/// How one room's move to another version went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwapResult {
+    /// Moved; the pause it cost the room.
+    Moved(Duration),
+    /// Stayed on its version, and why.
+    Stayed(String),
+    /// Still busy with messages queued before the swap after [`ROOM_WAIT`]: it moves once
+    /// it reaches the swap.
+    Pending,
+}
 
 pub(super) enum RoomMsg {
     Join {
@@ -93,6 +111,8 @@ pub(super) enum RoomMsg {
         member: MemberId,
         message: Payload,
     },
+    /// The room's timer time refilled: run the timers it held back.
+    Resume,
     /// Move to the plugin version of `route` (hot reload), whose instance for this room
     /// was made beforehand (or could not be).
     Upgrade {
@@ -111,8 +131,8 @@ pub(super) enum JoinResult {
     Refused(Payload),
     /// The plugin failed in `join`.
     Crashed,
-    /// No instance could be made.
-    Unavailable,
+    /// No instance could be made, for this reason.
+    Unavailable(&'static str),
     /// The room was closing; ask the hub again.
     Retry,
 }
@@ -132,6 +152,7 @@ impl Hub {
             pubsub,
             presence,
             limits,
+            warnings: crate::limit::Warnings::new(stats.clone()),
             stats,
             next_id: AtomicU64::new(1),
         })
@@ -188,11 +209,20 @@ impl Hub {
             let (done, result) = oneshot::channel();
             let msg = RoomMsg::Upgrade {
                 route: route.clone(),
-                next,
+                next: next.map_err(|e| e.detail),
                 done,
             };
-            if room.tx.send(msg).await.is_ok() {
-                pending.push_back((topic, result));
+            // A room whose mailbox stays full is busy: it is reported, not waited for.
+            match tokio::time::timeout(ROOM_WAIT, room.tx.send(msg)).await {
+                Ok(Ok(())) => pending.push_back((topic, Instant::now() + ROOM_WAIT, result)),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    Stats::bump(&self.stats.room_busy);
+                    results.push((
+                        topic,
+                        SwapResult::Stayed("room busy: its mailbox stayed full".into()),
+                    ));
+                }
             }
         }
         while !pending.is_empty() {
@@ -220,7 +250,9 @@ impl Hub {
         let route = self.router.route(topic).ok_or(reason::UNMATCHED_TOPIC)?;
         if rooms.len() >= self.limits.max_rooms as usize {
             Stats::bump(&self.stats.rooms_refused);
-            tracing::warn!(%topic, max_rooms = self.limits.max_rooms, "room cap reached: join refused");
+            if self.warnings.allow() {
+                tracing::warn!(%topic, max_rooms = self.limits.max_rooms, "room cap reached: join refused");
+            }
             return Err(reason::AT_CAPACITY);
         }
         let (tx, rx) = mpsc::channel(self.limits.room_mailbox);
@@ -239,7 +271,14 @@ impl Hub {
             members: HashMap::new(),
             pending_out: VecDeque::new(),
             timers: JoinSet::new(),
-            feed: Feed::new(self.limits.outbound_queue_bytes),
+            deferred: VecDeque::new(),
+            resume_armed: false,
+            timer_time: Bucket::new(
+                self.limits.timer_cpu_ms_per_sec as f64,
+                self.limits.timer_cpu_ms_per_sec as f64,
+            ),
+            cascade: CallBudget::full(&self.limits, 0),
+            feed: Feed::new(Slowness::from_limits(&self.limits)),
             room_sink: None,
         };
         tokio::spawn(room.run(rx));
@@ -258,14 +297,17 @@ impl Hub {
 /// allocator keeps headroom for them).
 const SWAPS_IN_FLIGHT: usize = 8;
 
-type PendingSwaps = VecDeque<(Arc<str>, oneshot::Receiver<SwapResult>)>;
+type PendingSwaps = VecDeque<(Arc<str>, Instant, oneshot::Receiver<SwapResult>)>;
 
-/// Waits for the oldest pending swap.
+/// Waits for the oldest pending swap, until its deadline: past it, the room is reported as
+/// pending (it swaps once it gets to the message).
 async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, SwapResult)>) {
-    if let Some((topic, result)) = pending.pop_front()
-        && let Ok(result) = result.await
-    {
-        results.push((topic, result));
+    if let Some((topic, deadline, result)) = pending.pop_front() {
+        match tokio::time::timeout_at(deadline.into(), result).await {
+            Ok(Ok(result)) => results.push((topic, result)),
+            Ok(Err(_)) => {}
+            Err(_) => results.push((topic, SwapResult::Pending)),
+        }
     }
 }
 
@@ -285,16 +327,36 @@ struct Room {
     pending_out: VecDeque<Arc<Broadcast>>,
     /// `send-after` timers; dropped (aborted) with the room.
     timers: JoinSet<()>,
+    /// Timers that fired while the room had used its timer time, in order.
+    deferred: VecDeque<(MemberId, Payload)>,
+    /// A `Resume` is on its way for `deferred`.
+    resume_armed: bool,
+    /// Milliseconds of `handle_info` time the room may still use (`timer_cpu_ms_per_sec`).
+    timer_time: Bucket,
+    /// What the message being handled may still broadcast (see [`CallBudget`]).
+    cascade: CallBudget,
     /// The fastlane broadcasts of the topic, which the members' sockets read.
     feed: Arc<Feed>,
     /// The room's PubSub subscription (feeding `feed` and `handle_out`).
     room_sink: Option<u64>,
 }
 
-/// A room ends when it has no members left or its instance crashed.
+/// A room ends when it has no members left or its instance crashed (or was evicted).
 enum Flow {
     Continue,
     Crashed(String),
+    Evicted(String),
+}
+
+impl Flow {
+    /// The flow after a call's error: a trap ends the room, a failure only its channel.
+    fn from_error(e: &CallError) -> Option<Flow> {
+        match e {
+            CallError::Failed(_) => None,
+            CallError::Crashed(cause) => Some(Flow::Crashed(cause.clone())),
+            CallError::Evicted(cause) => Some(Flow::Evicted(cause.clone())),
+        }
+    }
 }
 
 impl Room {
@@ -303,12 +365,14 @@ impl Room {
         let mut logic = match logic {
             Ok(logic) => logic,
             Err(e) => {
-                tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin instantiation failed");
+                if self.route.warnings.allow() {
+                    tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e.detail, "plugin instantiation failed");
+                }
                 self.hub.remove_room(&self.topic, self.id);
                 rx.close();
                 while let Some(msg) = rx.recv().await {
                     if let RoomMsg::Join { done, .. } = msg {
-                        let _ = done.send(JoinResult::Unavailable);
+                        let _ = done.send(JoinResult::Unavailable(e.reason));
                     }
                 }
                 return;
@@ -316,12 +380,29 @@ impl Room {
         };
         self.subscribe();
         while let Some(msg) = rx.recv().await {
+            // Everything this message causes, its call and the handle_out rounds its
+            // broadcasts start, broadcasts at most one call's worth: a handle_out that
+            // broadcasts what it intercepts cannot loop.
+            self.cascade = CallBudget::full(&self.hub.limits, 0);
             let mut flow = self.handle(&mut logic, msg).await;
             while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
                 flow = self.handle_out(&mut *logic, &b).await;
             }
-            if let Flow::Crashed(cause) = flow {
-                self.route.factory.crashed(&self.topic, &cause);
+            self.pending_out.clear();
+            let ended = match flow {
+                Flow::Continue => false,
+                Flow::Crashed(cause) => {
+                    self.route.factory.crashed(&self.topic, &cause);
+                    true
+                }
+                Flow::Evicted(cause) => {
+                    if self.route.warnings.allow() {
+                        tracing::warn!(plugin = %self.route.plugin, version = %self.route.version, topic = %self.topic, %cause, "room evicted: instance discarded");
+                    }
+                    true
+                }
+            };
+            if ended {
                 let ids: Vec<MemberId> = self.members.keys().copied().collect();
                 for id in ids {
                     if let Some(member) = self.detach(id) {
@@ -355,6 +436,7 @@ impl Room {
             tx: self.tx.upgrade()?,
             intercepts: self.route.intercepts.clone(),
             topic: self.topic.clone(),
+            warnings: self.route.warnings.clone(),
         }))
     }
 
@@ -380,12 +462,12 @@ impl Room {
         let started = Instant::now();
         let from: Arc<str> = logic.version().into();
         if route.version == from {
-            return (Ok(Duration::ZERO), Flow::Continue);
+            return (SwapResult::Moved(Duration::ZERO), Flow::Continue);
         }
         let failed = |room: &Self, why: String| {
             Stats::bump(&room.hub.stats.room_swap_failures);
             tracing::error!(plugin = %route.plugin, topic = %room.topic, from = %from, to = %route.version, error = %why, "room stays on its version: swap failed");
-            Err(why)
+            SwapResult::Stayed(why)
         };
         let mut next = match next {
             Ok(next) => next,
@@ -393,15 +475,9 @@ impl Room {
         };
         let state = match logic.snapshot().await {
             Ok(state) => state,
-            Err(CallError::Failed(e)) => {
-                return (failed(self, format!("snapshot: {e}")), Flow::Continue);
-            }
-            Err(CallError::Crashed(e)) => {
-                let flow = Flow::Crashed(e.clone());
-                return (
-                    failed(self, format!("snapshot crashed the room: {e}")),
-                    flow,
-                );
+            Err(e) => {
+                let flow = Flow::from_error(&e).unwrap_or(Flow::Continue);
+                return (failed(self, format!("snapshot: {e}")), flow);
             }
         };
         if !state.is_empty() {
@@ -426,7 +502,19 @@ impl Room {
         Stats::bump(&self.hub.stats.room_swaps);
         let pause = started.elapsed();
         tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
-        (Ok(pause), Flow::Continue)
+        (SwapResult::Moved(pause), Flow::Continue)
+    }
+
+    /// Tells the instance what its next call may still do: the broadcasts left to the
+    /// message being handled, and the timers the room may still arm.
+    fn prepare(&self, logic: &mut dyn RoomLogic) {
+        let pending = self.timers.len() + self.deferred.len();
+        let timers = (self.hub.limits.max_timers_per_channel * self.members.len().max(1))
+            .saturating_sub(pending);
+        logic.budget(CallBudget {
+            timers,
+            ..self.cascade
+        });
     }
 
     async fn handle(&mut self, instance: &mut Box<dyn RoomLogic>, msg: RoomMsg) -> Flow {
@@ -445,6 +533,11 @@ impl Room {
                 msg_ref,
                 done,
             } => {
+                if done.is_closed() {
+                    // The socket stopped waiting (the room was busy for longer than
+                    // ROOM_WAIT) and told its client so: the join is not made.
+                    return Flow::Continue;
+                }
                 let (result, flow) = self
                     .join(logic, member, socket, out, payload, msg_ref)
                     .await;
@@ -452,7 +545,12 @@ impl Room {
                     // A join that did not happen leaves nothing behind, presence included.
                     self.hub.presence.untrack_owner(&self.topic, member);
                 }
-                let _ = done.send(result);
+                if done.send(result).is_err() {
+                    // The socket gave up while the plugin was joining: undone.
+                    if let Some(m) = self.detach(member) {
+                        return self.terminate(logic, member, &m, reason::CLOSED).await;
+                    }
+                }
                 flow
             }
             RoomMsg::In {
@@ -461,6 +559,7 @@ impl Room {
                 payload,
                 msg_ref,
             } => {
+                self.prepare(logic);
                 let Some(m) = self.members.get(&member) else {
                     return Flow::Continue;
                 };
@@ -491,13 +590,71 @@ impl Room {
             },
             RoomMsg::Intercepted(b) => self.handle_out(logic, &b).await,
             RoomMsg::Info { member, message } => {
-                let Some(m) = self.members.get(&member) else {
+                if self.timer_time.tokens() <= 0.0 {
+                    self.defer(member, message);
                     return Flow::Continue;
-                };
-                let result = logic.handle_info(message, &m.socket).await;
-                self.after_call(logic, member, result, info_stop).await
+                }
+                self.info(logic, member, message).await
+            }
+            RoomMsg::Resume => {
+                self.resume_armed = false;
+                while self.timer_time.tokens() > 0.0 {
+                    let Some((member, message)) = self.deferred.pop_front() else {
+                        break;
+                    };
+                    if let flow @ (Flow::Crashed(_) | Flow::Evicted(_)) =
+                        self.info(logic, member, message).await
+                    {
+                        return flow;
+                    }
+                }
+                if !self.deferred.is_empty() {
+                    self.arm_resume();
+                }
+                Flow::Continue
             }
         }
+    }
+
+    /// Runs a timer's `handle_info`, and charges its time to the room's timer time.
+    async fn info(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        message: Payload,
+    ) -> Flow {
+        let started = Instant::now();
+        self.prepare(logic);
+        let Some(m) = self.members.get(&member) else {
+            return Flow::Continue;
+        };
+        let result = logic.handle_info(message, &m.socket).await;
+        let flow = self.after_call(logic, member, result, info_stop).await;
+        self.timer_time
+            .spend(started.elapsed().as_secs_f64() * 1000.0);
+        flow
+    }
+
+    /// Holds a timer back until the room's timer time refills.
+    fn defer(&mut self, member: MemberId, message: Payload) {
+        Stats::bump(&self.hub.stats.timers_deferred);
+        self.deferred.push_back((member, message));
+        if !self.resume_armed {
+            self.arm_resume();
+        }
+    }
+
+    /// Sends the room a `Resume` once its timer time holds some again.
+    fn arm_resume(&mut self) {
+        let wait = Duration::from_secs_f64(self.timer_time.refill_secs().min(1.0));
+        let tx = self.tx.clone();
+        self.resume_armed = true;
+        self.timers.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(RoomMsg::Resume).await;
+            }
+        });
     }
 
     /// Calls `join`; on success queues the ok reply, then gives the channel a cursor at the
@@ -512,6 +669,7 @@ impl Room {
         payload: Payload,
         msg_ref: Option<String>,
     ) -> (JoinResult, Flow) {
+        self.prepare(logic);
         match logic.join(payload, &socket).await {
             Ok(Handled {
                 outcome: JoinOutcome::Ok(reply),
@@ -537,12 +695,18 @@ impl Room {
                 outcome: JoinOutcome::Refused(reply),
                 ..
             }) => (JoinResult::Refused(reply), Flow::Continue),
-            Err(CallError::Failed(e)) => {
-                Stats::bump(&self.hub.stats.channel_errors);
-                tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "join failed");
-                (JoinResult::Crashed, Flow::Continue)
+            Err(e) => {
+                if let CallError::Failed(why) = &e {
+                    Stats::bump(&self.hub.stats.channel_errors);
+                    if self.route.warnings.allow() {
+                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %why, "join failed");
+                    }
+                }
+                (
+                    JoinResult::Crashed,
+                    Flow::from_error(&e).unwrap_or(Flow::Continue),
+                )
             }
-            Err(CallError::Crashed(e)) => (JoinResult::Crashed, Flow::Crashed(e)),
         }
     }
 
@@ -555,14 +719,17 @@ impl Room {
             .filter(|id| b.except != Some(*id))
             .collect();
         for member in targets {
+            self.prepare(logic);
             let Some(m) = self.members.get(&member) else {
                 continue;
             };
             let result = logic
                 .handle_out(&b.event, b.payload.clone(), &m.socket)
                 .await;
-            if let Flow::Crashed(e) = self.after_call(logic, member, result, info_stop).await {
-                return Flow::Crashed(e);
+            if let flow @ (Flow::Crashed(_) | Flow::Evicted(_)) =
+                self.after_call(logic, member, result, info_stop).await
+            {
+                return flow;
             }
         }
         Flow::Continue
@@ -590,13 +757,15 @@ impl Room {
             }
             Err(CallError::Failed(e)) => {
                 Stats::bump(&self.hub.stats.channel_errors);
-                tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
+                if self.route.warnings.allow() {
+                    tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
+                }
                 if let Some(m) = self.detach(member) {
                     notify_down(member, &m, true);
                 }
                 Flow::Continue
             }
-            Err(CallError::Crashed(e)) => Flow::Crashed(e),
+            Err(e) => Flow::from_error(&e).unwrap_or(Flow::Continue),
         }
     }
 
@@ -617,13 +786,13 @@ impl Room {
         m: &Member,
         reason: &str,
     ) -> Flow {
+        self.prepare(logic);
         let flow = match logic.terminate(reason, &m.socket).await {
             Ok(effects) => {
                 self.apply(member, effects);
                 Flow::Continue
             }
-            Err(CallError::Crashed(e)) => Flow::Crashed(e),
-            Err(CallError::Failed(_)) => Flow::Continue,
+            Err(e) => Flow::from_error(&e).unwrap_or(Flow::Continue),
         };
         // Presence tracked by a channel that is already gone must not stay behind.
         self.hub.presence.untrack_owner(&self.topic, member);
@@ -669,6 +838,9 @@ impl Room {
                     payload,
                     exclude_self,
                 } => {
+                    let cascade = &mut self.cascade;
+                    cascade.broadcasts = cascade.broadcasts.saturating_sub(1);
+                    cascade.broadcast_bytes = cascade.broadcast_bytes.saturating_sub(payload.len());
                     let except = exclude_self.then_some(member);
                     let intercepted = self.route.intercepts.contains(&event);
                     let b = Arc::new(Broadcast::new(self.topic.clone(), event, payload, except));
@@ -679,12 +851,6 @@ impl Room {
                     }
                 }
                 Effect::SendAfter { delay, message } => {
-                    if self.timers.len()
-                        >= self.hub.limits.max_timers_per_channel * self.members.len().max(1)
-                    {
-                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "too many pending timers: send-after dropped");
-                        continue;
-                    }
                     let tx = self.tx.clone();
                     self.timers.spawn(async move {
                         tokio::time::sleep(delay).await;

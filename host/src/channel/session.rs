@@ -9,10 +9,12 @@ use tokio::sync::oneshot;
 
 use super::feed::Cursor;
 use super::outbound::{Outbound, OutboundRx, OutboundTx};
-use super::room::{Hub, JoinResult, RoomHandle, RoomMsg};
+use super::room::{Hub, JoinResult, ROOM_WAIT, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
+use crate::presence::Account;
 use crate::protocol::{self, Frame, Message, Payload, Status, Vsn, event, reason};
 use crate::pubsub::{Broadcast, Subscriber, SubscriberId};
+use crate::stats::Stats;
 
 /// Listens on a socket's id for `disconnect` (Phoenix's `Endpoint.broadcast(socket_id,
 /// "disconnect", %{})`, e.g. after a logout elsewhere).
@@ -67,6 +69,8 @@ pub struct Session {
     /// The subscription on `socket_id` that listens for `disconnect`.
     id_subscription: Option<SubscriberId>,
     assigns: String,
+    /// The presence bytes this socket's channels hold.
+    presence: Arc<Account>,
     out: OutboundTx,
     /// The socket's serializer.
     vsn: Vsn,
@@ -83,17 +87,16 @@ impl Session {
     pub fn new(
         hub: Arc<Hub>,
         socket_id: Option<String>,
-        assigns: &serde_json::Map<String, serde_json::Value>,
+        assigns: String,
         out: OutboundTx,
         vsn: Vsn,
     ) -> Self {
-        let assigns = serde_json::to_string(assigns).unwrap_or_else(|_| "{}".into());
         let socket_id: Option<Arc<str>> = socket_id.map(Arc::from);
         // A socket with an id listens on it: a `disconnect` broadcast there closes it.
         let id_subscription = socket_id.as_ref().map(|id| {
             let subscription = hub.next_id();
             let sink = Arc::new(DisconnectSink { out: out.clone() });
-            hub.pubsub().subscribe(id, subscription, sink);
+            hub.pubsub().subscribe_socket(id, subscription, sink);
             subscription
         });
         Session {
@@ -101,6 +104,7 @@ impl Session {
             socket_id,
             id_subscription,
             assigns,
+            presence: Arc::default(),
             out,
             vsn,
             channels: HashMap::new(),
@@ -182,6 +186,7 @@ impl Session {
         if let Some(old) = &replaced {
             old.leave(DUPLICATE_JOIN).await;
         } else if self.channels.len() >= self.hub.limits().max_channels_per_socket {
+            Stats::bump(&self.hub.stats().channels_refused);
             return self.reply(
                 &msg,
                 topic,
@@ -192,6 +197,7 @@ impl Session {
         let member = self.hub.next_id();
         let socket = ChannelSocket {
             channel: member,
+            presence: self.presence.clone(),
             id: self.socket_id.clone(),
             topic: topic.clone(),
             join_ref: msg.join_ref.clone(),
@@ -199,6 +205,9 @@ impl Session {
         };
         let mut outcome = JoinResult::Retry;
         let mut joined_room = None;
+        // A room answers within ROOM_WAIT or the client is told it is busy; the socket
+        // never hangs on one room.
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         for _ in 0..JOIN_RETRIES {
             let room = match self.hub.room(&topic) {
                 Ok(room) => room,
@@ -216,10 +225,18 @@ impl Session {
                 msg_ref: msg.msg_ref.clone(),
                 done,
             };
-            if room.tx.send(m).await.is_err() {
-                continue;
-            }
-            outcome = result.await.unwrap_or(JoinResult::Retry);
+            let answer = tokio::time::timeout_at(deadline, async {
+                room.tx.send(m).await.ok()?;
+                result.await.ok()
+            })
+            .await;
+            outcome = match answer {
+                Ok(answer) => answer.unwrap_or(JoinResult::Retry),
+                Err(_) => {
+                    Stats::bump(&self.hub.stats().room_busy);
+                    JoinResult::Refused(protocol::reason_payload(reason::ROOM_BUSY))
+                }
+            };
             if !matches!(outcome, JoinResult::Retry) {
                 joined_room = Some(room);
                 break;
@@ -246,7 +263,13 @@ impl Session {
                 Status::Error,
                 protocol::reason_payload(reason::JOIN_CRASHED),
             ),
-            (JoinResult::Unavailable | JoinResult::Retry | JoinResult::Joined(_), _) => self.reply(
+            (JoinResult::Unavailable(why), _) => self.reply(
+                &msg,
+                topic.clone(),
+                Status::Error,
+                protocol::reason_payload(why),
+            ),
+            (JoinResult::Retry | JoinResult::Joined(_), _) => self.reply(
                 &msg,
                 topic.clone(),
                 Status::Error,
@@ -302,6 +325,11 @@ impl Session {
         }
     }
 
+    /// Whether something is ready to write now.
+    pub fn next_ready_exists(&mut self, rx: &mut OutboundRx) -> bool {
+        self.lowest(rx).is_some()
+    }
+
     /// Where the lowest ready item is: the queue (`None`) or the feed of the `i`th channel.
     fn lowest(&mut self, rx: &mut OutboundRx) -> Option<Option<usize>> {
         let vsn = self.vsn;
@@ -324,7 +352,7 @@ impl Session {
     /// The socket closed: every channel leaves with reason `closed`.
     pub async fn close(&mut self) {
         if let (Some(id), Some(subscription)) = (&self.socket_id, self.id_subscription.take()) {
-            self.hub.pubsub().unsubscribe(id, subscription);
+            self.hub.pubsub().unsubscribe_socket(id, subscription);
         }
         for (_, joined) in self.channels.drain() {
             joined.leave(reason::CLOSED).await;

@@ -1,52 +1,22 @@
 //! A plugin's stdout and stderr: complete lines go to the host's log, tagged with plugin,
-//! topic and stream, at most a configured number of lines per second per plugin. Lines past
-//! the rate are dropped and counted, so a printing loop cannot flood the log.
+//! topic and stream, at most a configured number of lines per second per plugin (shared
+//! with the `log` import). Lines past the rate are dropped and counted, so a printing loop
+//! cannot flood the log; control characters in them are escaped by the log writer
+//! (crate::logging).
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use crate::limit::SharedBucket;
 use crate::stats::Stats;
 
 /// Longest plugin log line (stdout, stderr or the `log` import); the rest is cut.
 pub const MAX_LINE: usize = 4096;
-
-/// A token bucket of log lines, shared by every instance of one plugin.
-pub struct LogLimiter {
-    per_sec: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl LogLimiter {
-    /// Allows `per_sec` lines per second, with a burst of as many.
-    pub fn new(per_sec: u32) -> Self {
-        let per_sec = f64::from(per_sec);
-        LogLimiter {
-            per_sec,
-            state: Mutex::new((per_sec, Instant::now())),
-        }
-    }
-
-    fn allow(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = &mut *state;
-        let now = Instant::now();
-        *tokens =
-            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_sec).min(self.per_sec);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Where one stream of one room instance writes.
 #[derive(Clone)]
@@ -54,7 +24,7 @@ pub struct LogTarget {
     plugin: Arc<str>,
     topic: Arc<str>,
     stream: &'static str,
-    limiter: Arc<LogLimiter>,
+    limiter: Arc<SharedBucket>,
     stats: Arc<Stats>,
 }
 
@@ -64,7 +34,7 @@ impl LogTarget {
         plugin: Arc<str>,
         topic: Arc<str>,
         stream: &'static str,
-        limiter: Arc<LogLimiter>,
+        limiter: Arc<SharedBucket>,
         stats: Arc<Stats>,
     ) -> Self {
         LogTarget {
@@ -77,7 +47,7 @@ impl LogTarget {
     }
 
     fn emit(&self, line: &[u8]) {
-        if !self.limiter.allow() {
+        if !self.limiter.take() {
             Stats::bump(&self.stats.plugin_log_dropped);
             return;
         }
@@ -181,19 +151,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_limiter_allows_a_burst_then_refuses() {
-        let limiter = LogLimiter::new(3);
-        assert_eq!((0..5).filter(|_| limiter.allow()).count(), 3);
-    }
-
-    #[test]
     fn lines_past_the_rate_are_counted_as_dropped() {
         let stats = Arc::new(Stats::default());
         let target = LogTarget::new(
             "p".into(),
             "t".into(),
             "stdout",
-            Arc::new(LogLimiter::new(2)),
+            Arc::new(SharedBucket::per_sec(2)),
             stats.clone(),
         );
         let mut w = LineWriter {

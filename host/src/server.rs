@@ -1,0 +1,391 @@
+//! The server: what every request handler shares ([`AppState`]), the router, and the
+//! accept loop that guards the door. Before a request reaches a handler, its connection
+//! holds one of `max_connections` slots (past it: a 503 at once), its headers arrive within
+//! `http_header_timeout_secs` (an idle keep-alive connection waits no longer for its next
+//! request), an API request shows the admin token before its body is read, and the body
+//! arrives within `http_body_timeout_secs`. When the process runs out of file descriptors,
+//! accepting backs off and says so once, not once per attempt.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tower::ServiceExt as _;
+
+use crate::channel::Hub;
+use crate::config::{Config, Limits, Secrets};
+use crate::pubsub::LocalPubSub;
+use crate::registry::Registry;
+use crate::runtime::Runtime;
+use crate::stats::{Gauges, Stats};
+use crate::store::{PluginStore, Source};
+use crate::{api, auth, presence, protocol, transport};
+
+/// How long shutdown waits for sockets to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Descriptors kept back from `max_connections` when it is derived from the open-file
+/// limit (the store, the artifact cache, the log, the runtime), at most a quarter of it.
+const RESERVED_FILES: u64 = 256;
+/// Refusals (503) being written at once; past it a connection over the cap is just
+/// closed, so refusing cannot itself hold descriptors.
+const REFUSALS_IN_FLIGHT: usize = 64;
+/// How long a refusal waits for the client to take it.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+/// How often an accept error is logged at most (it repeats while descriptors are short).
+const ACCEPT_ERROR_EVERY: Duration = Duration::from_secs(60);
+/// How long accepting pauses after an error other than a dropped connection.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every request handler shares.
+pub struct AppState {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) verifier: auth::Verifier,
+    pub(crate) admin_token: String,
+    pub(crate) mount: String,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) presence: Arc<presence::Tracker>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) live_sockets: AtomicUsize,
+    connections: Connections,
+}
+
+impl AppState {
+    /// The counters and gauges `/api/stats` answers with.
+    pub(crate) fn gauges(&self) -> Gauges {
+        Gauges {
+            sockets: self.live_sockets.load(Ordering::Relaxed),
+            connections: self.connections.open(),
+            rooms: self.hub.room_count(),
+            plugin_memory_bytes: self.runtime.plugin_memory(),
+            presence_bytes: self.presence.held(),
+        }
+    }
+
+    /// The event counters.
+    pub(crate) fn stats(&self) -> &Arc<Stats> {
+        self.hub.stats()
+    }
+}
+
+/// The connection slots: one per open connection, held by its HTTP task and, once it is
+/// upgraded, by its WebSocket.
+struct Connections {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Connections {
+    fn open(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+/// A connection's slot, which its WebSocket takes over after the upgrade: held, not read;
+/// the slot is free again once every holder dropped it.
+#[derive(Clone)]
+pub struct Slot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// The connection cap when the configuration gives none: the open-file limit less a
+/// reserve.
+fn default_max_connections() -> usize {
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20);
+    let reserve = RESERVED_FILES.min(files / 4);
+    usize::try_from(files - reserve).unwrap_or(usize::MAX)
+}
+
+/// Runs Cinder on `listener` until `shutdown` resolves, then closes every socket with
+/// 1012 (so clients reconnect) and returns once they are closed or after a grace period.
+/// Once the plugins are loaded it prints `cinder listening on http://<addr>` to stdout.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    secrets: Secrets,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let limits = config.limits.clone();
+    let stats = Arc::new(Stats::default());
+    let pubsub: Arc<dyn crate::pubsub::PubSub> = Arc::new(LocalPubSub::new());
+    let tracker = Arc::new(presence::Tracker::new(
+        pubsub.clone(),
+        limits.presence_bytes_per_socket,
+        limits.presence_bytes_total,
+    ));
+    let runtime = Arc::new(Runtime::new(&limits, stats.clone(), tracker.clone())?);
+    let store = PluginStore::open(&config.data_dir, &config.cache_dir())?;
+    let registry = Arc::new(Registry::open(runtime.clone(), store, limits.clone()).await?);
+    let hub = Hub::new(
+        registry.clone(),
+        pubsub,
+        tracker.clone(),
+        limits.clone(),
+        stats,
+    );
+    if let Some(dir) = &config.plugins_dir {
+        registry.add_dir(&hub, dir, Source::Dir).await?;
+    }
+    if let Some(dir) = &config.watch {
+        registry.add_dir(&hub, dir, Source::Dir).await?;
+    }
+    let watcher = config.watch.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), "watching for plugin changes");
+        tokio::spawn(registry.clone().watch(hub.clone(), dir))
+    });
+    let max = limits
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    let app = Arc::new(AppState {
+        hub,
+        verifier: auth::Verifier::hs256(&secrets.jwt_secret, limits.max_token_lifetime_secs),
+        admin_token: secrets.admin_token,
+        mount: config.mount.clone(),
+        registry,
+        runtime,
+        presence: tracker,
+        shutdown: watch::Sender::new(false),
+        live_sockets: AtomicUsize::new(0),
+        connections: Connections {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        },
+    });
+    let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
+    let router = router(app.clone(), &socket_path, &limits);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, socket = %socket_path, max_connections = max, "cinder listening");
+    // Scripts and tests wait for this line and read the address from it (the port may have
+    // been 0): it comes once the plugins are loaded and requests are served.
+    println!("cinder listening on http://{addr}");
+    accept(&listener, &app, router, &limits, shutdown).await;
+    tracing::info!("shutting down: closing sockets with 1012");
+    app.shutdown.send_replace(true);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while app.connections.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    Ok(())
+}
+
+/// The routes: the socket, the landing page, and the admin API behind its token.
+fn router(app: Arc<AppState>, socket_path: &str, limits: &Limits) -> axum::Router {
+    let admin = axum::Router::new()
+        .route("/api/broadcast", post(api::broadcast))
+        .route("/api/stats", get(api::stats))
+        .route("/api/plugins/{name}/activate", post(api::activate))
+        .route("/api/plugins/{name}/rollback", post(api::rollback))
+        .route("/api/plugins/{name}", delete(api::delete_plugin))
+        .route(
+            "/api/plugins/{name}/versions/{version}",
+            delete(api::delete_version),
+        )
+        .layer(DefaultBodyLimit::max(limits.max_frame_bytes))
+        .route(
+            "/api/plugins",
+            get(api::list_plugins)
+                .post(api::upload)
+                .layer(DefaultBodyLimit::max(limits.max_upload_bytes)),
+        )
+        // Outermost, so it runs first: no body is read for a request without the token.
+        .route_layer(middleware::from_fn_with_state(app.clone(), admin_only));
+    axum::Router::new()
+        .route("/", get(api::index))
+        .route(socket_path, get(transport::websocket))
+        .merge(admin)
+        .with_state(app)
+}
+
+/// Refuses an admin API request without the admin token (401) before anything reads its
+/// body; gives the body of one with it `http_body_timeout_secs` to arrive.
+async fn admin_only(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(refused) = api::refusal(&app, request.headers()) {
+        return refused;
+    }
+    let limit = Duration::from_secs(app.hub.limits().http_body_timeout_secs);
+    let stats = app.stats().clone();
+    let request = request.map(|body| Body::new(Deadline::new(body, limit, stats)));
+    next.run(request).await
+}
+
+/// A request body that fails once its deadline passes (a client trickling a body).
+struct Deadline {
+    body: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    stats: Arc<Stats>,
+    limit: Duration,
+}
+
+impl Deadline {
+    fn new(body: Body, limit: Duration, stats: Arc<Stats>) -> Self {
+        Deadline {
+            body,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            stats,
+            limit,
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            Stats::bump(&self.stats.http_timeouts);
+            let why = format!(
+                "request body not received within {} s (http_body_timeout_secs)",
+                self.limit.as_secs()
+            );
+            return Poll::Ready(Some(Err(axum::Error::new(why))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, each in a task of its own holding a
+/// slot; refuses those past the cap.
+async fn accept(
+    listener: &TcpListener,
+    app: &Arc<AppState>,
+    router: axum::Router,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.http_header_timeout_secs));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let mut last_error: Option<Instant> = None;
+    let stopping = app.shutdown.subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(app, e, &mut last_error).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let Ok(permit) = app.connections.slots.clone().try_acquire_owned() else {
+            Stats::bump(&app.stats().connections_refused);
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(refuse(tcp, app.connections.max, refusing));
+            }
+            continue;
+        };
+        let slot = Slot {
+            _permit: Arc::new(permit),
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(slot.clone());
+            router.clone().oneshot(request)
+        });
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let stats = app.stats().clone();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let stop = async {
+                // The guard `wait_for` returns must not live across an await.
+                let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+            };
+            let finished = tokio::select! {
+                finished = conn.as_mut() => finished,
+                () = stop => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = finished {
+                if e.is_timeout() {
+                    Stats::bump(&stats.http_timeouts);
+                }
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+/// Answers a connection over the cap with a 503 naming it, and closes it.
+async fn refuse(mut tcp: TcpStream, max: usize, _refusing: OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = format!(
+        "{{\"error\":\"connection cap of {max} reached (max_connections): try again later\"}}"
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        tcp.write_all(answer.as_bytes()).await?;
+        tcp.shutdown().await?;
+        // Read what the client sent until it closes, so closing does not reset the
+        // connection before the client has read the answer.
+        let mut sink = [0u8; 1024];
+        while tcp.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// An accept failed: a connection that went away is nothing; anything else (out of file
+/// descriptors) is counted, logged at most once a minute, and accepting pauses briefly.
+async fn accept_failed(app: &AppState, e: std::io::Error, last: &mut Option<Instant>) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    Stats::bump(&app.stats().accept_errors);
+    if last.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_EVERY) {
+        *last = Some(Instant::now());
+        tracing::error!(error = %e, open = app.connections.open(), "cannot accept connections (retrying; logged once a minute, counted in accept_errors)");
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
