@@ -15,7 +15,7 @@ PY_VENV := target/py-venv
 # Versions the hot-reload tests upload at run time (not served at start).
 UPLOAD_DIR := target/test-uploads
 
-.PHONY: run test plugins rust-plugins lang-plugins wasm-target lint test-rust test-js bench
+.PHONY: run test plugins rust-plugins lang-plugins wasm-target lint test-rust test-js bench fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -105,3 +105,17 @@ bench: plugins
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench fanout 10000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 10000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 20000
+
+# Fuzzing (not part of the suite): each target of host/fuzz (the frame decoders, connect
+# tokens, the plugin manifest) for FUZZ_SECS seconds with libFuzzer. Needs a nightly
+# toolchain (cargo fuzz's sanitizer flags); installs cargo-fuzz when missing. Findings land
+# in host/fuzz/artifacts/<target>/.
+FUZZ_SECS ?= 120
+FUZZ_TARGETS := frames token manifest
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	cd host/fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t && \
+		cargo +nightly fuzz run -O $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS) -print_final_stats=1 || exit 1; \
+	done
