@@ -4,7 +4,8 @@
 //! cinder-bench idle [SOCKETS]        server RSS per idle socket joined to room:lobby
 //! cinder-bench first-join [ROOMS]    join latency of brand-new rooms over a WebSocket
 //! cinder-bench neighbour [CALLS]     a room's echo latency alone, beside a looping plugin,
-//!                                    and beside a plugin doing 9 ms of legal work per call
+//!                                    beside a plugin doing 9 ms of legal work per call,
+//!                                    and beside one making oversized broadcasts
 //! cinder-bench reload [ROOMS]        hot reload under load: ROOMS counter rooms each sending
 //!                                    `inc` every 10 ms; upload-to-live time, per-room swap
 //!                                    pause, message latency, and lost messages (must be 0)
@@ -440,11 +441,14 @@ async fn echoes(ws: &mut Ws, topic: &str, calls: usize) -> anyhow::Result<Vec<Du
     Ok(samples)
 }
 
-/// Keeps a room next door busy until `stop`: `command` on `bad:evil`, rejoining after
+/// What a bad neighbour does: its topic, command and the command's payload.
+type Badness = (&'static str, &'static str, serde_json::Value);
+
+/// Keeps a room next door busy until `stop`: `command` on `topic`, rejoining after
 /// each crash. Returns how many calls it made.
 async fn bad_neighbour(
     addr: String,
-    command: &'static str,
+    (topic, command, payload): Badness,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
     let mut ws = open(&addr, 666).await?;
@@ -453,12 +457,12 @@ async fn bad_neighbour(
     while !*stop.borrow() {
         join_ref += 1;
         let jr = join_ref.to_string();
-        join(&mut ws, &jr, "bad:evil").await?;
+        join(&mut ws, &jr, topic).await?;
         // Call until the room crashes (loop) or forever (legal work), one call at a time.
         'calls: while !*stop.borrow() {
             calls += 1;
             ws.send(Message::text(
-                json!([jr, format!("c{calls}"), "bad:evil", command, {"ms": 9}]).to_string(),
+                json!([jr, format!("c{calls}"), topic, command, payload]).to_string(),
             ))
             .await?;
             loop {
@@ -484,12 +488,27 @@ async fn neighbour(calls: usize) -> anyhow::Result<()> {
     println!(
         "neighbour: echo round trip alone: median {alone_median:.1} µs, p99 {alone_p99:.1} µs"
     );
-    for (command, what) in [
-        ("loop", "a plugin looping into its 10 ms deadline"),
-        ("sleep-ish", "a plugin doing 9 ms of legal work per call"),
-    ] {
+    let neighbours: [(Badness, &str); 3] = [
+        (
+            ("bad:evil", "loop", json!({})),
+            "a plugin looping into its 10 ms deadline",
+        ),
+        (
+            ("bad:evil", "sleep-ish", json!({"ms": 9})),
+            "a plugin doing 9 ms of legal work per call",
+        ),
+        (
+            (
+                "hostile:evil",
+                "huge-broadcast",
+                json!({"bytes": 8 << 20, "n": 1000}),
+            ),
+            "a plugin making 8 MiB broadcasts (refused by size) until its deadline",
+        ),
+    ];
+    for (badness, what) in neighbours {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let evil = tokio::spawn(bad_neighbour(server.addr.clone(), command, stop_rx));
+        let evil = tokio::spawn(bad_neighbour(server.addr.clone(), badness, stop_rx));
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (median, p99) = percentiles(echoes(&mut good, "bad:good", calls).await?);
         stop_tx.send_replace(true);
