@@ -877,8 +877,9 @@ enum Ask {
 /// epoch deadline of the next tick and keeps the ticker ticking until at least then.
 fn arm(store: &mut Store<RoomData>, time: Duration) {
     let data = store.data_mut();
-    data.clock.start(time);
-    data.ticker.keep_ticking(Instant::now() + time);
+    let now = Instant::now();
+    data.clock.start(time, now);
+    data.ticker.keep_ticking(now + time);
     store.set_epoch_deadline(1);
 }
 

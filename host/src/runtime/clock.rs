@@ -83,10 +83,10 @@ impl CallClock {
         }
     }
 
-    /// A call starts with `budget` of time.
-    pub fn start(&mut self, budget: Duration) {
+    /// A call starts `now` with `budget` of time.
+    pub fn start(&mut self, budget: Duration, now: Instant) {
         self.budget = budget;
-        self.started = Instant::now();
+        self.started = now;
         self.used = Duration::ZERO;
         self.ticked = false;
     }
@@ -132,7 +132,7 @@ mod tests {
     #[test]
     fn time_spent_off_the_cpu_is_not_counted() {
         let mut clock = CallClock::new();
-        clock.start(Duration::from_millis(10));
+        clock.start(Duration::from_millis(10), Instant::now());
         spin(Duration::from_millis(1));
         assert!(matches!(clock.tick(), Tick::Left(_)));
         clock.on_resume()();
@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn a_late_first_tick_counts_as_one_window() {
         let mut clock = CallClock::new();
-        clock.start(Duration::from_millis(3));
+        clock.start(Duration::from_millis(3), Instant::now());
         std::thread::sleep(Duration::from_millis(20));
         assert!(matches!(clock.tick(), Tick::Left(left) if left >= Duration::from_millis(1)));
     }
