@@ -1,7 +1,7 @@
 //! The HTTP API: the landing page at `/`, server push (`POST /api/broadcast`, Phoenix's
 //! `Endpoint.broadcast`), stats, and plugin administration under `/api/plugins` (upload,
 //! list, activate, roll back, delete). Everything but `/` needs the admin bearer token,
-//! checked before the body is read ([`crate::server`] runs [`refusal`] first).
+//! checked before the body is read (the server runs `refusal` before any handler).
 
 use std::sync::Arc;
 
