@@ -14,6 +14,7 @@
 //! - [`store`]: the durable plugin store and artifact cache in the data dir.
 //! - [`api`]: the HTTP API (server push, plugin administration).
 //! - [`client`]: `cinder plugin ...`, the admin API from the command line.
+//! - [`cli`]: the command line: subcommands, flags, environment, into a [`config::Config`].
 //! - [`config`]: defaults, file, environment and flags; every limit.
 //! - [`server`]: what the handlers share, the router, and the accept loop (connection
 //!   cap, header and body timeouts, the admin token before any body).
@@ -26,6 +27,7 @@
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod limit;

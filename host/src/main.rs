@@ -1,13 +1,14 @@
 //! The `cinder` command: parse arguments, build the configuration, call [`cinder::serve`].
 
-use cinder::config::{Cli, Command, Config, Secrets, ServeArgs};
+use cinder::cli::{Cli, Command, ServeArgs};
+use cinder::config::Secrets;
 use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => {
-            let config = Config::load(&args.serve)?;
+            let config = args.serve.config()?;
             let longest = config.limits.max_token_lifetime_secs;
             anyhow::ensure!(
                 args.ttl_secs <= longest,
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cinder::logging::init();
     raise_open_file_limit();
-    let config = Config::load(&args)?;
+    let config = args.config()?;
     let (secrets, generated) = Secrets::resolve(&config)?;
     if config.jwt_secret.is_none() || config.admin_token.is_none() {
         let sample = cinder::auth::mint(&secrets.jwt_secret, "42", 86_400)?;
