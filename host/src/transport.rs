@@ -1,7 +1,8 @@
 //! The WebSocket transport: the upgrade at `<mount>/websocket` with connect-time
-//! authentication, and one task per socket that reads frames into its [`Session`], writes its
-//! outbound queue, answers nothing itself but enforces the idle timeout, the frame size and
-//! the queue limit, and closes cleanly on shutdown.
+//! authentication, and one task per socket that reads frames into its [`Session`] and writes
+//! the frames the session encodes; it answers nothing itself but enforces the idle timeout,
+//! the frame size and the slow-client cut-off, and closes cleanly (queued frames, the close
+//! frame, the client's answer).
 //!
 //! tungstenite reads the socket and writes its control frames (pongs, the close frame),
 //! never in the middle of a batch. Data frames are framed here, straight from the encoded
@@ -32,7 +33,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf
 
 use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
 use crate::limit::Bucket;
-use crate::protocol::{self, Frame, Status, Vsn};
+use crate::protocol::{self, Frame, Vsn};
 use crate::server::{AppState, Slot};
 use crate::stats::Stats;
 
@@ -283,88 +284,13 @@ impl Outgoing {
     }
 }
 
-/// Encodes one queued item for this socket, or `None` when there is nothing to write.
-fn encode(vsn: Vsn, session: &mut Session, item: Outbound, stats: &Stats) -> Option<Frame> {
-    let frame = match item {
-        Outbound::Reply {
-            join_ref,
-            msg_ref,
-            topic,
-            status,
-            payload,
-        } => {
-            let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
-            return match protocol::encode_reply(vsn, join_ref, msg_ref, &topic, status, &payload) {
-                Ok(frame) => Some(frame),
-                Err(why) => {
-                    Stats::bump(&stats.undeliverable);
-                    undeliverable_reply(vsn, join_ref, msg_ref, &topic, &why)
-                }
-            };
-        }
-        Outbound::Push {
-            join_ref,
-            topic,
-            event,
-            payload,
-        } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload)
-            .inspect_err(|_| Stats::bump(&stats.undeliverable)),
-        Outbound::Disconnect => return None,
-        Outbound::Close { topic, join_ref } => {
-            Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
-        }
-        Outbound::ChannelDown {
-            topic,
-            join_ref,
-            member,
-            crashed,
-        } => {
-            if !session.channel_down(&topic, member) {
-                return None;
-            }
-            Ok(if crashed {
-                protocol::encode_crash(vsn, join_ref.as_deref(), &topic)
-            } else {
-                protocol::encode_close(vsn, join_ref.as_deref(), &topic)
-            })
-        }
-    };
-    match frame {
-        Ok(frame) => Some(frame),
-        Err(e) => {
-            tracing::debug!(error = %e, "message cannot be encoded for this socket");
-            None
-        }
-    }
-}
-
-/// A reply this socket's serializer cannot carry (a binary response to V1, a topic too
-/// long for a binary frame) answered with an error the client can read instead, so it
-/// does not wait for a reply that never comes.
-fn undeliverable_reply(
-    vsn: Vsn,
-    join_ref: Option<&str>,
-    msg_ref: Option<&str>,
-    topic: &str,
-    why: &protocol::ProtocolError,
-) -> Option<Frame> {
-    let reason = match why {
-        protocol::ProtocolError::BinaryUnsupported => protocol::reason::BINARY_NEEDS_V2,
-        _ => "reply cannot be encoded for this socket",
-    };
-    let payload = protocol::reason_payload(reason);
-    protocol::encode_reply(vsn, join_ref, msg_ref, topic, Status::Error, &payload).ok()
-}
-
 /// Writes what is ready, up to [`WRITE_BATCH`] items, a write per [`WRITE_BUFFER`] bytes
 /// gathered. Returns whether a `disconnect` for this socket came up.
 async fn write_batch(
     ws: &mut Ws,
     out: &mut Outgoing,
-    vsn: Vsn,
     session: &mut Session,
     rx: &mut OutboundRx,
-    stats: &Stats,
 ) -> io::Result<bool> {
     for _ in 0..WRITE_BATCH {
         match session.next_ready(rx) {
@@ -375,7 +301,7 @@ async fn write_batch(
                 return Ok(true);
             }
             Some(Next::Queued(item)) => {
-                if let Some(frame) = encode(vsn, session, item, stats) {
+                if let Some(frame) = session.encode(item) {
                     out.put(&frame);
                 }
             }
@@ -526,7 +452,7 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
                 // must still end it.
                 let written = tokio::select! {
                     biased;
-                    written = write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx, &stats) => written,
+                    written = write_batch(&mut ws, &mut outgoing, &mut session, &mut rx) => written,
                     () = &mut overflowed => break too_slow(&app),
                     () = &mut stop => break End::close(close_code::RESTART, "server restart"),
                 };
@@ -585,7 +511,7 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
         if frame.is_some() && !slow {
             while session.next_ready_exists(&mut rx) {
                 if !matches!(
-                    write_batch(&mut ws, &mut outgoing, vsn, &mut session, &mut rx, &stats).await,
+                    write_batch(&mut ws, &mut outgoing, &mut session, &mut rx).await,
                     Ok(false)
                 ) {
                     break;

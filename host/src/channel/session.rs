@@ -284,6 +284,67 @@ impl Session {
         }
     }
 
+    /// Encodes one item of this socket's queue in its serializer, or `None` when there is
+    /// nothing to write: a notice about a channel this socket already replaced or left, or
+    /// a push its serializer cannot carry (counted). A reply it cannot carry becomes an
+    /// error reply the client can read.
+    pub fn encode(&mut self, item: Outbound) -> Option<Frame> {
+        let vsn = self.vsn;
+        let frame = match item {
+            Outbound::Reply {
+                join_ref,
+                msg_ref,
+                topic,
+                status,
+                payload,
+            } => {
+                let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
+                return match protocol::encode_reply(
+                    vsn, join_ref, msg_ref, &topic, status, &payload,
+                ) {
+                    Ok(frame) => Some(frame),
+                    Err(why) => {
+                        Stats::bump(&self.hub.stats().undeliverable);
+                        undeliverable_reply(vsn, join_ref, msg_ref, &topic, &why)
+                    }
+                };
+            }
+            Outbound::Push {
+                join_ref,
+                topic,
+                event,
+                payload,
+            } => protocol::encode_push(vsn, join_ref.as_deref(), &topic, &event, &payload)
+                .inspect_err(|_| Stats::bump(&self.hub.stats().undeliverable)),
+            Outbound::Disconnect => return None,
+            Outbound::Close { topic, join_ref } => {
+                Ok(protocol::encode_close(vsn, join_ref.as_deref(), &topic))
+            }
+            Outbound::ChannelDown {
+                topic,
+                join_ref,
+                member,
+                crashed,
+            } => {
+                if !self.channel_down(&topic, member) {
+                    return None;
+                }
+                Ok(if crashed {
+                    protocol::encode_crash(vsn, join_ref.as_deref(), &topic)
+                } else {
+                    protocol::encode_close(vsn, join_ref.as_deref(), &topic)
+                })
+            }
+        };
+        match frame {
+            Ok(frame) => Some(frame),
+            Err(e) => {
+                tracing::debug!(error = %e, "message cannot be encoded for this socket");
+                None
+            }
+        }
+    }
+
     /// The room ended a channel; returns whether the socket should tell the client (false
     /// when the notice is about a channel this socket already replaced or left).
     pub fn channel_down(&mut self, topic: &str, member: MemberId) -> bool {
@@ -364,4 +425,22 @@ impl Session {
 /// none and are never stale).
 fn is_stale(msg: &Message, current: &Option<String>) -> bool {
     msg.join_ref.is_some() && msg.join_ref != *current
+}
+
+/// A reply this socket's serializer cannot carry (a binary response to V1, a topic too
+/// long for a binary frame) answered with an error the client can read instead, so it
+/// does not wait for a reply that never comes.
+fn undeliverable_reply(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    why: &protocol::ProtocolError,
+) -> Option<Frame> {
+    let reason = match why {
+        protocol::ProtocolError::BinaryUnsupported => protocol::reason::BINARY_NEEDS_V2,
+        _ => "reply cannot be encoded for this socket",
+    };
+    let payload = protocol::reason_payload(reason);
+    protocol::encode_reply(vsn, join_ref, msg_ref, topic, Status::Error, &payload).ok()
 }
