@@ -9,20 +9,15 @@
 pub mod state;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 
 use self::state::{Diff, Dot, Replica, State};
-use crate::protocol::Payload;
+use crate::protocol::{self, Payload};
 use crate::pubsub::{Broadcast, PubSub};
 
-/// Event pushed to a channel with the whole presence of its topic.
-pub const PRESENCE_STATE: &str = "presence_state";
-/// Event broadcast to a topic with what joined and left.
-pub const PRESENCE_DIFF: &str = "presence_diff";
 
 /// Why a presence call was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -212,7 +207,7 @@ impl Tracker {
             let payload = diff_payload(&diff);
             self.pubsub.publish(Arc::new(Broadcast::new(
                 topic.clone(),
-                PRESENCE_DIFF.into(),
+                protocol::presence::DIFF.into(),
                 payload,
                 None,
             )));
@@ -415,37 +410,17 @@ pub fn phx_ref(dot: &Dot) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Appends an entry's meta with `phx_ref` (and `phx_ref_prev`) added.
-fn push_meta(out: &mut String, dot: &Dot, entry: &state::Entry) {
-    // The meta is a checked JSON object: open it and append the refs.
-    let body = entry.meta.trim();
-    let inner = body[1..body.len() - 1].trim();
-    out.push('{');
-    out.push_str(inner);
-    if !inner.is_empty() {
-        out.push(',');
-    }
-    let _ = write!(out, "\"phx_ref\":\"{}\"", phx_ref(dot));
-    if let Some(prev) = &entry.prev {
-        let _ = write!(out, ",\"phx_ref_prev\":\"{}\"", phx_ref(prev));
-    }
-    out.push('}');
-}
-
 fn push_key_metas<'a>(
     out: &mut String,
     key: &str,
     entries: impl Iterator<Item = (&'a Dot, &'a state::Entry)>,
 ) {
-    out.push_str(&serde_json::to_string(key).unwrap_or_else(|_| unreachable!("strings serialize")));
-    out.push_str(":{\"metas\":[");
-    for (i, (dot, entry)) in entries.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        push_meta(out, dot, entry);
-    }
-    out.push_str("]}");
+    let metas = entries.map(|(dot, entry)| protocol::presence::Meta {
+        meta: &entry.meta,
+        phx_ref: phx_ref(dot),
+        prev: entry.prev.as_ref().map(phx_ref),
+    });
+    protocol::presence::push_key(out, key, metas);
 }
 
 fn push_group(out: &mut String, entries: &[(Dot, state::Entry)]) {
@@ -471,12 +446,10 @@ fn push_group(out: &mut String, entries: &[(Dot, state::Entry)]) {
 
 /// The `presence_diff` payload: `{"joins": {...}, "leaves": {...}}`.
 fn diff_payload(diff: &Diff) -> Payload {
-    let mut out = String::from("{\"joins\":");
-    push_group(&mut out, &diff.joins);
-    out.push_str(",\"leaves\":");
-    push_group(&mut out, &diff.leaves);
-    out.push('}');
-    json(out)
+    json(protocol::presence::diff(
+        |out| push_group(out, &diff.joins),
+        |out| push_group(out, &diff.leaves),
+    ))
 }
 
 impl std::fmt::Debug for Tracker {

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The topic of socket-level messages (heartbeats).
 pub const PHOENIX_TOPIC: &str = "phoenix";
@@ -128,10 +127,113 @@ pub mod reason {
     pub const ROOM_BUSY: &str = "room busy";
     /// A binary reply or push to a socket whose serializer (V1) has no binary frames.
     pub const BINARY_NEEDS_V2: &str = "binary payloads need the V2 serializer";
+    /// A reply the socket's serializer cannot carry for another reason (a topic too long
+    /// for a binary frame).
+    pub const UNENCODABLE: &str = "reply cannot be encoded for this socket";
     /// Terminate reason: the client left.
     pub const LEFT: &str = "left";
     /// Terminate reason: the socket closed.
     pub const CLOSED: &str = "closed";
+    /// Terminate reason: the socket joined the topic again.
+    pub const DUPLICATE_JOIN: &str = "duplicate_join";
+}
+
+/// How the server closes a socket (RFC 6455 codes, and the reasons its close frames
+/// give); never 1000, so the official client reconnects.
+pub mod close {
+    /// The server is going away: idle timeout, or a `disconnect` broadcast on the socket id.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame could not be decoded.
+    pub const INVALID_DATA: u16 = 1007;
+    /// The client did not read fast enough, or kept sending past its rate limit.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server restarts: reconnect (to another node).
+    pub const RESTART: u16 = 1012;
+
+    /// Reason of a close on shutdown.
+    pub const SERVER_RESTART: &str = "server restart";
+    /// Reason of a close for a `disconnect` broadcast on the socket's id.
+    pub const DISCONNECTED: &str = "disconnected";
+    /// Reason of a close for a socket that sent nothing for the idle timeout.
+    pub const IDLE_TIMEOUT: &str = "idle timeout";
+    /// Reason of a close for a socket that kept sending past its rate limit.
+    pub const RATE_LIMIT: &str = "rate limit exceeded";
+    /// Reason of a close for a socket that does not read.
+    pub const TOO_SLOW: &str = "outbound queue full: client too slow";
+    /// Reason of a close for a text frame that is not UTF-8.
+    pub const NOT_UTF8: &str = "text frame is not UTF-8";
+}
+
+/// Phoenix Presence on the wire: the events, and the shapes of their payloads
+/// (`presence_state` `{key: {"metas": [meta, ...]}}`, `presence_diff` `{"joins": {...},
+/// "leaves": {...}}`), each meta carrying its `phx_ref` (and, for an update, `phx_ref_prev`).
+pub mod presence {
+    use super::push_json_str;
+
+    /// Event pushed to a channel with the whole presence of its topic.
+    pub const STATE: &str = "presence_state";
+    /// Event broadcast to a topic with what joined and left.
+    pub const DIFF: &str = "presence_diff";
+
+    /// One meta of an entry.
+    pub struct Meta<'a> {
+        /// The meta as tracked: a JSON object (checked), without the refs.
+        pub meta: &'a str,
+        /// The entry's `phx_ref`.
+        pub phx_ref: String,
+        /// The `phx_ref` of the entry this one replaced (an update).
+        pub prev: Option<String>,
+    }
+
+    /// Appends `"<key>":{"metas":[...]}`.
+    pub fn push_key<'a>(out: &mut String, key: &str, metas: impl Iterator<Item = Meta<'a>>) {
+        push_json_str(out, key);
+        out.push_str(":{\"metas\":[");
+        for (i, meta) in metas.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_meta(out, &meta);
+        }
+        out.push_str("]}");
+    }
+
+    /// Appends a meta object with its refs added.
+    fn push_meta(out: &mut String, meta: &Meta<'_>) {
+        // The meta is a checked JSON object: open it and append the refs.
+        let body = meta.meta.trim();
+        let inner = body
+            .strip_prefix('{')
+            .and_then(|b| b.strip_suffix('}'))
+            .unwrap_or_default()
+            .trim();
+        out.push('{');
+        out.push_str(inner);
+        if !inner.is_empty() {
+            out.push(',');
+        }
+        out.push_str("\"phx_ref\":");
+        push_json_str(out, &meta.phx_ref);
+        if let Some(prev) = &meta.prev {
+            out.push_str(",\"phx_ref_prev\":");
+            push_json_str(out, prev);
+        }
+        out.push('}');
+    }
+
+    /// The `presence_diff` payload text; `joins` and `leaves` append their key objects.
+    pub fn diff(joins: impl FnOnce(&mut String), leaves: impl FnOnce(&mut String)) -> String {
+        let mut out = String::from("{\"joins\":");
+        joins(&mut out);
+        out.push_str(",\"leaves\":");
+        leaves(&mut out);
+        out.push('}');
+        out
+    }
 }
 
 /// Serializer version chosen by the `vsn` connect parameter.
@@ -299,12 +401,45 @@ impl Status {
     }
 }
 
+/// The body of a text frame: UTF-8 by construction (it is made from a `String`), shared by
+/// reference count, so a frame shared by many sockets is never checked again on its way out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// The text's bytes (UTF-8), as the socket writes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Made from a `String` only: the check never fails.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Self {
+        Text(Bytes::from(text))
+    }
+}
+
 /// An encoded frame, ready for the socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// A text frame: UTF-8 by construction, so a frame shared by many sockets is never
-    /// checked again on its way out.
-    Text(Utf8Bytes),
+    /// A text frame.
+    Text(Text),
     /// A binary frame.
     Binary(Bytes),
 }
@@ -601,7 +736,7 @@ fn encode_v2_text(out: &Out<'_>) -> Frame {
     buf.push(',');
     push_json_body(&mut buf, &out.body);
     buf.push(']');
-    Frame::Text(Utf8Bytes::from(buf))
+    Frame::Text(Text::from(buf))
 }
 
 fn encode_v1_text(out: &Out<'_>) -> Frame {
@@ -616,7 +751,7 @@ fn encode_v1_text(out: &Out<'_>) -> Frame {
     buf.push_str(",\"ref\":");
     push_opt_str(&mut buf, out.msg_ref);
     buf.push('}');
-    Frame::Text(Utf8Bytes::from(buf))
+    Frame::Text(Text::from(buf))
 }
 
 fn field_len(s: &str, field: &'static str) -> Result<u8, ProtocolError> {
@@ -771,7 +906,7 @@ mod tests {
 
     fn text(frame: Frame) -> String {
         match frame {
-            Frame::Text(t) => t.to_string(),
+            Frame::Text(t) => t.as_str().to_owned(),
             Frame::Binary(_) => panic!("expected a text frame"),
         }
     }

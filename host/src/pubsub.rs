@@ -288,8 +288,8 @@ mod tests {
             panic!("text")
         };
         assert_eq!(
-            bytes.as_ptr(),
-            first_bytes.as_ptr(),
+            bytes.as_bytes().as_ptr(),
+            first_bytes.as_bytes().as_ptr(),
             "the same buffer is shared"
         );
         assert_ne!(b.frame(Vsn::V1), b.frame(Vsn::V2));

@@ -33,25 +33,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf
 
 use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
 use crate::limit::Bucket;
-use crate::protocol::{self, Frame, Vsn};
+use crate::protocol::{self, Frame, Vsn, close};
 use crate::server::{AppState, Slot};
 use crate::stats::Stats;
-
-/// Close codes Cinder uses (RFC 6455); never 1000, so the JS client reconnects.
-pub mod close_code {
-    /// The server is going away: idle timeout, or a `disconnect` broadcast on the socket id.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The client broke the WebSocket protocol.
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A frame could not be decoded.
-    pub const INVALID_DATA: u16 = 1007;
-    /// The client did not read fast enough: its outbound queue is full.
-    pub const POLICY: u16 = 1008;
-    /// A frame over the size limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// The server restarts: reconnect (to another node).
-    pub const RESTART: u16 = 1012;
-}
 
 /// An upgraded connection.
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -248,7 +232,7 @@ impl Outgoing {
     /// Appends one frame (a server's frames are not masked: the same bytes for everyone).
     fn put(&mut self, frame: &Frame) {
         let (data, payload) = match frame {
-            Frame::Text(text) => (Data::Text, text.as_str().as_bytes()),
+            Frame::Text(text) => (Data::Text, text.as_bytes()),
             Frame::Binary(bytes) => (Data::Binary, &bytes[..]),
         };
         let header = FrameHeader {
@@ -325,7 +309,7 @@ fn too_slow(app: &AppState) -> End {
         limit = app.hub.limits().outbound_queue_bytes,
         "slow client disconnected: outbound queue full"
     );
-    End::close(close_code::POLICY, "outbound queue full: client too slow")
+    End::close(close::POLICY, close::TOO_SLOW)
 }
 
 /// How a socket's loop ended.
@@ -354,15 +338,15 @@ fn read_failure(e: WsError, app: &AppState) -> End {
         WsError::Capacity(_) => {
             Stats::bump(&app.hub.stats().oversized_frames);
             close(
-                close_code::TOO_BIG,
+                close::TOO_BIG,
                 &format!("frame over {} bytes", limits.max_frame_bytes),
             )
         }
         WsError::Utf8(_) => {
             Stats::bump(&app.hub.stats().malformed_frames);
-            close(close_code::INVALID_DATA, "text frame is not UTF-8")
+            close(close::INVALID_DATA, close::NOT_UTF8)
         }
-        WsError::Protocol(p) => close(close_code::PROTOCOL_ERROR, &p.to_string()),
+        WsError::Protocol(p) => close(close::PROTOCOL_ERROR, &p.to_string()),
         other => {
             tracing::debug!(error = %other, "websocket read failed");
             None
@@ -440,7 +424,7 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
     let stats = app.hub.stats().clone();
     let end = loop {
         if shutdown.has_changed().unwrap_or(true) {
-            break End::close(close_code::RESTART, "server restart");
+            break End::close(close::RESTART, close::SERVER_RESTART);
         }
         if overflow.happened() {
             break too_slow(&app);
@@ -454,11 +438,11 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
                     biased;
                     written = write_batch(&mut ws, &mut outgoing, &mut session, &mut rx) => written,
                     () = &mut overflowed => break too_slow(&app),
-                    () = &mut stop => break End::close(close_code::RESTART, "server restart"),
+                    () = &mut stop => break End::close(close::RESTART, close::SERVER_RESTART),
                 };
                 match written {
                     Ok(false) => {}
-                    Ok(true) => break End::close(close_code::GOING_AWAY, "disconnected"),
+                    Ok(true) => break End::close(close::GOING_AWAY, close::DISCONNECTED),
                     Err(_) => break End::Gone,
                 }
             }
@@ -479,22 +463,22 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
                     Ok(msg) => {
                         Stats::bump(&stats.rate_limited);
                         if rate.exhausted() {
-                            break End::close(close_code::POLICY, "rate limit exceeded");
+                            break End::close(close::POLICY, close::RATE_LIMIT);
                         }
                         session.refuse(&msg, protocol::reason::RATE_LIMITED);
                     }
                     Err(e) => {
                         Stats::bump(&stats.malformed_frames);
                         tracing::debug!(error = %e, "malformed frame: closing socket");
-                        break End::close(close_code::INVALID_DATA, &e.to_string());
+                        break End::close(close::INVALID_DATA, &e.to_string());
                     }
                 }
             }
             () = &mut overflowed => break too_slow(&app),
-            () = &mut stop => break End::close(close_code::RESTART, "server restart"),
+            () = &mut stop => break End::close(close::RESTART, close::SERVER_RESTART),
             () = &mut idle => {
                 Stats::bump(&stats.idle_timeouts);
-                break End::close(close_code::GOING_AWAY, "idle timeout");
+                break End::close(close::GOING_AWAY, close::IDLE_TIMEOUT);
             }
         }
     };
@@ -585,7 +569,7 @@ mod tests {
         let sizes = [0, 125, 126, 65_535, 65_536];
         let mut out = Outgoing::default();
         for n in sizes {
-            out.put(&Frame::Text(Utf8Bytes::from("x".repeat(n))));
+            out.put(&Frame::Text("x".repeat(n).into()));
             out.put(&Frame::Binary(vec![7; n].into()));
         }
         let mut client =

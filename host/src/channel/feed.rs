@@ -308,7 +308,7 @@ mod tests {
                 let Frame::Text(text) = frame else {
                     panic!("a text frame")
                 };
-                crate::protocol::decode_text(Vsn::V2, &text)
+                crate::protocol::decode_text(Vsn::V2, text.as_str())
                     .expect("a message")
                     .event
             })

@@ -77,8 +77,6 @@ pub struct Session {
     channels: HashMap<Arc<str>, Joined>,
 }
 
-/// Terminate reason for a channel replaced by a duplicate join.
-const DUPLICATE_JOIN: &str = "duplicate_join";
 /// How often a join is retried when it meets a room that is closing.
 const JOIN_RETRIES: usize = 3;
 
@@ -184,7 +182,7 @@ impl Session {
     async fn join(&mut self, msg: Message, topic: Arc<str>) {
         let replaced = self.channels.remove(&topic);
         if let Some(old) = &replaced {
-            old.leave(DUPLICATE_JOIN).await;
+            old.leave(reason::DUPLICATE_JOIN).await;
         } else if self.channels.len() >= self.hub.limits().max_channels_per_socket {
             Stats::bump(&self.hub.stats().channels_refused);
             return self.reply(
@@ -439,7 +437,7 @@ fn undeliverable_reply(
 ) -> Option<Frame> {
     let reason = match why {
         protocol::ProtocolError::BinaryUnsupported => protocol::reason::BINARY_NEEDS_V2,
-        _ => "reply cannot be encoded for this socket",
+        _ => protocol::reason::UNENCODABLE,
     };
     let payload = protocol::reason_payload(reason);
     protocol::encode_reply(vsn, join_ref, msg_ref, topic, Status::Error, &payload).ok()

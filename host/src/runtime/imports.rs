@@ -22,8 +22,8 @@ use super::instance::InstanceData;
 use super::manifest::{check_event, pattern_matches, truncated};
 use super::output;
 use crate::channel::Effect;
-use crate::presence::{PRESENCE_STATE, PresenceError};
-use crate::protocol::Payload;
+use crate::presence::PresenceError;
+use crate::protocol::{self, Payload};
 use crate::stats::Stats;
 
 /// The host interface's name in the world.
@@ -418,7 +418,7 @@ impl InstanceData {
         self.commit(Ask::Track, 0);
         let state = self.presence.list(&self.topic);
         self.effects.push(Effect::Push {
-            event: PRESENCE_STATE.into(),
+            event: protocol::presence::STATE.into(),
             payload: state,
         });
         Ok(())
