@@ -9,10 +9,12 @@
 //!
 //! - `feed`: a room's fastlane broadcasts, read by each member at its own cursor.
 //! - `outbound`: the socket's queue, bounded in bytes, and the order shared with feeds.
-//! - `room`: the hub of live rooms and the room actor.
+//! - `hub`: the live rooms of the node, started on first join, moved on hot reload.
+//! - `room`: the room actor, one per live topic, and what the rooms of a node share.
 //! - `session`: one socket's channels.
 
 mod feed;
+mod hub;
 mod outbound;
 mod room;
 mod session;
@@ -29,7 +31,8 @@ use crate::protocol::{Payload, Status};
 use crate::pubsub::SubscriberId;
 
 pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
-pub use room::{Hub, ROOM_WAIT, SwapResult};
+pub use hub::Hub;
+pub use room::{ROOM_WAIT, SwapResult};
 pub use session::{Next, Session};
 
 /// A boxed future, so the room can hold any [`RoomLogic`] as a trait object.

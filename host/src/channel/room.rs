@@ -1,7 +1,8 @@
-//! The live rooms of a node (the hub) and the room actor: one task per live topic that owns
-//! the topic's plugin instance, serialises every call into it, applies what the calls
-//! asked for (pushes, broadcasts, timers) to its members, and swaps the instance for
-//! another plugin version between two messages (hot reload).
+//! The room actor: one task per live topic that owns the topic's plugin instance,
+//! serialises every call into it, applies what the calls asked for (pushes, broadcasts,
+//! timers) to its members, and swaps the instance for another plugin version between two
+//! messages (hot reload). Also what every room of the node shares ([`Node`]: the directory
+//! of live rooms, PubSub, presence, limits, counters).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use super::feed::{Cursor, Feed};
 use super::outbound::{Outbound, OutboundTx, Slowness};
 use super::{
     CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
-    JoinOutcome, MemberId, RoomLogic, Route, Router,
+    JoinOutcome, MemberId, RoomLogic, Route,
 };
 use crate::config::Limits;
 use crate::limit::Bucket;
@@ -55,23 +56,11 @@ impl Subscriber for RoomSink {
     }
 }
 
-/// The live rooms of this node and what they need: routing, PubSub, limits.
-pub struct Hub {
-    rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
-    router: Arc<dyn Router>,
-    pubsub: Arc<dyn PubSub>,
-    presence: Arc<Tracker>,
-    limits: Limits,
-    stats: Arc<Stats>,
-    /// How often the hub may warn about the node's own limits (the room cap).
-    warnings: crate::limit::Warnings,
-    next_id: AtomicU64,
-}
 
 #[derive(Clone)]
 pub(super) struct RoomHandle {
     id: u64,
-    plugin: Arc<str>,
+    pub(super) plugin: Arc<str>,
     pub(super) tx: mpsc::Sender<RoomMsg>,
 }
 
@@ -137,178 +126,91 @@ pub(super) enum JoinResult {
     Retry,
 }
 
-impl Hub {
-    /// A hub with no rooms yet.
-    pub fn new(
-        router: Arc<dyn Router>,
+/// What every room of the node shares: the directory of live rooms (which the hub keeps
+/// and a room leaves when it ends), PubSub, presence, limits, counters and ids.
+pub(super) struct Node {
+    rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
+    pub(super) pubsub: Arc<dyn PubSub>,
+    pub(super) presence: Arc<Tracker>,
+    pub(super) limits: Limits,
+    pub(super) stats: Arc<Stats>,
+    next_id: AtomicU64,
+}
+
+impl Node {
+    /// A node with no rooms yet.
+    pub(super) fn new(
         pubsub: Arc<dyn PubSub>,
         presence: Arc<Tracker>,
         limits: Limits,
         stats: Arc<Stats>,
-    ) -> Arc<Self> {
-        Arc::new(Hub {
+    ) -> Self {
+        Node {
             rooms: Mutex::default(),
-            router,
             pubsub,
             presence,
             limits,
-            warnings: crate::limit::Warnings::new(stats.clone()),
             stats,
             next_id: AtomicU64::new(1),
-        })
-    }
-
-    /// The event counters.
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
-    }
-
-    /// The PubSub rooms publish through.
-    pub fn pubsub(&self) -> &Arc<dyn PubSub> {
-        &self.pubsub
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// Number of live rooms.
-    pub fn room_count(&self) -> usize {
-        self.lock_rooms().len()
-    }
-
-    /// Number of live rooms of `plugin`.
-    pub fn live_rooms(&self, plugin: &str) -> usize {
-        self.lock_rooms()
-            .values()
-            .filter(|r| &*r.plugin == plugin)
-            .count()
-    }
-
-    /// Asks every live room of `route`'s plugin to move to `route`'s version at its next
-    /// message boundary (behind the messages already queued, which the old version
-    /// handles). Each room's new instance is made here first, so the room itself only
-    /// pauses for snapshot, restore and the swap; at most `SWAPS_IN_FLIGHT` spare
-    /// instances exist at once. Returns each room's topic and how its swap went; a room
-    /// that closes before its turn has nothing to report.
-    pub async fn upgrade(&self, route: &Route) -> Vec<(Arc<str>, SwapResult)> {
-        let rooms: Vec<(Arc<str>, RoomHandle)> = self
-            .lock_rooms()
-            .iter()
-            .filter(|(_, r)| r.plugin == route.plugin)
-            .map(|(topic, r)| (topic.clone(), r.clone()))
-            .collect();
-        let mut pending = VecDeque::new();
-        let mut results = Vec::with_capacity(rooms.len());
-        for (topic, room) in rooms {
-            if pending.len() >= SWAPS_IN_FLIGHT {
-                collect_swap(&mut pending, &mut results).await;
-            }
-            let next = route.factory.instantiate(&topic).await;
-            let (done, result) = oneshot::channel();
-            let msg = RoomMsg::Upgrade {
-                route: route.clone(),
-                next: next.map_err(|e| e.detail),
-                done,
-            };
-            // A room whose mailbox stays full is busy: it is reported, not waited for.
-            match tokio::time::timeout(ROOM_WAIT, room.tx.send(msg)).await {
-                Ok(Ok(())) => pending.push_back((topic, Instant::now() + ROOM_WAIT, result)),
-                Ok(Err(_)) => {}
-                Err(_) => {
-                    Stats::bump(&self.stats.room_busy);
-                    results.push((
-                        topic,
-                        SwapResult::Stayed("room busy: its mailbox stayed full".into()),
-                    ));
-                }
-            }
         }
-        while !pending.is_empty() {
-            collect_swap(&mut pending, &mut results).await;
-        }
-        results
     }
 
+    /// A number unique on this node (channels, subscriptions, rooms).
     pub(super) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn lock_rooms(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, RoomHandle>> {
+    /// The directory of live rooms.
+    pub(super) fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, RoomHandle>> {
         // A std lock: held for a map lookup or insert, never across an await.
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The room of `topic`, started if needed. `Err` when no plugin serves the topic or the
-    /// node is at its room cap.
-    pub(super) fn room(self: &Arc<Self>, topic: &Arc<str>) -> Result<RoomHandle, &'static str> {
-        let mut rooms = self.lock_rooms();
-        if let Some(room) = rooms.get(topic) {
-            return Ok(room.clone());
-        }
-        let route = self.router.route(topic).ok_or(reason::UNMATCHED_TOPIC)?;
-        if rooms.len() >= self.limits.max_rooms as usize {
-            Stats::bump(&self.stats.rooms_refused);
-            if self.warnings.allow() {
-                tracing::warn!(%topic, max_rooms = self.limits.max_rooms, "room cap reached: join refused");
-            }
-            return Err(reason::AT_CAPACITY);
-        }
-        let (tx, rx) = mpsc::channel(self.limits.room_mailbox);
-        let handle = RoomHandle {
-            id: self.next_id(),
-            plugin: route.plugin.clone(),
-            tx,
-        };
-        rooms.insert(topic.clone(), handle.clone());
-        let room = Room {
-            id: handle.id,
-            topic: topic.clone(),
-            hub: self.clone(),
-            route,
-            tx: handle.tx.downgrade(),
-            members: HashMap::new(),
-            pending_out: VecDeque::new(),
-            timers: JoinSet::new(),
-            deferred: VecDeque::new(),
-            resume_armed: false,
-            timer_time: Bucket::new(
-                self.limits.timer_cpu_ms_per_sec as f64,
-                self.limits.timer_cpu_ms_per_sec as f64,
-            ),
-            cascade: CallBudget::full(&self.limits, 0),
-            feed: Feed::new(Slowness::from_limits(&self.limits)),
-            room_sink: None,
-        };
-        tokio::spawn(room.run(rx));
-        Ok(handle)
-    }
-
     fn remove_room(&self, topic: &str, id: u64) {
-        let mut rooms = self.lock_rooms();
+        let mut rooms = self.rooms();
         if rooms.get(topic).is_some_and(|r| r.id == id) {
             rooms.remove(topic);
         }
     }
 }
 
-/// Rooms swapping at once during an activation: bounds the spare instances (the pooling
-/// allocator keeps headroom for them).
-const SWAPS_IN_FLIGHT: usize = 8;
-
-type PendingSwaps = VecDeque<(Arc<str>, Instant, oneshot::Receiver<SwapResult>)>;
-
-/// Waits for the oldest pending swap, until its deadline: past it, the room is reported as
-/// pending (it swaps once it gets to the message).
-async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, SwapResult)>) {
-    if let Some((topic, deadline, result)) = pending.pop_front() {
-        match tokio::time::timeout_at(deadline.into(), result).await {
-            Ok(Ok(result)) => results.push((topic, result)),
-            Ok(Err(_)) => {}
-            Err(_) => results.push((topic, SwapResult::Pending)),
-        }
-    }
+/// Starts the room of `topic`, served by `route`, and lists it in `rooms` (the directory,
+/// locked by the caller, who checked the topic has no room).
+pub(super) fn start(
+    node: &Arc<Node>,
+    rooms: &mut HashMap<Arc<str>, RoomHandle>,
+    topic: &Arc<str>,
+    route: Route,
+) -> RoomHandle {
+    let limits = &node.limits;
+    let (tx, rx) = mpsc::channel(limits.room_mailbox);
+    let handle = RoomHandle {
+        id: node.next_id(),
+        plugin: route.plugin.clone(),
+        tx,
+    };
+    rooms.insert(topic.clone(), handle.clone());
+    let room = Room {
+        id: handle.id,
+        topic: topic.clone(),
+        node: node.clone(),
+        route,
+        tx: handle.tx.downgrade(),
+        members: HashMap::new(),
+        pending_out: VecDeque::new(),
+        timers: JoinSet::new(),
+        deferred: VecDeque::new(),
+        resume_armed: false,
+        timer_time: Bucket::new(
+            limits.timer_cpu_ms_per_sec as f64,
+            limits.timer_cpu_ms_per_sec as f64,
+        ),
+        cascade: CallBudget::full(limits, 0),
+        feed: Feed::new(Slowness::from_limits(limits)),
+        room_sink: None,
+    };
+    tokio::spawn(room.run(rx));
+    handle
 }
 
 struct Member {
@@ -319,7 +221,7 @@ struct Member {
 struct Room {
     id: u64,
     topic: Arc<str>,
-    hub: Arc<Hub>,
+    node: Arc<Node>,
     route: Route,
     tx: mpsc::WeakSender<RoomMsg>,
     members: HashMap<MemberId, Member>,
@@ -368,7 +270,7 @@ impl Room {
                 if self.route.warnings.allow() {
                     tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e.detail, "plugin instantiation failed");
                 }
-                self.hub.remove_room(&self.topic, self.id);
+                self.node.remove_room(&self.topic, self.id);
                 rx.close();
                 while let Some(msg) = rx.recv().await {
                     if let RoomMsg::Join { done, .. } = msg {
@@ -383,7 +285,7 @@ impl Room {
             // Everything this message causes, its call and the handle_out rounds its
             // broadcasts start, broadcasts at most one call's worth: a handle_out that
             // broadcasts what it intercepts cannot loop.
-            self.cascade = CallBudget::full(&self.hub.limits, 0);
+            self.cascade = CallBudget::full(&self.node.limits, 0);
             let mut flow = self.handle(&mut logic, msg).await;
             while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
                 flow = self.handle_out(&mut *logic, &b).await;
@@ -417,9 +319,9 @@ impl Room {
             }
         }
         if let Some(id) = self.room_sink.take() {
-            self.hub.pubsub.unsubscribe(&self.topic, id);
+            self.node.pubsub.unsubscribe(&self.topic, id);
         }
-        self.hub.remove_room(&self.topic, self.id);
+        self.node.remove_room(&self.topic, self.id);
         rx.close();
         while let Some(msg) = rx.recv().await {
             if let RoomMsg::Join { done, .. } = msg {
@@ -443,8 +345,8 @@ impl Room {
     /// Subscribes the room to its topic.
     fn subscribe(&mut self) {
         if let Some(sink) = self.sink() {
-            let id = self.hub.next_id();
-            self.hub.pubsub.subscribe(&self.topic, id, sink);
+            let id = self.node.next_id();
+            self.node.pubsub.subscribe(&self.topic, id, sink);
             self.room_sink = Some(id);
         }
     }
@@ -465,7 +367,7 @@ impl Room {
             return (SwapResult::Moved(Duration::ZERO), Flow::Continue);
         }
         let failed = |room: &Self, why: String| {
-            Stats::bump(&room.hub.stats.room_swap_failures);
+            Stats::bump(&room.node.stats.room_swap_failures);
             tracing::error!(plugin = %route.plugin, topic = %room.topic, from = %from, to = %route.version, error = %why, "room stays on its version: swap failed");
             SwapResult::Stayed(why)
         };
@@ -497,9 +399,9 @@ impl Room {
         self.route = route;
         if intercepts_changed && let (Some(id), Some(sink)) = (self.room_sink, self.sink()) {
             // In one step: no broadcast is missed or seen twice in between.
-            self.hub.pubsub.resubscribe(&self.topic, vec![(id, sink)]);
+            self.node.pubsub.resubscribe(&self.topic, vec![(id, sink)]);
         }
-        Stats::bump(&self.hub.stats.room_swaps);
+        Stats::bump(&self.node.stats.room_swaps);
         let pause = started.elapsed();
         tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
         (SwapResult::Moved(pause), Flow::Continue)
@@ -509,7 +411,7 @@ impl Room {
     /// message being handled, and the timers the room may still arm.
     fn prepare(&self, logic: &mut dyn RoomLogic) {
         let pending = self.timers.len() + self.deferred.len();
-        let timers = (self.hub.limits.max_timers_per_channel * self.members.len().max(1))
+        let timers = (self.node.limits.max_timers_per_channel * self.members.len().max(1))
             .saturating_sub(pending);
         logic.budget(CallBudget {
             timers,
@@ -543,7 +445,7 @@ impl Room {
                     .await;
                 if !matches!(result, JoinResult::Joined(_)) {
                     // A join that did not happen leaves nothing behind, presence included.
-                    self.hub.presence.untrack_owner(&self.topic, member);
+                    self.node.presence.untrack_owner(&self.topic, member);
                 }
                 if done.send(result).is_err() {
                     // The socket gave up while the plugin was joining: undone.
@@ -637,7 +539,7 @@ impl Room {
 
     /// Holds a timer back until the room's timer time refills.
     fn defer(&mut self, member: MemberId, message: Payload) {
-        Stats::bump(&self.hub.stats.timers_deferred);
+        Stats::bump(&self.node.stats.timers_deferred);
         self.deferred.push_back((member, message));
         if !self.resume_armed {
             self.arm_resume();
@@ -697,7 +599,7 @@ impl Room {
             }) => (JoinResult::Refused(reply), Flow::Continue),
             Err(e) => {
                 if let CallError::Failed(why) = &e {
-                    Stats::bump(&self.hub.stats.channel_errors);
+                    Stats::bump(&self.node.stats.channel_errors);
                     if self.route.warnings.allow() {
                         tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %why, "join failed");
                     }
@@ -756,7 +658,7 @@ impl Room {
                 }
             }
             Err(CallError::Failed(e)) => {
-                Stats::bump(&self.hub.stats.channel_errors);
+                Stats::bump(&self.node.stats.channel_errors);
                 if self.route.warnings.allow() {
                     tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
                 }
@@ -795,7 +697,7 @@ impl Room {
             Err(e) => Flow::from_error(&e).unwrap_or(Flow::Continue),
         };
         // Presence tracked by a channel that is already gone must not stay behind.
-        self.hub.presence.untrack_owner(&self.topic, member);
+        self.node.presence.untrack_owner(&self.topic, member);
         flow
     }
 
@@ -804,7 +706,7 @@ impl Room {
     /// comes before any later broadcast.
     fn detach(&mut self, member: MemberId) -> Option<Member> {
         let m = self.members.remove(&member)?;
-        self.hub.presence.untrack_owner(&self.topic, member);
+        self.node.presence.untrack_owner(&self.topic, member);
         Some(m)
     }
 
@@ -847,7 +749,7 @@ impl Room {
                     if intercepted {
                         self.pending_out.push_back(b);
                     } else {
-                        self.hub.pubsub.publish(b);
+                        self.node.pubsub.publish(b);
                     }
                 }
                 Effect::SendAfter { delay, message } => {

@@ -9,7 +9,8 @@ use tokio::sync::oneshot;
 
 use super::feed::Cursor;
 use super::outbound::{Outbound, OutboundRx, OutboundTx};
-use super::room::{Hub, JoinResult, ROOM_WAIT, RoomHandle, RoomMsg};
+use super::hub::Hub;
+use super::room::{JoinResult, ROOM_WAIT, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
 use crate::presence::Account;
 use crate::protocol::{self, Frame, Message, Payload, Status, Vsn, event, reason};

@@ -1,0 +1,160 @@
+//! The live rooms of a node: which room serves a topic (started on its first join, through
+//! the [`Router`]), and moving every room of a plugin to another version (hot reload),
+//! each within [`ROOM_WAIT`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::room::{self, Node, ROOM_WAIT, RoomHandle, RoomMsg, SwapResult};
+use super::{Route, Router};
+use crate::config::Limits;
+use crate::limit::Warnings;
+use crate::presence::Tracker;
+use crate::protocol::reason;
+use crate::pubsub::PubSub;
+use crate::stats::Stats;
+
+/// The live rooms of this node and what they need: routing, PubSub, limits.
+pub struct Hub {
+    node: Arc<Node>,
+    router: Arc<dyn Router>,
+    /// How often the hub may warn about the node's own limits (the room cap).
+    warnings: Warnings,
+}
+
+impl Hub {
+    /// A hub with no rooms yet.
+    pub fn new(
+        router: Arc<dyn Router>,
+        pubsub: Arc<dyn PubSub>,
+        presence: Arc<Tracker>,
+        limits: Limits,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
+        Arc::new(Hub {
+            warnings: Warnings::new(stats.clone()),
+            node: Arc::new(Node::new(pubsub, presence, limits, stats)),
+            router,
+        })
+    }
+
+    /// The event counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.node.stats
+    }
+
+    /// The PubSub rooms publish through.
+    pub fn pubsub(&self) -> &Arc<dyn PubSub> {
+        &self.node.pubsub
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.node.limits
+    }
+
+    /// Number of live rooms.
+    pub fn room_count(&self) -> usize {
+        self.node.rooms().len()
+    }
+
+    /// Number of live rooms of `plugin`.
+    pub fn live_rooms(&self, plugin: &str) -> usize {
+        self.node.rooms()
+            .values()
+            .filter(|r| &*r.plugin == plugin)
+            .count()
+    }
+
+    /// Asks every live room of `route`'s plugin to move to `route`'s version at its next
+    /// message boundary (behind the messages already queued, which the old version
+    /// handles). Each room's new instance is made here first, so the room itself only
+    /// pauses for snapshot, restore and the swap; at most `SWAPS_IN_FLIGHT` spare
+    /// instances exist at once. Returns each room's topic and how its swap went; a room
+    /// that closes before its turn has nothing to report.
+    pub async fn upgrade(&self, route: &Route) -> Vec<(Arc<str>, SwapResult)> {
+        let rooms: Vec<(Arc<str>, RoomHandle)> = self
+            .node
+            .rooms()
+            .iter()
+            .filter(|(_, r)| r.plugin == route.plugin)
+            .map(|(topic, r)| (topic.clone(), r.clone()))
+            .collect();
+        let mut pending = VecDeque::new();
+        let mut results = Vec::with_capacity(rooms.len());
+        for (topic, room) in rooms {
+            if pending.len() >= SWAPS_IN_FLIGHT {
+                collect_swap(&mut pending, &mut results).await;
+            }
+            let next = route.factory.instantiate(&topic).await;
+            let (done, result) = oneshot::channel();
+            let msg = RoomMsg::Upgrade {
+                route: route.clone(),
+                next: next.map_err(|e| e.detail),
+                done,
+            };
+            // A room whose mailbox stays full is busy: it is reported, not waited for.
+            match tokio::time::timeout(ROOM_WAIT, room.tx.send(msg)).await {
+                Ok(Ok(())) => pending.push_back((topic, Instant::now() + ROOM_WAIT, result)),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    Stats::bump(&self.node.stats.room_busy);
+                    results.push((
+                        topic,
+                        SwapResult::Stayed("room busy: its mailbox stayed full".into()),
+                    ));
+                }
+            }
+        }
+        while !pending.is_empty() {
+            collect_swap(&mut pending, &mut results).await;
+        }
+        results
+    }
+
+    /// A number unique on this node (channels, subscriptions).
+    pub(super) fn next_id(&self) -> u64 {
+        self.node.next_id()
+    }
+
+    /// The room of `topic`, started if needed. `Err` when no plugin serves the topic or the
+    /// node is at its room cap.
+    pub(super) fn room(self: &Arc<Self>, topic: &Arc<str>) -> Result<RoomHandle, &'static str> {
+        let mut rooms = self.node.rooms();
+        if let Some(room) = rooms.get(topic) {
+            return Ok(room.clone());
+        }
+        let route = self.router.route(topic).ok_or(reason::UNMATCHED_TOPIC)?;
+        if rooms.len() >= self.node.limits.max_rooms as usize {
+            Stats::bump(&self.node.stats.rooms_refused);
+            if self.warnings.allow() {
+                tracing::warn!(%topic, max_rooms = self.node.limits.max_rooms, "room cap reached: join refused");
+            }
+            return Err(reason::AT_CAPACITY);
+        }
+        let handle = room::start(&self.node, &mut rooms, topic, route);
+        Ok(handle)
+    }
+}
+
+/// Rooms swapping at once during an activation: bounds the spare instances (the pooling
+/// allocator keeps headroom for them).
+const SWAPS_IN_FLIGHT: usize = 8;
+
+type PendingSwaps = VecDeque<(Arc<str>, Instant, oneshot::Receiver<SwapResult>)>;
+
+/// Waits for the oldest pending swap, until its deadline: past it, the room is reported as
+/// pending (it swaps once it gets to the message).
+async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, SwapResult)>) {
+    if let Some((topic, deadline, result)) = pending.pop_front() {
+        match tokio::time::timeout_at(deadline.into(), result).await {
+            Ok(Ok(result)) => results.push((topic, result)),
+            Ok(Err(_)) => {}
+            Err(_) => results.push((topic, SwapResult::Pending)),
+        }
+    }
+}
+
