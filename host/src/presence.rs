@@ -18,7 +18,6 @@ use self::state::{Diff, Dot, Replica, State};
 use crate::protocol::{self, Payload};
 use crate::pubsub::{Broadcast, PubSub};
 
-
 /// Why a presence call was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PresenceError {

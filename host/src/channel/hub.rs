@@ -63,7 +63,8 @@ impl Hub {
 
     /// Number of live rooms of `plugin`.
     pub fn live_rooms(&self, plugin: &str) -> usize {
-        self.node.rooms()
+        self.node
+            .rooms()
             .values()
             .filter(|r| &*r.plugin == plugin)
             .count()
@@ -157,4 +158,3 @@ async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, S
         }
     }
 }
-

@@ -18,6 +18,8 @@ mod hub;
 mod outbound;
 mod room;
 mod session;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,8 +32,8 @@ use crate::presence::Account;
 use crate::protocol::{Payload, Status};
 use crate::pubsub::SubscriberId;
 
-pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
 pub use hub::Hub;
+pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
 pub use room::{ROOM_WAIT, SwapResult};
 pub use session::{Next, Session};
 

@@ -56,7 +56,6 @@ impl Subscriber for RoomSink {
     }
 }
 
-
 #[derive(Clone)]
 pub(super) struct RoomHandle {
     id: u64,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::feed::Cursor;
-use super::outbound::{Outbound, OutboundRx, OutboundTx};
 use super::hub::Hub;
+use super::outbound::{Outbound, OutboundRx, OutboundTx};
 use super::room::{JoinResult, ROOM_WAIT, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
 use crate::presence::Account;
