@@ -14,14 +14,53 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use crate::channel::Hub;
+use crate::limit::Slots;
+use crate::presence::Tracker;
 use crate::protocol::{self, Payload};
 use crate::pubsub::Broadcast;
 use crate::registry::Refusal;
-use crate::server::AppState;
+use crate::registry::Registry;
+use crate::runtime::Runtime;
+use crate::stats::Gauges;
 use crate::store::Source;
+use crate::transport::Sockets;
+
+/// What the API's handlers share.
+pub struct Admin {
+    /// The live rooms.
+    pub hub: Arc<Hub>,
+    /// The plugins.
+    pub registry: Arc<Registry>,
+    /// The runtime, for the plugin memory it holds.
+    pub runtime: Arc<Runtime>,
+    /// Presence, for the bytes it holds.
+    pub presence: Arc<Tracker>,
+    /// The sockets, for how many are open.
+    pub sockets: Arc<Sockets>,
+    /// The connection slots, for how many are taken.
+    pub connections: Arc<Slots>,
+    /// The bearer token of the API.
+    pub admin_token: String,
+    /// Where the WebSocket is mounted.
+    pub mount: String,
+}
+
+impl Admin {
+    /// What is in use now, for `/api/stats`.
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            sockets: self.sockets.live(),
+            connections: self.connections.open(),
+            rooms: self.hub.room_count(),
+            plugin_memory_bytes: self.runtime.plugin_memory(),
+            presence_bytes: self.presence.held(),
+        }
+    }
+}
 
 /// `GET /`: what this server is and where its socket is.
-pub async fn index(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+pub async fn index(State(app): State<Arc<Admin>>) -> Json<serde_json::Value> {
     Json(json!({
         "name": "cinder",
         "version": env!("CARGO_PKG_VERSION"),
@@ -44,7 +83,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A 401 unless the request carries `Authorization: Bearer <admin token>`.
-pub(crate) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refusal(app: &Admin, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -60,7 +99,7 @@ pub(crate) fn refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// `GET /api/stats`: open sockets, live rooms and the event counters.
-pub async fn stats(State(app): State<Arc<AppState>>) -> Response {
+pub async fn stats(State(app): State<Arc<Admin>>) -> Response {
     Json(app.hub.stats().snapshot(app.gauges())).into_response()
 }
 
@@ -73,7 +112,7 @@ struct BroadcastBody {
 }
 
 /// `POST /api/broadcast` with `{"topic","event","payload"}`: deliver to every subscriber.
-pub async fn broadcast(State(app): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn broadcast(State(app): State<Arc<Admin>>, body: Bytes) -> Response {
     let body: BroadcastBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
@@ -157,7 +196,7 @@ pub struct UploadQuery {
 /// the plugin's live rooms to the new version. 201 when stored, 200 when that exact
 /// version was already stored.
 pub async fn upload(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<Admin>>,
     Query(query): Query<UploadQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
@@ -216,7 +255,7 @@ pub async fn upload(
     }
 }
 
-fn multipart_error(app: &AppState, e: &axum::extract::multipart::MultipartError) -> Response {
+fn multipart_error(app: &Admin, e: &axum::extract::multipart::MultipartError) -> Response {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         let max = app.hub.limits().max_upload_bytes;
@@ -232,7 +271,7 @@ fn multipart_error(app: &AppState, e: &axum::extract::multipart::MultipartError)
 }
 
 /// `GET /api/plugins`: every plugin with its versions, active version and live rooms.
-pub async fn list_plugins(State(app): State<Arc<AppState>>) -> Response {
+pub async fn list_plugins(State(app): State<Arc<Admin>>) -> Response {
     answer(app.registry.list(&app.hub))
 }
 
@@ -255,7 +294,7 @@ fn version_body(body: &[u8]) -> Result<Option<String>, String> {
 /// `POST /api/plugins/{name}/activate` with `{"version"}`: make that version active and
 /// move the live rooms to it; the answer says how each room's swap went.
 pub async fn activate(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<Admin>>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -272,7 +311,7 @@ pub async fn activate(
 /// `POST /api/plugins/{name}/rollback`, optionally with `{"version"}`: go back to that
 /// version, or to the one active before the current.
 pub async fn rollback(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<Admin>>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -289,7 +328,7 @@ pub async fn rollback(
 
 /// `DELETE /api/plugins/{name}`: remove a plugin with every version (refused while it has
 /// live rooms).
-pub async fn delete_plugin(State(app): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+pub async fn delete_plugin(State(app): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
     match app.registry.delete_plugin(&app.hub, &name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refused(e),
@@ -299,7 +338,7 @@ pub async fn delete_plugin(State(app): State<Arc<AppState>>, Path(name): Path<St
 /// `DELETE /api/plugins/{name}/versions/{version}`: remove a stored version (never the
 /// active one).
 pub async fn delete_version(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<Admin>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     match app.registry.delete_version(&name, &version).await {

@@ -2,24 +2,25 @@
 //! channel logic in sandboxed WebAssembly components.
 //!
 //! # Layout
-//! - [`protocol`]: Phoenix frames in and out (V1 JSON, V2 JSON, V2 binary). Pure.
-//! - [`auth`]: connect tokens (JWT HS256).
-//! - [`transport`]: the WebSocket endpoint and one task per socket.
-//! - [`channel`]: the per-socket session and the room actor (one plugin instance per topic).
-//! - [`pubsub`]: topic fan-out, encoded once per serializer.
-//! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes).
-//! - [`runtime`]: wasmtime, the `cinder:channel` world, the manifest, compiling and checking.
+//! Bottom up: each module imports only modules listed before it (docs/design.md).
+//! - [`protocol`]: Phoenix frames in and out (V1 JSON, V2 JSON, V2 binary), every protocol string. Pure.
+//! - [`stats`]: the counters of every limit hit, and the gauges.
+//! - [`limit`]: token buckets, the host's warnings about a plugin, the connection slots.
+//! - [`config`]: every setting and its default, the TOML file, validation, generated secrets.
+//! - [`logging`]: the log subscriber; records that plugins and clients cannot forge.
+//! - [`auth`]: connect tokens (JWT HS256): verification, minting, the identity a token gives.
+//! - [`pubsub`]: topic fan-out, encoded once per serializer; socket ids apart.
+//! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes), its budgets.
+//! - [`store`]: the durable plugin store and artifact cache in the data dir.
+//! - [`channel`]: the per-socket session, the hub of live rooms and the room actor.
+//! - [`runtime`]: wasmtime: engine, manifest, plugin, instance, host imports, limits.
 //! - [`registry`]: plugins and their versions: upload, activate (hot reload), roll back,
 //!   delete, routing, the plugins dir and the watched dir.
-//! - [`store`]: the durable plugin store and artifact cache in the data dir.
-//! - [`api`]: the HTTP API (server push, plugin administration).
+//! - [`transport`]: the WebSocket endpoint and one task per socket.
+//! - [`api`]: the HTTP API (server push, stats, plugin administration).
+//! - [`server`]: building the node, the router, the accept loop (connection cap, timeouts).
 //! - [`client`]: `cinder plugin ...`, the admin API from the command line.
 //! - [`cli`]: the command line: subcommands, flags, environment, into a [`config::Config`].
-//! - [`config`]: defaults, file, environment and flags; every limit.
-//! - [`server`]: what the handlers share, the router, and the accept loop (connection
-//!   cap, header and body timeouts, the admin token before any body).
-//! - [`limit`]: token buckets, and the rate of the host's warnings about a plugin.
-//! - [`logging`]: the log subscriber; records that plugins and clients cannot forge.
 //!
 //! The binary only parses arguments and calls [`serve`], so tests start a server on port 0
 //! in-process.

@@ -1,9 +1,12 @@
-//! Rates: a token bucket (a socket's messages, a room's timer time), the same shared
-//! between threads (a plugin's log lines), and the rate at which the host writes warnings
-//! about one plugin, so that nothing a plugin does can flood the log. No I/O here.
+//! Rates and caps: a token bucket (a socket's messages, a room's timer time), the same
+//! shared between threads (a plugin's log lines), the rate at which the host writes
+//! warnings about one plugin, so that nothing a plugin does can flood the log, and the
+//! node's connection slots. No I/O here.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::stats::Stats;
 
@@ -112,6 +115,47 @@ impl Warnings {
             Stats::bump(&self.stats.plugin_warnings_dropped);
         }
         allowed
+    }
+}
+
+/// The node's connection slots (`max_connections`): one per open connection, held by its
+/// HTTP task and, once it is upgraded, by its WebSocket.
+pub struct Slots {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+/// One connection's slot, free again once every holder dropped it: held, not read.
+#[derive(Clone)]
+pub struct Slot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Slots {
+    /// `max` slots, all free.
+    pub fn new(max: usize) -> Self {
+        Slots {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A free slot, if there is one.
+    pub fn take(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _permit: Arc::new(permit),
+        })
+    }
+
+    /// Slots taken now.
+    pub fn open(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    /// How many there are.
+    pub fn max(&self) -> usize {
+        self.max
     }
 }
 

@@ -1,5 +1,5 @@
-//! The server: what every request handler shares ([`AppState`]), the router, and the
-//! accept loop that guards the door. Before a request reaches a handler, its connection
+//! The server: it builds the node (runtime, registry, hub, sockets, API), routes requests,
+//! and runs the accept loop that guards the door. Before a request reaches a handler, its connection
 //! holds one of `max_connections` slots (past it: a 503 at once), its headers arrive within
 //! `http_header_timeout_secs` (an idle keep-alive connection waits no longer for its next
 //! request), an API request shows the admin token before its body is read, and the body
@@ -9,7 +9,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,14 +23,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt as _;
 
+use crate::api::{self, Admin};
 use crate::channel::Hub;
 use crate::config::{Config, Limits, Secrets};
+use crate::limit::Slots;
 use crate::pubsub::LocalPubSub;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
-use crate::stats::{Gauges, Stats};
+use crate::stats::Stats;
 use crate::store::{PluginStore, Source};
-use crate::{api, auth, presence, protocol, transport};
+use crate::transport::{self, Sockets};
+use crate::{auth, presence, protocol};
 
 /// How long shutdown waits for sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -48,56 +50,11 @@ const ACCEPT_ERROR_EVERY: Duration = Duration::from_secs(60);
 /// How long accepting pauses after an error other than a dropped connection.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// What every request handler shares.
-pub struct AppState {
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) verifier: auth::Verifier,
-    pub(crate) admin_token: String,
-    pub(crate) mount: String,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) runtime: Arc<Runtime>,
-    pub(crate) presence: Arc<presence::Tracker>,
-    pub(crate) shutdown: watch::Sender<bool>,
-    pub(crate) live_sockets: AtomicUsize,
-    connections: Connections,
-}
-
-impl AppState {
-    /// The counters and gauges `/api/stats` answers with.
-    pub(crate) fn gauges(&self) -> Gauges {
-        Gauges {
-            sockets: self.live_sockets.load(Ordering::Relaxed),
-            connections: self.connections.open(),
-            rooms: self.hub.room_count(),
-            plugin_memory_bytes: self.runtime.plugin_memory(),
-            presence_bytes: self.presence.held(),
-        }
-    }
-
-    /// The event counters.
-    pub(crate) fn stats(&self) -> &Arc<Stats> {
-        self.hub.stats()
-    }
-}
-
-/// The connection slots: one per open connection, held by its HTTP task and, once it is
-/// upgraded, by its WebSocket.
-struct Connections {
-    slots: Arc<Semaphore>,
-    max: usize,
-}
-
-impl Connections {
-    fn open(&self) -> usize {
-        self.max - self.slots.available_permits()
-    }
-}
-
-/// A connection's slot, which its WebSocket takes over after the upgrade: held, not read;
-/// the slot is free again once every holder dropped it.
-#[derive(Clone)]
-pub struct Slot {
-    _permit: Arc<OwnedSemaphorePermit>,
+/// What the accept loop needs: the connection slots, the counters, the shutdown signal.
+struct Door {
+    slots: Arc<Slots>,
+    stats: Arc<Stats>,
+    stopping: watch::Receiver<bool>,
 }
 
 /// The connection cap when the configuration gives none: the open-file limit less a
@@ -150,33 +107,41 @@ pub async fn serve(
     let max = limits
         .max_connections
         .unwrap_or_else(default_max_connections);
-    let app = Arc::new(AppState {
+    let stop = watch::Sender::new(false);
+    let slots = Arc::new(Slots::new(max));
+    let sockets = Arc::new(Sockets::new(
+        hub.clone(),
+        auth::Verifier::hs256(&secrets.jwt_secret, limits.max_token_lifetime_secs),
+        stop.subscribe(),
+    ));
+    let stats = hub.stats().clone();
+    let admin = Arc::new(Admin {
         hub,
-        verifier: auth::Verifier::hs256(&secrets.jwt_secret, limits.max_token_lifetime_secs),
-        admin_token: secrets.admin_token,
-        mount: config.mount.clone(),
         registry,
         runtime,
         presence: tracker,
-        shutdown: watch::Sender::new(false),
-        live_sockets: AtomicUsize::new(0),
-        connections: Connections {
-            slots: Arc::new(Semaphore::new(max)),
-            max,
-        },
+        sockets: sockets.clone(),
+        connections: slots.clone(),
+        admin_token: secrets.admin_token,
+        mount: config.mount.clone(),
     });
     let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
-    let router = router(app.clone(), &socket_path, &limits);
+    let router = router(admin, sockets, &socket_path, &limits);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, socket = %socket_path, max_connections = max, "cinder listening");
     // Scripts and tests wait for this line and read the address from it (the port may have
     // been 0): it comes once the plugins are loaded and requests are served.
     println!("cinder listening on http://{addr}");
-    accept(&listener, &app, router, &limits, shutdown).await;
+    let door = Door {
+        slots: slots.clone(),
+        stats,
+        stopping: stop.subscribe(),
+    };
+    accept(&listener, &door, router, &limits, shutdown).await;
     tracing::info!("shutting down: closing sockets with 1012");
-    app.shutdown.send_replace(true);
+    stop.send_replace(true);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while app.connections.open() > 0 && Instant::now() < deadline {
+    while slots.open() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if let Some(watcher) = watcher {
@@ -186,7 +151,12 @@ pub async fn serve(
 }
 
 /// The routes: the socket, the landing page, and the admin API behind its token.
-fn router(app: Arc<AppState>, socket_path: &str, limits: &Limits) -> axum::Router {
+fn router(
+    app: Arc<Admin>,
+    sockets: Arc<Sockets>,
+    socket_path: &str,
+    limits: &Limits,
+) -> axum::Router {
     let admin = axum::Router::new()
         .route("/api/broadcast", post(api::broadcast))
         .route("/api/stats", get(api::stats))
@@ -206,21 +176,24 @@ fn router(app: Arc<AppState>, socket_path: &str, limits: &Limits) -> axum::Route
         )
         // Outermost, so it runs first: no body is read for a request without the token.
         .route_layer(middleware::from_fn_with_state(app.clone(), admin_only));
+    let socket = axum::Router::new()
+        .route(socket_path, get(transport::websocket))
+        .with_state(sockets);
     axum::Router::new()
         .route("/", get(api::index))
-        .route(socket_path, get(transport::websocket))
         .merge(admin)
         .with_state(app)
+        .merge(socket)
 }
 
 /// Refuses an admin API request without the admin token (401) before anything reads its
 /// body; gives the body of one with it `http_body_timeout_secs` to arrive.
-async fn admin_only(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn admin_only(State(app): State<Arc<Admin>>, request: Request, next: Next) -> Response {
     if let Some(refused) = api::refusal(&app, request.headers()) {
         return refused;
     }
     let limit = Duration::from_secs(app.hub.limits().http_body_timeout_secs);
-    let stats = app.stats().clone();
+    let stats = app.hub.stats().clone();
     let request = request.map(|body| Body::new(Deadline::new(body, limit, stats)));
     next.run(request).await
 }
@@ -279,7 +252,7 @@ impl http_body::Body for Deadline {
 /// slot; refuses those past the cap.
 async fn accept(
     listener: &TcpListener,
-    app: &Arc<AppState>,
+    door: &Door,
     router: axum::Router,
     limits: &Limits,
     shutdown: impl Future<Output = ()>,
@@ -289,14 +262,14 @@ async fn accept(
         .header_read_timeout(Duration::from_secs(limits.http_header_timeout_secs));
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     let mut last_error: Option<Instant> = None;
-    let stopping = app.shutdown.subscribe();
+    let stopping = door.stopping.clone();
     tokio::pin!(shutdown);
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    accept_failed(app, e, &mut last_error).await;
+                    accept_failed(door, e, &mut last_error).await;
                     continue;
                 }
             },
@@ -306,15 +279,12 @@ async fn accept(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let Ok(permit) = app.connections.slots.clone().try_acquire_owned() else {
-            Stats::bump(&app.stats().connections_refused);
+        let Some(slot) = door.slots.take() else {
+            Stats::bump(&door.stats.connections_refused);
             if let Ok(refusing) = refusals.clone().try_acquire_owned() {
-                tokio::spawn(refuse(tcp, app.connections.max, refusing));
+                tokio::spawn(refuse(tcp, door.slots.max(), refusing));
             }
             continue;
-        };
-        let slot = Slot {
-            _permit: Arc::new(permit),
         };
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
@@ -325,7 +295,7 @@ async fn accept(
         let conn = http
             .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();
-        let stats = app.stats().clone();
+        let stats = door.stats.clone();
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
@@ -374,7 +344,7 @@ async fn refuse(mut tcp: TcpStream, max: usize, _refusing: OwnedSemaphorePermit)
 
 /// An accept failed: a connection that went away is nothing; anything else (out of file
 /// descriptors) is counted, logged at most once a minute, and accepting pauses briefly.
-async fn accept_failed(app: &AppState, e: std::io::Error, last: &mut Option<Instant>) {
+async fn accept_failed(door: &Door, e: std::io::Error, last: &mut Option<Instant>) {
     use std::io::ErrorKind;
     if matches!(
         e.kind(),
@@ -382,10 +352,10 @@ async fn accept_failed(app: &AppState, e: std::io::Error, last: &mut Option<Inst
     ) {
         return;
     }
-    Stats::bump(&app.stats().accept_errors);
+    Stats::bump(&door.stats.accept_errors);
     if last.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_EVERY) {
         *last = Some(Instant::now());
-        tracing::error!(error = %e, open = app.connections.open(), "cannot accept connections (retrying; logged once a minute, counted in accept_errors)");
+        tracing::error!(error = %e, open = door.slots.open(), "cannot accept connections (retrying; logged once a minute, counted in accept_errors)");
     }
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -31,11 +31,44 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
+use crate::auth::Verifier;
+use crate::channel::Hub;
 use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
 use crate::limit::Bucket;
+use crate::limit::Slot;
 use crate::protocol::{self, Frame, Vsn, close};
-use crate::server::{AppState, Slot};
 use crate::stats::Stats;
+
+/// What the sockets of a node share: the hub, the connect-token verifier, the shutdown
+/// signal, and how many are open.
+pub struct Sockets {
+    hub: Arc<Hub>,
+    verifier: Verifier,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    live: AtomicUsize,
+}
+
+impl Sockets {
+    /// Sockets joining `hub`'s rooms, authenticated by `verifier`, closed with 1012 once
+    /// `shutdown` turns true.
+    pub fn new(
+        hub: Arc<Hub>,
+        verifier: Verifier,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Sockets {
+            hub,
+            verifier,
+            shutdown,
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    /// Open WebSockets.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
 
 /// An upgraded connection.
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -68,7 +101,7 @@ const CLOSE_DRAIN_BYTES: u64 = 128 << 20;
 
 /// `GET <mount>/websocket`: authenticate, then upgrade.
 pub async fn websocket(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<Sockets>>,
     Query(params): Query<HashMap<String, String>>,
     slot: Option<axum::Extension<Slot>>,
     mut request: Request,
@@ -303,7 +336,7 @@ async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn too_slow(app: &AppState) -> End {
+fn too_slow(app: &Sockets) -> End {
     Stats::bump(&app.hub.stats().slow_disconnects);
     tracing::info!(
         limit = app.hub.limits().outbound_queue_bytes,
@@ -332,7 +365,7 @@ impl End {
 }
 
 /// The end for a failed read: the client broke a limit or the WebSocket protocol.
-fn read_failure(e: WsError, app: &AppState) -> End {
+fn read_failure(e: WsError, app: &Sockets) -> End {
     let limits = app.hub.limits();
     let frame = match e {
         WsError::Capacity(_) => {
@@ -386,16 +419,16 @@ impl RateLimit {
     }
 }
 
-struct LiveGuard(Arc<AppState>);
+struct LiveGuard(Arc<Sockets>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.live_sockets.fetch_sub(1, Ordering::Relaxed);
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Identity) {
+async fn run(mut ws: Ws, app: Arc<Sockets>, vsn: Vsn, identity: crate::auth::Identity) {
     use futures_util::{SinkExt as _, StreamExt as _};
-    app.live_sockets.fetch_add(1, Ordering::Relaxed);
+    app.live.fetch_add(1, Ordering::Relaxed);
     let _live = LiveGuard(app.clone());
     let limits = app.hub.limits().clone();
     let (out, mut rx) = outbound_queue(Slowness::from_limits(&limits));
@@ -411,7 +444,7 @@ async fn run(mut ws: Ws, app: Arc<AppState>, vsn: Vsn, identity: crate::auth::Id
     // Both waits are made once and polled last: a shutdown wait made anew on every turn
     // registers with, and leaves, a lock shared by every socket (the watch's). A socket
     // that is never idle sees both through the lock-free checks at the loop's top.
-    let shutdown = app.shutdown.subscribe();
+    let shutdown = app.shutdown.clone();
     let mut shutdown_wait = shutdown.clone();
     let stop = stopping(&mut shutdown_wait);
     tokio::pin!(stop);

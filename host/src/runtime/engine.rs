@@ -12,7 +12,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use super::bindings::exports::cinder::channel::handler::GuestIndices as HandlerIndices;
 use super::bindings::exports::cinder::channel::state::GuestIndices as StateIndices;
 use super::compiler::CompileThread;
-use super::instance::InstanceData;
+use super::data::InstanceData;
 use super::manifest::Manifest;
 use super::memory::NodeMemory;
 use super::plugin::{Linked, Node, Plugin};

@@ -17,8 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::NO_CHANNEL;
-use super::bindings::cinder::channel::types as wit;
-use super::instance::InstanceData;
+use super::data::InstanceData;
 use super::manifest::{check_event, pattern_matches, truncated};
 use super::output;
 use crate::channel::Effect;
@@ -228,18 +227,6 @@ fn checked_key(key: &str) -> Result<String, String> {
         return Err(crate::presence::PresenceError::KeyTooLong.to_string());
     }
     Ok(key.to_owned())
-}
-
-/// What one call's host calls used.
-#[derive(Default)]
-pub(super) struct Spent {
-    /// Pushes, broadcasts, timers and tracks.
-    messages: usize,
-    /// Their payload bytes.
-    bytes: usize,
-    broadcasts: usize,
-    broadcast_bytes: usize,
-    timers: usize,
 }
 
 /// What a host call asks for, for the limits.
@@ -479,12 +466,4 @@ enum Target {
     Channel,
     /// The call's topic (`broadcast`, or `broadcast-from` when `exclude_self`).
     Topic { exclude_self: bool },
-}
-
-/// Bytes of a payload as the plugin handed it over, before anything parses it.
-pub(super) fn wit_len(p: &wit::Payload) -> usize {
-    match p {
-        wit::Payload::Json(text) => text.len(),
-        wit::Payload::Binary(bytes) => bytes.len(),
-    }
 }

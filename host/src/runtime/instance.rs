@@ -3,99 +3,28 @@
 //! the effects its host calls recorded; a trap kills the instance.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use wasmtime::Store;
-use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::NO_CHANNEL;
 use super::bindings::cinder::channel::types as wit;
 use super::bindings::exports::cinder::channel::handler::Guest as HandlerExports;
 use super::bindings::exports::cinder::channel::state::Guest as StateExports;
-use super::clock::CallClock;
-use super::imports::{Spent, wit_len};
-use super::memory::Limiter;
-use super::plugin::{Cause, trap_cause};
-use super::ticker::Ticker;
+use super::data::{InstanceData, arm, wit_len};
+use super::trap::{Cause, trap_cause};
 use crate::channel::{
     BoxFuture, CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome,
     InfoOutcome, JoinOutcome, MemberId, RoomLogic,
 };
-use crate::config::Limits;
-use crate::limit::{SharedBucket, Warnings};
-use crate::presence::{Account, Tracker};
+use crate::presence::Account;
 use crate::protocol::{Payload, Status};
 use crate::stats::Stats;
 
 /// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
 /// be able to grow them without bound.
 const MAX_ASSIGNS_BYTES: usize = 64 << 10;
-
-/// Store data of one room instance.
-pub(super) struct InstanceData {
-    pub(super) wasi: WasiCtx,
-    pub(super) table: ResourceTable,
-    pub(super) limiter: Limiter,
-    /// Host calls of the current call.
-    pub(super) effects: Vec<Effect>,
-    /// What the current call's host calls used of its limits.
-    pub(super) spent: Spent,
-    /// What the room allows the next call (see [`CallBudget`]), until it starts.
-    pub(super) budget: Option<CallBudget>,
-    /// What the current call is allowed beside the per-call limits.
-    pub(super) allowed: CallBudget,
-    /// The current call's CPU time.
-    pub(super) clock: CallClock,
-    pub(super) plugin: Arc<str>,
-    /// The plugin's topic patterns: what `presence.list` may read.
-    pub(super) patterns: Arc<[String]>,
-    pub(super) topic: Arc<str>,
-    pub(super) limits: Limits,
-    pub(super) presence: Arc<Tracker>,
-    /// The presence account of the current call's socket.
-    pub(super) account: Option<Arc<Account>>,
-    /// The channel the current call is about: owner of the presence it tracks.
-    pub(super) channel: MemberId,
-    pub(super) ticker: Arc<Ticker>,
-    pub(super) stats: Arc<Stats>,
-    pub(super) warnings: Arc<Warnings>,
-    pub(super) log_limiter: Arc<SharedBucket>,
-}
-
-/// Lets guest code in `store` run for `time` of CPU from now: starts its clock, arms the
-/// epoch deadline of the next tick and keeps the ticker ticking until at least then.
-pub(super) fn arm(store: &mut Store<InstanceData>, time: Duration) {
-    let data = store.data_mut();
-    let now = Instant::now();
-    data.clock.start(time, now);
-    data.ticker.keep_ticking(now + time);
-    store.set_epoch_deadline(1);
-}
-
-impl WasiView for InstanceData {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl InstanceData {
-    /// Starts a call about `channel`.
-    pub(super) fn begin(&mut self, channel: MemberId, account: Option<Arc<Account>>) {
-        self.effects.clear();
-        self.spent = Spent::default();
-        self.allowed = self
-            .budget
-            .take()
-            .unwrap_or_else(|| CallBudget::full(&self.limits, self.limits.max_timers_per_channel));
-        self.channel = channel;
-        self.account = account;
-    }
-}
 
 /// A payload a plugin handed over: JSON is checked (valid, nested at most
 /// [`crate::protocol::MAX_JSON_DEPTH`] levels).

@@ -8,10 +8,13 @@
 //! - `manifest`: what a plugin declares ([`Manifest`]), names, versions and topic patterns.
 //! - `plugin`: a compiled plugin ([`Plugin`]): making instances, checking an upload, the
 //!   crash record and quarantine.
-//! - `instance`: one room's plugin instance (`PluginInstance`) and its store data
-//!   (`InstanceData`), the adapter from [`crate::channel::RoomLogic`] calls to the exports.
+//! - `instance`: one room's plugin instance (`PluginInstance`), the adapter from
+//!   [`crate::channel::RoomLogic`] calls to the component's exports.
+//! - `data`: the instance's store data (`InstanceData`): what the current call recorded,
+//!   used and may still do, its clock; arming a call's deadline.
 //! - `imports`: the host imports (`cinder:channel/host`, `presence`), linked by hand, and the
 //!   limits of what one call may do.
+//! - `trap`: why a call trapped, the plugin's doing or the node's.
 //! - `clock`: a call's CPU-time budget. `memory`: memory per instance and per node.
 //!   `compiler`: the compile thread. `ticker`: the epoch ticker. `output`: a plugin's stdout
 //!   and stderr.
@@ -20,6 +23,7 @@
 
 mod clock;
 mod compiler;
+mod data;
 mod engine;
 mod imports;
 mod instance;
@@ -28,6 +32,7 @@ mod memory;
 mod output;
 mod plugin;
 mod ticker;
+mod trap;
 
 pub use engine::Runtime;
 pub use manifest::{

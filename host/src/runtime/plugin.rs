@@ -14,12 +14,14 @@ use super::bindings::cinder::channel::types as wit;
 use super::bindings::exports::cinder::channel::handler::GuestIndices as HandlerIndices;
 use super::bindings::exports::cinder::channel::state::GuestIndices as StateIndices;
 use super::clock::{CallClock, Tick};
-use super::imports::Spent;
-use super::instance::{InstanceData, PluginInstance, arm};
+use super::data::Spent;
+use super::data::{InstanceData, arm};
+use super::instance::PluginInstance;
 use super::manifest::Manifest;
-use super::memory::{InstanceMemoryFull, Limiter, NodeMemory, NodeMemoryFull};
+use super::memory::{Limiter, NodeMemory};
 use super::output::LogTarget;
 use super::ticker::Ticker;
+use super::trap::{Cause, trap_cause};
 use super::{
     HANDLER_INTERFACE, MAX_CORE_INSTANCES_PER_COMPONENT, MAX_MEMORIES_PER_COMPONENT, NO_CHANNEL,
     STATE_INTERFACE,
@@ -406,38 +408,4 @@ fn mismatched_handler_function(
     fits.into_iter()
         .find(|(_, fits)| !fits)
         .map(|(name, _)| name)
-}
-
-/// Why a call or an instantiation trapped.
-pub(super) enum Cause {
-    /// The plugin's own doing (a panic, its time, its memory cap).
-    Crashed(String),
-    /// The node's: its plugin memory budget is used up.
-    Evicted(String),
-}
-
-impl Cause {
-    fn text(self) -> String {
-        match self {
-            Cause::Crashed(why) | Cause::Evicted(why) => why,
-        }
-    }
-}
-
-/// Why a call or an instantiation trapped, in words for logs.
-pub(super) fn trap_cause(e: &wasmtime::Error, call_time: Duration) -> Cause {
-    if let Some(full) = e.downcast_ref::<NodeMemoryFull>() {
-        return Cause::Evicted(full.to_string());
-    }
-    if let Some(full) = e.downcast_ref::<InstanceMemoryFull>() {
-        return Cause::Crashed(full.to_string());
-    }
-    Cause::Crashed(match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => {
-            format!("CPU time limit of {} ms exceeded", call_time.as_millis())
-        }
-        Some(wasmtime::Trap::StackOverflow) => "wasm stack overflow".into(),
-        Some(t) => format!("trap: {t}"),
-        None => format!("{e:#}"),
-    })
 }
