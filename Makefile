@@ -95,7 +95,7 @@ bench: plugins
 	cd plugins/chat-js && npx componentize-js chat.js --wit ../../wit --world-name channel --disable http fetch-event -o ../../target/bench-plugins/chat-js-starlingmonkey.wasm
 	cp plugins/chat-js/cinder.toml target/bench-plugins/chat-js-starlingmonkey.toml
 	CINDER_LANG_PLUGINS=$(CURDIR)/target/bench-plugins $(CARGO) bench -p cinder --bench languages
-	$(CARGO) build --release -p cinder -p cinder-tests
+	$(CARGO) build --release -p cinder -p cinder-bench
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench plugin_calls
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) bench -p cinder --bench presence
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench first-join 1000

@@ -369,6 +369,93 @@ impl Client {
     }
 }
 
+/// For load generators (`cinder-bench`): connecting over a socket the caller set up, and
+/// sending and reading without a time limit or a panic (every failure is an `Err`), text
+/// frames unparsed where parsing would cost more than the work measured.
+impl Client {
+    /// Handshakes for `url` over `stream`, a TCP connection the caller made (from a source
+    /// address of its choosing, say), with tungstenite's `config` (its defaults when
+    /// `None`). A refused upgrade is an `Err` naming the HTTP status.
+    pub async fn handshake(
+        stream: TcpStream,
+        url: &str,
+        config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
+    ) -> anyhow::Result<Client> {
+        match tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            config,
+        )
+        .await
+        {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+                anyhow::bail!("upgrade refused: HTTP {}", res.status())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends a text frame, taking it without a copy; `Err` once the socket is gone.
+    pub async fn try_send_text(
+        &mut self,
+        text: impl Into<tokio_tungstenite::tungstenite::Utf8Bytes>,
+    ) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// The next text frame as it came, not parsed, however long it takes (pings, pongs and
+    /// binary frames are skipped); `Err` once the socket closes or fails. Cancel-safe, so it
+    /// can wait in a `select!` beside a send.
+    pub async fn next_text(&mut self) -> anyhow::Result<tokio_tungstenite::tungstenite::Utf8Bytes> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Close(_))) | None => anyhow::bail!("socket closed"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next text frame as JSON, however long it takes; `Err` once the socket closes or
+    /// fails, or for a frame that is not JSON.
+    pub async fn next_json(&mut self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&self.next_text().await?)?)
+    }
+
+    /// Sends `phx_join` for `topic` with `payload` and waits, however long it takes, for the
+    /// reply to it (frames before it are skipped); the reply's `response` when its status is
+    /// ok, `Err` when the join is refused or the socket closes.
+    pub async fn try_join(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        payload: Value,
+    ) -> anyhow::Result<Value> {
+        self.try_send_text(json!([join_ref, join_ref, topic, "phx_join", payload]).to_string())
+            .await?;
+        loop {
+            let frame = self.next_json().await?;
+            if frame[1] == join_ref && frame[3] == "phx_reply" {
+                anyhow::ensure!(frame[4]["status"] == "ok", "join refused: {frame}");
+                return Ok(frame[4]["response"].clone());
+            }
+        }
+    }
+}
+
+/// The Phoenix V2 WebSocket URL of the socket mounted at `socket` (`ws://host:port/socket`,
+/// any Phoenix-protocol server) for a connect `token`:
+/// `<socket>/websocket?vsn=2.0.0&token=<token>`.
+pub fn v2_socket_url(socket: &str, token: &str) -> String {
+    format!(
+        "{}/websocket?vsn=2.0.0&token={token}",
+        socket.trim_end_matches('/')
+    )
+}
+
 /// `["jr","ref",topic,"phx_reply",{"status":...,"response":...}]`
 pub fn reply(
     join_ref: Option<&str>,
@@ -422,11 +509,24 @@ pub async fn http_post(
 /// An admin API call: `method path` with an optional JSON body; the status and the JSON
 /// answer (`null` when empty).
 pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    admin_as(addr, ADMIN, method, path, body).await
+}
+
+/// [`admin`] for a server with another admin token (one the tests did not start): `method
+/// path` with an optional JSON body and `token` as the bearer; the status and the JSON
+/// answer (`null` when empty).
+pub async fn admin_as(
+    addr: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
     let body = body.unwrap_or_default();
     let response = http(
         addr,
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     )
