@@ -15,10 +15,19 @@ PY_VENV := target/py-venv
 # Versions the hot-reload tests upload at run time (not served at start).
 UPLOAD_DIR := target/test-uploads
 
-.PHONY: run test plugins rust-plugins lang-plugins wasm-target lint test-rust test-js bench fuzz
+.PHONY: run test plugins rust-plugins lang-plugins wasm-target redis-server lint test-rust test-js bench fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+# The cluster tests start redis-server processes of their own (on free ports): installed
+# from the system's packages where it is missing, or a one-line stop saying how.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null 2>&1 || \
+		{ echo "make test needs redis-server on PATH: install it with your system's package manager (Debian: apt-get install redis-server)"; exit 1; }
 
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
 # in $(PLUGIN_DIR), the Rust examples and the test plugins in $(TEST_PLUGIN_DIR), all of
@@ -74,13 +83,13 @@ lint:
 
 # Some tests run the binary as a process of its own (to limit its open files): it is built
 # first, with the workspace's features, as test-js builds it.
-test-rust: plugins
+test-rust: plugins redis-server
 	$(CARGO) build --workspace --bins
 	CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
 
 # The binary is built with the workspace's features, as `cargo test --workspace` built
 # everything else, so nothing is compiled twice.
-test-js: plugins
+test-js: plugins redis-server
 	$(CARGO) build --workspace --bins
 	cd tests/js && npm ci --no-audit --no-fund
 	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(JS_TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit

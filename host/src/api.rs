@@ -15,6 +15,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::channel::Hub;
+use crate::cluster::Link;
 use crate::limit::Slots;
 use crate::presence::Tracker;
 use crate::protocol::{self, Payload};
@@ -40,6 +41,8 @@ pub struct Admin {
     pub sockets: Arc<Sockets>,
     /// The connection slots, for how many are taken.
     pub connections: Arc<Slots>,
+    /// The link to the cluster, on a cluster member.
+    pub cluster: Option<Arc<Link>>,
     /// The bearer token of the API.
     pub admin_token: String,
     /// Where the WebSocket is mounted.
@@ -98,9 +101,21 @@ pub(crate) fn refusal(app: &Admin, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-/// `GET /api/stats`: open sockets, live rooms and the event counters.
+/// `GET /api/stats`: open sockets, live rooms and the event counters; on a cluster member
+/// also `cluster`: this node's id, whether Redis answers, and the members whose heartbeat
+/// is current.
 pub async fn stats(State(app): State<Arc<Admin>>) -> Response {
-    Json(app.hub.stats().snapshot(app.gauges())).into_response()
+    let snapshot = app.hub.stats().snapshot(app.gauges());
+    let Some(link) = &app.cluster else {
+        return Json(snapshot).into_response();
+    };
+    let mut body = serde_json::to_value(snapshot).unwrap_or_default();
+    body["cluster"] = json!({
+        "node": &**link.node(),
+        "redis": if link.is_up() { "up" } else { "down" },
+        "members": link.members().await,
+    });
+    Json(body).into_response()
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,15 @@ pub struct ServeArgs {
     /// Directory of compiled plugin artifacts [default: <data dir>/cache].
     #[arg(long, env = "CINDER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Redis of the cluster to join, `redis://host:port` [default: none, one node alone].
+    #[arg(long = "redis", env = "CINDER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// This node's name in the cluster [default: generated].
+    #[arg(long, env = "CINDER_NODE_ID")]
+    pub node_id: Option<String>,
+    /// A cluster member without a heartbeat for this many milliseconds is down [default: 5000].
+    #[arg(long, env = "CINDER_NODE_DOWN_MS")]
+    pub node_down_ms: Option<u64>,
     /// Socket mount path; the WebSocket is at `<mount>/websocket` [default: /socket].
     #[arg(long)]
     pub mount: Option<String>,
@@ -207,6 +216,9 @@ impl ServeArgs {
         set_opt(&mut config.plugins_dir, &a.plugins_dir);
         set_opt(&mut config.watch, &a.watch);
         set_opt(&mut config.cache_dir, &a.cache_dir);
+        set_opt(&mut config.redis_url, &a.redis_url);
+        set_opt(&mut config.node_id, &a.node_id);
+        set(&mut config.node_down_ms, &a.node_down_ms);
         let l = &mut config.limits;
         set(&mut l.idle_timeout_secs, &a.idle_timeout_secs);
         set(&mut l.max_channels_per_socket, &a.max_channels_per_socket);

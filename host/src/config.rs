@@ -169,6 +169,13 @@ pub struct Config {
     pub watch: Option<PathBuf>,
     /// Compiled-artifact cache; `<data_dir>/cache` when unset.
     pub cache_dir: Option<PathBuf>,
+    /// Redis URL (`redis://host:port`) of the cluster this node is a member of; unset, the
+    /// node stands alone and needs nothing external.
+    pub redis_url: Option<String>,
+    /// This node's name in the cluster; generated when unset.
+    pub node_id: Option<String>,
+    /// A member whose heartbeat is this old is down; members heartbeat five times as often.
+    pub node_down_ms: u64,
     /// Limits.
     pub limits: Limits,
 }
@@ -184,6 +191,9 @@ impl Default for Config {
             plugins_dir: None,
             watch: None,
             cache_dir: None,
+            redis_url: None,
+            node_id: None,
+            node_down_ms: 5000,
             limits: Limits::default(),
         }
     }
@@ -210,6 +220,26 @@ impl Config {
             self.mount.starts_with('/') && !self.mount.ends_with('/'),
             "mount must start with / and not end with one, got {:?}",
             self.mount
+        );
+        if let Some(url) = &self.redis_url {
+            anyhow::ensure!(
+                url.starts_with("redis://"),
+                "redis_url must be a redis://host:port URL, got {url:?}"
+            );
+        }
+        if let Some(id) = &self.node_id {
+            anyhow::ensure!(
+                (1..=64).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                "node_id must be 1 to 64 letters, digits, '-', '_' or '.', got {id:?}"
+            );
+        }
+        anyhow::ensure!(
+            (500..=300_000).contains(&self.node_down_ms),
+            "node_down_ms must be between 500 and 300000, got {}",
+            self.node_down_ms
         );
         let l = &self.limits;
         anyhow::ensure!(

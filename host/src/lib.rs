@@ -9,7 +9,8 @@
 //! - [`config`]: every setting and its default, the TOML file, validation, generated secrets.
 //! - [`logging`]: the log subscriber; records that plugins and clients cannot forge.
 //! - [`auth`]: connect tokens (JWT HS256): verification, minting, the identity a token gives.
-//! - [`pubsub`]: topic fan-out, encoded once per serializer; socket ids apart.
+//! - [`cluster`]: the link to the cluster's Redis: node id, the connection, outages, membership.
+//! - [`pubsub`]: topic fan-out, encoded once per serializer; socket ids apart; local or Redis.
 //! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes), its budgets.
 //! - [`store`]: the durable plugin store and artifact cache in the data dir.
 //! - [`channel`]: the per-socket session, the hub of live rooms and the room actor.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod channel;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod limit;
 pub mod logging;

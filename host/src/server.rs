@@ -25,15 +25,16 @@ use tower::ServiceExt as _;
 
 use crate::api::{self, Admin};
 use crate::channel::Hub;
+use crate::cluster::Link;
 use crate::config::{Config, Limits, Secrets};
 use crate::limit::Slots;
-use crate::pubsub::LocalPubSub;
+use crate::pubsub::{LocalPubSub, PubSub, RedisPubSub};
 use crate::registry::Registry;
 use crate::runtime::Runtime;
 use crate::stats::Stats;
 use crate::store::{PluginStore, Source};
 use crate::transport::{self, Sockets};
-use crate::{auth, presence, protocol};
+use crate::{auth, cluster, presence, protocol};
 
 /// How long shutdown waits for sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -78,7 +79,20 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
     let stats = Arc::new(Stats::default());
-    let pubsub: Arc<dyn crate::pubsub::PubSub> = Arc::new(LocalPubSub::new());
+    let addr = listener.local_addr()?;
+    let (pubsub, link): (Arc<dyn PubSub>, _) = match &config.redis_url {
+        None => (Arc::new(LocalPubSub::new()), None),
+        Some(url) => {
+            let node = config
+                .node_id
+                .clone()
+                .unwrap_or_else(cluster::generated_node_id);
+            let down = Duration::from_millis(config.node_down_ms);
+            let link = Link::start(url, &node, addr.to_string(), down, stats.clone())?;
+            tracing::info!(%node, "cluster member: broadcasts and disconnects cross nodes through Redis");
+            (RedisPubSub::new(link.clone(), stats.clone()), Some(link))
+        }
+    };
     let tracker = Arc::new(presence::Tracker::new(
         pubsub.clone(),
         limits.presence_bytes_per_socket,
@@ -122,12 +136,12 @@ pub async fn serve(
         presence: tracker,
         sockets: sockets.clone(),
         connections: slots.clone(),
+        cluster: link.clone(),
         admin_token: secrets.admin_token,
         mount: config.mount.clone(),
     });
     let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
     let router = router(admin, sockets, &socket_path, &limits);
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, socket = %socket_path, max_connections = max, "cinder listening");
     // Scripts and tests wait for this line and read the address from it (the port may have
     // been 0): it comes once the plugins are loaded and requests are served.
@@ -146,6 +160,9 @@ pub async fn serve(
     }
     if let Some(watcher) = watcher {
         watcher.abort();
+    }
+    if let Some(link) = link {
+        link.leave(SHUTDOWN_GRACE).await;
     }
     Ok(())
 }

@@ -82,6 +82,17 @@ counters! {
     room_swaps,
     /// Live rooms that stayed on their version because the swap failed.
     room_swap_failures,
+    /// Broadcasts and disconnects published to the cluster (Redis).
+    cluster_published,
+    /// Broadcasts and disconnects from other nodes delivered here.
+    cluster_received,
+    /// Broadcasts and disconnects that could not cross to other nodes (Redis down or too
+    /// far behind): delivered here only.
+    cluster_dropped,
+    /// Channel messages from Redis that did not parse.
+    cluster_malformed,
+    /// Times the link to Redis went down (or could not be made at start).
+    cluster_outages,
 }
 
 /// What is in use now, beside the counters.

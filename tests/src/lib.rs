@@ -738,3 +738,82 @@ impl ServerProcess {
         let _ = self.child.kill().await;
     }
 }
+
+/// A `redis-server` of the test's own on a free loopback port (never the machine's 6379),
+/// keeping nothing on disk; killed on drop. `make test` installs `redis-server` where it
+/// is missing.
+pub struct RedisServer {
+    /// Its port.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    /// Starts one on a free port and waits until it answers.
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(port).await
+    }
+
+    /// Starts one on `port` (again, after [`RedisServer::kill`]) and waits until it answers.
+    pub async fn start_on(port: u16) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts (make test installs it; or apt-get install redis-server)");
+        let server = RedisServer { port, child };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if server.command(&["PING"]).await.is_some() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("redis-server answers within 10 s");
+        server
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command (RESP2, inline arrays) and returns the raw reply; `None` when the
+    /// server does not answer.
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        tcp.write_all(request.as_bytes()).await.ok()?;
+        let mut reply = vec![0; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut reply))
+            .await
+            .ok()?
+            .ok()?;
+        (n > 0).then(|| String::from_utf8_lossy(&reply[..n]).into_owned())
+    }
+
+    /// Kills it at once (as a crash would).
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

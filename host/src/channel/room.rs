@@ -280,6 +280,9 @@ impl Room {
             }
         };
         self.subscribe();
+        // On a cluster, what other nodes broadcast to the topic reaches the room before
+        // its first member's join is answered.
+        self.node.pubsub.ready(&self.topic).await;
         while let Some(msg) = rx.recv().await {
             // Everything this message causes, its call and the handle_out rounds its
             // broadcasts start, broadcasts at most one call's worth: a handle_out that

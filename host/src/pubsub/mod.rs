@@ -3,17 +3,26 @@
 //!
 //! A broadcast is shared (`Arc`) by every subscriber and encoded at most once per
 //! serializer, by whichever subscriber needs that encoding first (the fastlane). Subscribers
-//! are opaque sinks; this module knows nothing of sockets, rooms or plugins. The adapter
-//! trait lets a clustered implementation (Redis) replace the local one.
+//! are opaque sinks; this module knows nothing of sockets, rooms or plugins. Two adapters
+//! implement the trait: [`LocalPubSub`] (one node, the embedded default) and
+//! [`RedisPubSub`] (a cluster member: the local one plus one Redis channel per topic the
+//! node has subscribers for); both pass [`conformance::local_suite`].
 //!
 //! Socket ids (`user_socket:42`) and room topics are two namespaces: a room joined at a
 //! topic spelled like a socket id never hears a socket's `disconnect`, and nothing a room
 //! broadcasts reaches the sockets listening on an id.
 
+pub mod conformance;
+mod redis;
+
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::protocol::{self, Frame, Payload, Vsn};
+
+pub use redis::RedisPubSub;
 
 /// Identifies one subscription; used by `broadcast_from` to skip its sender.
 pub type SubscriberId = u64;
@@ -88,8 +97,14 @@ pub trait PubSub: Send + Sync {
     /// Stops listening on a socket id; unknown ids are ignored.
     fn unsubscribe_socket(&self, socket_id: &str, id: SubscriberId);
     /// Closes every socket with this id (Phoenix's `Endpoint.broadcast(socket_id,
-    /// "disconnect", %{})`); returns how many listeners heard it.
+    /// "disconnect", %{})`); returns how many listeners on this node heard it.
     fn disconnect(&self, socket_id: &str) -> usize;
+    /// Resolves once broadcasts made on other nodes to `topic`, subscribed before, reach
+    /// this node's subscribers: at once on one node; a cluster adapter waits for its
+    /// broker's answer, for a bounded time.
+    fn ready(&self, _topic: &str) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;
@@ -117,11 +132,11 @@ impl LocalPubSub {
 
 impl PubSub for LocalPubSub {
     fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
-        self.topics.subscribe(topic, id, subscriber);
+        self.topics.subscribe(topic, id, subscriber, || {});
     }
 
     fn unsubscribe(&self, topic: &str, id: SubscriberId) {
-        self.topics.unsubscribe(topic, id);
+        self.topics.unsubscribe(topic, id, || {});
     }
 
     fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>) {
@@ -138,39 +153,55 @@ impl PubSub for LocalPubSub {
         id: SubscriberId,
         subscriber: Arc<dyn Subscriber>,
     ) {
-        self.sockets.subscribe(socket_id, id, subscriber);
+        self.sockets.subscribe(socket_id, id, subscriber, || {});
     }
 
     fn unsubscribe_socket(&self, socket_id: &str, id: SubscriberId) {
-        self.sockets.unsubscribe(socket_id, id);
+        self.sockets.unsubscribe(socket_id, id, || {});
     }
 
     fn disconnect(&self, socket_id: &str) -> usize {
-        let b = Arc::new(Broadcast::new(
-            socket_id.into(),
-            protocol::event::DISCONNECT.into(),
-            Payload::empty(),
-            None,
-        ));
-        self.sockets.publish(&b)
+        self.sockets.publish(&disconnect(socket_id))
     }
 }
 
+/// The `disconnect` broadcast to the sockets with this id.
+fn disconnect(socket_id: &str) -> Arc<Broadcast> {
+    Arc::new(Broadcast::new(
+        socket_id.into(),
+        protocol::event::DISCONNECT.into(),
+        Payload::empty(),
+        None,
+    ))
+}
+
 impl Names {
-    fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
+    /// Adds a subscriber; true when it is the name's first. `first` runs under the lock,
+    /// so what it asks of a broker is in the order of the changes.
+    fn subscribe(
+        &self,
+        topic: &Arc<str>,
+        id: SubscriberId,
+        subscriber: Arc<dyn Subscriber>,
+        first: impl FnOnce(),
+    ) {
         let mut topics = self.names.write().unwrap_or_else(|p| p.into_inner());
-        topics
-            .entry(topic.clone())
-            .or_default()
-            .push((id, subscriber));
+        let subs = topics.entry(topic.clone()).or_default();
+        subs.push((id, subscriber));
+        if subs.len() == 1 {
+            first();
+        }
     }
 
-    fn unsubscribe(&self, topic: &str, id: SubscriberId) {
+    /// Removes a subscriber; `last` runs under the lock when it was the name's last.
+    fn unsubscribe(&self, topic: &str, id: SubscriberId, last: impl FnOnce()) {
         let mut topics = self.names.write().unwrap_or_else(|p| p.into_inner());
         if let Some(subs) = topics.get_mut(topic) {
             subs.retain(|(sid, _)| *sid != id);
+            // A name has subscribers or no entry: empty now means this one was its last.
             if subs.is_empty() {
                 topics.remove(topic);
+                last();
             }
         }
     }
@@ -206,80 +237,15 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Collect(Mutex<Vec<String>>);
-    impl Subscriber for Collect {
-        fn deliver(&self, b: &Arc<Broadcast>) {
-            self.0
-                .lock()
-                .expect("lock")
-                .push(format!("{}:{}", b.topic, b.event));
-        }
-    }
-
-    fn broadcast(topic: &str, event: &str, except: Option<SubscriberId>) -> Arc<Broadcast> {
-        Arc::new(Broadcast::new(
-            topic.into(),
-            event.into(),
-            Payload::empty(),
-            except,
-        ))
-    }
-
-    /// The suite every adapter must pass.
-    fn adapter_suite(ps: &dyn PubSub) {
-        let a = Arc::new(Collect::default());
-        let b = Arc::new(Collect::default());
-        let topic: Arc<str> = "room:1".into();
-        ps.subscribe(&topic, 1, a.clone());
-        ps.subscribe(&topic, 2, b.clone());
-        assert_eq!(ps.publish(broadcast("room:1", "x", None)), 2);
-        assert_eq!(ps.publish(broadcast("room:1", "y", Some(1))), 1);
-        assert_eq!(ps.publish(broadcast("room:2", "z", None)), 0);
-        ps.unsubscribe("room:1", 2);
-        ps.unsubscribe("room:1", 99);
-        assert_eq!(ps.publish(broadcast("room:1", "w", None)), 1);
-        assert_eq!(*a.0.lock().expect("lock"), ["room:1:x", "room:1:w"]);
-        assert_eq!(*b.0.lock().expect("lock"), ["room:1:x", "room:1:y"]);
-
-        // Swapping a sink: the new one gets what follows, once; unknown ids are ignored.
-        let c = Arc::new(Collect::default());
-        ps.resubscribe("room:1", vec![(1, c.clone()), (7, c.clone())]);
-        assert_eq!(ps.publish(broadcast("room:1", "v", None)), 1);
-        assert_eq!(*a.0.lock().expect("lock"), ["room:1:x", "room:1:w"]);
-        assert_eq!(*c.0.lock().expect("lock"), ["room:1:v"]);
-
-        // Socket ids are not topics: a room subscribed at a topic spelled like a socket id
-        // hears no disconnect, and a broadcast there reaches no socket.
-        let socket = Arc::new(Collect::default());
-        let room = Arc::new(Collect::default());
-        let id: Arc<str> = "user_socket:42".into();
-        ps.subscribe_socket(&id, 10, socket.clone());
-        ps.subscribe(&id, 11, room.clone());
-        assert_eq!(
-            ps.publish(broadcast("user_socket:42", "disconnect", None)),
-            1
-        );
-        assert_eq!(ps.disconnect("user_socket:42"), 1);
-        assert_eq!(
-            *socket.0.lock().expect("lock"),
-            ["user_socket:42:disconnect"]
-        );
-        assert_eq!(*room.0.lock().expect("lock"), ["user_socket:42:disconnect"]);
-        ps.unsubscribe_socket("user_socket:42", 10);
-        assert_eq!(ps.disconnect("user_socket:42"), 0);
-    }
 
     #[test]
     fn local_adapter_passes_the_shared_suite() {
-        adapter_suite(&LocalPubSub::new());
+        conformance::local_suite(&LocalPubSub::new());
     }
 
     #[test]
     fn a_broadcast_is_encoded_once_per_serializer() {
-        let b = broadcast("t", "e", None);
+        let b = conformance::broadcast("t", "e", None);
         let first = b.frame(Vsn::V2).expect("encodes").clone();
         let Frame::Text(bytes) = b.frame(Vsn::V2).expect("encodes") else {
             panic!("text")

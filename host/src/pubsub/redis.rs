@@ -1,0 +1,224 @@
+//! The cluster adapter: [`LocalPubSub`] for this node's subscribers, plus one Redis channel
+//! per topic (`cinder:t:<topic>`) and per socket id (`cinder:s:<id>`) that this node has
+//! subscribers for, subscribed with the first and dropped with the last, so a node
+//! receives only what its sockets and rooms listen to. A broadcast is delivered locally at
+//! once and published once, tagged with this node's id; every other node subscribed to the
+//! topic delivers it to its own subscribers (each encoding it at most once per serializer,
+//! as locally), and the origin skips its own echo. One link, one worker, in order: a room's
+//! broadcasts reach every node in the order it made them.
+//!
+//! The wire form (this adapter's own; Cinder nodes of one version talk to each other):
+//! `[1][origin length: u8][origin][kind: 0 JSON, 1 binary][event length: u16 BE][event]
+//! [payload]`. A message that does not parse is counted in `cluster_malformed` and dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Broadcast, LocalPubSub, PubSub, Subscriber, SubscriberId};
+use crate::cluster::Link;
+use crate::protocol::{self, Payload};
+use crate::stats::Stats;
+
+/// The channel prefix of a topic.
+const TOPIC: &str = "cinder:t:";
+/// The channel prefix of a socket id.
+const SOCKET: &str = "cinder:s:";
+/// The wire form's version.
+const WIRE: u8 = 1;
+/// How long [`PubSub::ready`] waits for Redis at most.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// A cluster member's PubSub.
+pub struct RedisPubSub {
+    local: Arc<LocalPubSub>,
+    link: Arc<Link>,
+}
+
+impl RedisPubSub {
+    /// The adapter over `link`, whose channel messages it takes from now on.
+    pub fn new(link: Arc<Link>, stats: Arc<Stats>) -> Arc<RedisPubSub> {
+        let local = Arc::new(LocalPubSub::new());
+        let node = link.node().clone();
+        let receiver = local.clone();
+        link.on_message(Box::new(move |channel, data| {
+            match received(&node, channel, data) {
+                Some(Received::Topic(b)) => {
+                    Stats::bump(&stats.cluster_received);
+                    receiver.topics.publish(&b);
+                }
+                Some(Received::Socket(id)) => {
+                    Stats::bump(&stats.cluster_received);
+                    receiver.sockets.publish(&super::disconnect(&id));
+                }
+                Some(Received::Own) => {}
+                None => Stats::bump(&stats.cluster_malformed),
+            }
+        }));
+        Arc::new(RedisPubSub { local, link })
+    }
+}
+
+/// What a channel message is.
+enum Received {
+    /// A broadcast from another node.
+    Topic(Arc<Broadcast>),
+    /// A `disconnect` of a socket id from another node.
+    Socket(String),
+    /// This node's own, already delivered.
+    Own,
+}
+
+/// The wire form of a broadcast made on `node`.
+fn encode(node: &str, event: &str, payload: &Payload) -> Option<Vec<u8>> {
+    let origin = u8::try_from(node.len()).ok()?;
+    let event_len = u16::try_from(event.len()).ok()?;
+    let (kind, body) = match payload {
+        Payload::Json(raw) => (0u8, raw.get().as_bytes()),
+        Payload::Binary(bytes) => (1u8, &bytes[..]),
+    };
+    let mut out = Vec::with_capacity(5 + node.len() + event.len() + body.len());
+    out.push(WIRE);
+    out.push(origin);
+    out.extend_from_slice(node.as_bytes());
+    out.push(kind);
+    out.extend_from_slice(&event_len.to_be_bytes());
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(body);
+    Some(out)
+}
+
+/// Reads a channel message arriving at node `node`; `None` when it does not parse.
+fn received(node: &str, channel: &[u8], data: &[u8]) -> Option<Received> {
+    let channel = std::str::from_utf8(channel).ok()?;
+    let (&wire, rest) = data.split_first()?;
+    if wire != WIRE {
+        return None;
+    }
+    let (&origin_len, rest) = rest.split_first()?;
+    let (origin, rest) = rest.split_at_checked(origin_len.into())?;
+    if origin == node.as_bytes() {
+        return Some(Received::Own);
+    }
+    if let Some(id) = channel.strip_prefix(SOCKET) {
+        return Some(Received::Socket(id.to_owned()));
+    }
+    let topic = channel.strip_prefix(TOPIC)?;
+    let (&kind, rest) = rest.split_first()?;
+    let (event_len, rest) = rest.split_at_checked(2)?;
+    let event_len = u16::from_be_bytes([event_len[0], event_len[1]]);
+    let (event, body) = rest.split_at_checked(event_len.into())?;
+    let event = std::str::from_utf8(event).ok()?.to_owned();
+    let payload = match kind {
+        0 => Payload::json(std::str::from_utf8(body).ok()?.to_owned()).ok()?,
+        1 => Payload::Binary(bytes::Bytes::copy_from_slice(body)),
+        _ => return None,
+    };
+    Some(Received::Topic(Arc::new(Broadcast::new(
+        topic.into(),
+        event,
+        payload,
+        None,
+    ))))
+}
+
+impl PubSub for RedisPubSub {
+    fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>) {
+        self.local.topics.subscribe(topic, id, subscriber, || {
+            self.link.subscribe(format!("{TOPIC}{topic}"));
+        });
+    }
+
+    fn unsubscribe(&self, topic: &str, id: SubscriberId) {
+        self.local.topics.unsubscribe(topic, id, || {
+            self.link.unsubscribe(format!("{TOPIC}{topic}"));
+        });
+    }
+
+    fn resubscribe(&self, topic: &str, subscribers: Vec<(SubscriberId, Arc<dyn Subscriber>)>) {
+        self.local.resubscribe(topic, subscribers);
+    }
+
+    fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
+        if let Some(wire) = encode(self.link.node(), &broadcast.event, &broadcast.payload) {
+            self.link
+                .publish(format!("{TOPIC}{}", broadcast.topic), wire);
+        }
+        self.local.publish(broadcast)
+    }
+
+    fn subscribe_socket(
+        &self,
+        socket_id: &Arc<str>,
+        id: SubscriberId,
+        subscriber: Arc<dyn Subscriber>,
+    ) {
+        self.local.sockets.subscribe(socket_id, id, subscriber, || {
+            self.link.subscribe(format!("{SOCKET}{socket_id}"));
+        });
+    }
+
+    fn unsubscribe_socket(&self, socket_id: &str, id: SubscriberId) {
+        self.local.sockets.unsubscribe(socket_id, id, || {
+            self.link.unsubscribe(format!("{SOCKET}{socket_id}"));
+        });
+    }
+
+    fn disconnect(&self, socket_id: &str) -> usize {
+        let event = protocol::event::DISCONNECT;
+        if let Some(wire) = encode(self.link.node(), event, &Payload::empty()) {
+            self.link.publish(format!("{SOCKET}{socket_id}"), wire);
+        }
+        self.local.disconnect(socket_id)
+    }
+
+    fn ready(&self, _topic: &str) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.link.ready(READY_WAIT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wire_form_round_trips_and_the_origin_skips_its_own() {
+        let payload = Payload::json(r#"{"body":"hi"}"#.into()).expect("json");
+        let wire = encode("a", "new_message", &payload).expect("encodes");
+        let Some(Received::Topic(b)) = received("b", b"cinder:t:room:1", &wire) else {
+            panic!("a broadcast for node b")
+        };
+        assert_eq!(&*b.topic, "room:1");
+        assert_eq!(b.event, "new_message");
+        assert_eq!(b.payload, payload);
+        assert!(matches!(
+            received("a", b"cinder:t:room:1", &wire),
+            Some(Received::Own)
+        ));
+        let binary = Payload::Binary(bytes::Bytes::from_static(&[0, 1, 255]));
+        let wire = encode("a", "frame", &binary).expect("encodes");
+        let Some(Received::Topic(b)) = received("b", b"cinder:t:t", &wire) else {
+            panic!("a broadcast")
+        };
+        assert_eq!(b.payload, binary);
+    }
+
+    #[test]
+    fn what_does_not_parse_is_refused_not_trusted() {
+        let wire = encode("a", "e", &Payload::empty()).expect("encodes");
+        for cut in 0..wire.len() {
+            assert!(
+                received("b", b"cinder:t:x", &wire[..cut]).is_none(),
+                "cut at {cut}"
+            );
+        }
+        let mut bad_json = encode("a", "e", &Payload::empty()).expect("encodes");
+        bad_json.pop();
+        assert!(received("b", b"cinder:t:x", &bad_json).is_none());
+        let mut future = wire.clone();
+        future[0] = 2;
+        assert!(received("b", b"cinder:t:x", &future).is_none());
+        assert!(received("b", b"other:x", &wire).is_none());
+    }
+}
