@@ -12,7 +12,7 @@
 //! all anew. Nothing here blocks a caller: asking is a send on an unbounded queue, whose
 //! size is bounded by dropping publishes past `MAX_QUEUED`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,15 +37,25 @@ const MAX_QUEUED: usize = 65_536;
 /// Publishes sent in one pipeline at most.
 const BATCH: usize = 512;
 
-/// What receives the messages of the channels the node subscribed to: the channel and
-/// the bytes. Called on the connection's task: it must not block.
-pub type Handler = Box<dyn Fn(&[u8], &[u8]) + Send + Sync>;
+/// What hears the link: the messages of the channels the node subscribed to, members that
+/// are gone, and the link coming back. Called on the link's tasks: it must not block.
+pub trait Listener: Send + Sync {
+    /// A message on `channel`.
+    fn message(&self, channel: &[u8], data: &[u8]);
+    /// Member `node` is gone: its heartbeat record expired, or it started anew.
+    fn node_down(&self, node: &str);
+    /// The link is up again after an outage, every channel subscribed anew: what was
+    /// published meanwhile did not arrive.
+    fn reconnected(&self);
+}
 
 /// One thing asked of Redis, in order.
 enum Op {
     Subscribe(String),
     Unsubscribe(String),
     Publish(String, Vec<u8>),
+    /// A publish answered with how many subscribers (nodes) heard it.
+    PublishCounted(String, Vec<u8>, oneshot::Sender<usize>),
     /// Answered once everything asked before it is done (or could not be).
     Ready(oneshot::Sender<()>),
     /// Leave the cluster: remove this node's record, then stop.
@@ -71,7 +81,7 @@ pub struct Link {
     ops: mpsc::UnboundedSender<Op>,
     queued: Arc<AtomicUsize>,
     up: Arc<AtomicBool>,
-    handler: Arc<OnceLock<Handler>>,
+    listener: Arc<OnceLock<Box<dyn Listener>>>,
     conn: Arc<Mutex<Option<ConnectionManager>>>,
     stats: Arc<Stats>,
 }
@@ -86,11 +96,18 @@ struct Worker {
     up: Arc<AtomicBool>,
     /// Set by the connection when it dropped: its subscriptions are gone.
     lost: Arc<AtomicBool>,
-    handler: Arc<OnceLock<Handler>>,
+    listener: Arc<OnceLock<Box<dyn Listener>>>,
     queued: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     /// The channels the node wants, whatever the link's state.
     wanted: HashSet<String>,
+    /// The other members as last read, with their start times.
+    known: HashMap<String, u64>,
+    /// After an outage, members are not declared gone before this: a Redis that restarted
+    /// empty holds no record until each member's next heartbeat.
+    settling_until: Option<tokio::time::Instant>,
+    /// Whether the link was ever up (its first coming up is no recovery).
+    was_ever_up: bool,
     /// Whether the first failure to reach Redis was said.
     said_unreachable: bool,
 }
@@ -135,7 +152,7 @@ impl Link {
             ops,
             queued: Arc::default(),
             up: Arc::default(),
-            handler: Arc::default(),
+            listener: Arc::default(),
             conn: Arc::default(),
             stats: stats.clone(),
         });
@@ -152,10 +169,13 @@ impl Link {
             conn: link.conn.clone(),
             up: link.up.clone(),
             lost: Arc::default(),
-            handler: link.handler.clone(),
+            listener: link.listener.clone(),
             queued: link.queued.clone(),
             stats,
             wanted: HashSet::new(),
+            known: HashMap::new(),
+            settling_until: None,
+            was_ever_up: false,
             said_unreachable: false,
         };
         tokio::spawn(worker.run(rx));
@@ -172,9 +192,9 @@ impl Link {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Where the messages of subscribed channels go; set once, before any subscribe.
-    pub fn on_message(&self, handler: Handler) {
-        let _ = self.handler.set(handler);
+    /// Who hears the link; set once, before any subscribe.
+    pub fn listen(&self, listener: Box<dyn Listener>) {
+        let _ = self.listener.set(listener);
     }
 
     /// Subscribes the node to `channel` (now, or once Redis is back).
@@ -198,6 +218,28 @@ impl Link {
         let _ = self.ops.send(Op::Publish(channel, data));
     }
 
+    /// Publishes `data` on `channel` after everything asked before, resolving to how many
+    /// subscribers heard it (this node among them when it is subscribed); 0 while Redis is
+    /// down or when it does not answer within `wait`.
+    pub fn publish_counted(
+        &self,
+        channel: String,
+        data: Vec<u8>,
+        wait: Duration,
+    ) -> impl Future<Output = usize> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let asked = self.is_up() && self.ops.send(Op::PublishCounted(channel, data, tx)).is_ok();
+        async move {
+            if !asked {
+                return 0;
+            }
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(n)) => n,
+                _ => 0,
+            }
+        }
+    }
+
     /// Resolves once everything asked before it is done: a channel subscribed before is
     /// then heard. At most `wait`, and at once while Redis is down.
     pub fn ready(&self, wait: Duration) -> impl Future<Output = ()> + Send + 'static {
@@ -214,30 +256,10 @@ impl Link {
     /// empty while Redis is down.
     pub async fn members(&self) -> Vec<Member> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(mut conn) = conn else {
+        let Some(conn) = conn else {
             return Vec::new();
         };
-        let read = async {
-            let ids: Vec<String> = conn.smembers(MEMBERS).await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<String> = ids.iter().map(|id| format!("{NODE_PREFIX}{id}")).collect();
-            let records: Vec<Option<String>> = conn.mget(&keys).await?;
-            let mut members = Vec::new();
-            for (id, record) in ids.iter().zip(records) {
-                match record.and_then(|r| serde_json::from_str::<Member>(&r).ok()) {
-                    Some(member) => members.push(member),
-                    // Its record expired: it is down; the set forgets it.
-                    None => {
-                        let _: redis::RedisResult<()> = conn.srem(MEMBERS, id).await;
-                    }
-                }
-            }
-            members.sort_by(|a, b| a.id.cmp(&b.id));
-            redis::RedisResult::Ok(members)
-        };
-        match tokio::time::timeout(COMMAND_TIMEOUT, read).await {
+        match tokio::time::timeout(COMMAND_TIMEOUT, read_members(conn)).await {
             Ok(Ok(members)) => members,
             _ => Vec::new(),
         }
@@ -251,6 +273,28 @@ impl Link {
             let _ = tokio::time::timeout(wait, rx).await;
         }
     }
+}
+
+/// The members whose record has not expired, by id; the ids whose record expired are
+/// taken out of the set.
+async fn read_members(mut conn: ConnectionManager) -> redis::RedisResult<Vec<Member>> {
+    let ids: Vec<String> = conn.smembers(MEMBERS).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids.iter().map(|id| format!("{NODE_PREFIX}{id}")).collect();
+    let records: Vec<Option<String>> = conn.mget(&keys).await?;
+    let mut members = Vec::new();
+    for (id, record) in ids.iter().zip(records) {
+        match record.and_then(|r| serde_json::from_str::<Member>(&r).ok()) {
+            Some(member) => members.push(member),
+            None => {
+                let _: () = conn.srem(MEMBERS, id).await?;
+            }
+        }
+    }
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(members)
 }
 
 impl Worker {
@@ -305,6 +349,12 @@ impl Worker {
                                     .await;
                             }
                         }
+                        Op::PublishCounted(channel, data, done) => {
+                            let heard = self
+                                .command(|mut c| async move { c.publish(channel, data).await })
+                                .await;
+                            let _ = done.send(heard.unwrap_or(0));
+                        }
                         Op::Ready(done) => {
                             let _ = done.send(());
                         }
@@ -338,7 +388,7 @@ impl Worker {
         let ok = self
             .command(|mut c| async move { sent.query_async::<()>(&mut c).await })
             .await;
-        if ok {
+        if ok.is_some() {
             self.stats
                 .cluster_published
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -349,25 +399,23 @@ impl Worker {
         }
     }
 
-    /// Runs one command on the connection; false (and the link down) when there is none
-    /// or it failed.
-    async fn command<F, Fut, T>(&mut self, f: F) -> bool
+    /// Runs one command on the connection: its answer, or `None` (and the link down) when
+    /// there is no connection or the command failed.
+    async fn command<F, Fut, T>(&mut self, f: F) -> Option<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let Some(conn) = self.conn() else {
-            return false;
-        };
+        let conn = self.conn()?;
         match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
-            Ok(Ok(_)) => true,
+            Ok(Ok(answer)) => Some(answer),
             Ok(Err(e)) => {
                 self.down(&e.to_string());
-                false
+                None
             }
             Err(_) => {
                 self.down("no answer within 2 s");
-                false
+                None
             }
         }
     }
@@ -380,8 +428,10 @@ impl Worker {
         }
     }
 
-    /// Connects if need be, then writes this node's heartbeat; a link that was down and
-    /// answers again subscribes the node's channels anew.
+    /// Connects if need be, then writes this node's heartbeat record (it expires after
+    /// three fifths of the down period: two missed beats), and reads the members: those
+    /// gone since the last read (or started anew) are told to the listener. A link that
+    /// was down and answers again subscribes the node's channels anew.
     async fn heartbeat(&mut self) {
         if self.conn().is_none() {
             match self.connect().await {
@@ -400,7 +450,7 @@ impl Worker {
         self.record.heartbeat_ms = now_ms();
         let key = format!("{NODE_PREFIX}{}", self.node);
         let record = serde_json::to_string(&self.record).unwrap_or_default();
-        let ttl = self.down_after.as_millis() as u64;
+        let ttl = (self.down_after.as_millis() as u64 * 3 / 5).max(1);
         let id = self.node.to_string();
         let beat = self
             .command(|mut c| async move {
@@ -408,21 +458,53 @@ impl Worker {
                 c.sadd::<_, _, ()>(MEMBERS, id).await
             })
             .await;
-        if !beat {
+        if beat.is_none() {
             return;
         }
         if !was_up {
             let wanted: Vec<String> = self.wanted.iter().cloned().collect();
             if !wanted.is_empty()
-                && !self
+                && self
                     .command(|mut c| async move { c.subscribe(wanted).await })
                     .await
+                    .is_none()
             {
                 return;
             }
             self.up.store(true, Ordering::Relaxed);
+            if std::mem::replace(&mut self.was_ever_up, true) {
+                self.settling_until = Some(tokio::time::Instant::now() + self.down_after);
+            }
             tracing::info!(node = %self.node, channels = self.wanted.len(), "cluster: Redis link up");
+            if let Some(listener) = self.listener.get() {
+                listener.reconnected();
+            }
         }
+        let Some(members) = self.command(read_members).await else {
+            return;
+        };
+        let mut now: HashMap<String, u64> = members
+            .into_iter()
+            .filter(|m| *m.id != *self.node)
+            .map(|m| (m.id, m.started_ms))
+            .collect();
+        if self
+            .settling_until
+            .is_some_and(|t| tokio::time::Instant::now() < t)
+        {
+            for (id, started) in &self.known {
+                now.entry(id.clone()).or_insert(*started);
+            }
+        }
+        for (id, started) in &self.known {
+            if now.get(id) != Some(started) {
+                tracing::info!(node = %self.node, member = %id, "cluster: member gone");
+                if let Some(listener) = self.listener.get() {
+                    listener.node_down(id);
+                }
+            }
+        }
+        self.known = now;
     }
 
     /// A link that never came up says so once.
@@ -434,9 +516,9 @@ impl Worker {
     }
 
     /// A RESP3 connection whose pushes (channel messages, a dropped connection) reach the
-    /// handler and the `lost` flag.
+    /// listener and the `lost` flag.
     async fn connect(&self) -> redis::RedisResult<ConnectionManager> {
-        let handler = self.handler.clone();
+        let listener = self.listener.clone();
         let lost = self.lost.clone();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
@@ -445,14 +527,14 @@ impl Worker {
             .set_push_sender(move |push: redis::PushInfo| {
                 match push.kind {
                     redis::PushKind::Message => {
-                        if let (Some(handler), [channel, data, ..]) =
-                            (handler.get(), push.data.as_slice())
+                        if let (Some(listener), [channel, data, ..]) =
+                            (listener.get(), push.data.as_slice())
                             && let (
                                 redis::Value::BulkString(channel),
                                 redis::Value::BulkString(data),
                             ) = (channel, data)
                         {
-                            handler(channel, data);
+                            listener.message(channel, data);
                         }
                     }
                     redis::PushKind::Disconnection => lost.store(true, Ordering::Relaxed),

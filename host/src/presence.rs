@@ -5,18 +5,30 @@
 //! their entries, `phx_ref`s, and the `presence_state` / `presence_diff` payloads, each diff
 //! published once through PubSub. A join or leave costs O(1) state work plus one diff for
 //! the whole topic; only a joining channel's `presence_state` is as large as the topic.
+//!
+//! On a cluster the CRDT is what replicates (as Phoenix.Tracker does): every local change
+//! ships its delta to the other nodes with a room on the topic, each of which merges it
+//! and publishes the diff that made to its own subscribers; a room opening on a node asks
+//! the others for their own entries first (a full sync, waited for up to
+//! [`SYNC_WAIT`]), and so does every topic after an outage of the link. A node that is
+//! gone has its entries leave everywhere, as one diff per topic; a node that started anew
+//! under the same id has its old entries leave too.
 
 pub mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use base64::Engine as _;
 
-use self::state::{Diff, Dot, Replica, State};
+use self::state::{Delta, Diff, Dot, Replica, State};
 use crate::protocol::{self, Payload};
-use crate::pubsub::{Broadcast, PubSub};
+use crate::pubsub::{Broadcast, ClusterListener, PubSub};
+
+/// How long a room opening on a cluster node waits for the other nodes' entries at most.
+pub const SYNC_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a presence call was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,6 +98,11 @@ struct Topic {
     state: Option<State>,
     /// owner -> key -> the entry: a channel's entries in O(1).
     owned: HashMap<u64, HashMap<String, Owned>>,
+    /// A room of the topic is open on this node: the topic is kept while it is, and
+    /// other nodes' deltas are taken.
+    open: bool,
+    /// The nodes whose full sync arrived since the topic opened.
+    synced_from: HashSet<String>,
 }
 
 impl Topic {
@@ -98,9 +115,9 @@ impl Topic {
         meta: &str,
         prev: Option<Dot>,
         charge: (usize, Arc<Account>),
-    ) -> Diff {
+    ) -> (Delta, Diff) {
         let state = self.state.get_or_insert_with(|| State::new(replica));
-        let (_, diff) = state.add(key, owner, meta.to_owned(), prev);
+        let (delta, diff) = state.add(key, owner, meta.to_owned(), prev);
         if let Some((dot, _)) = diff.joins.first() {
             let (bytes, account) = charge;
             self.owned.entry(owner).or_default().insert(
@@ -112,8 +129,24 @@ impl Topic {
                 },
             );
         }
-        diff
+        (delta, diff)
     }
+}
+
+/// A replication message between nodes' trackers (JSON): a delta, or a node's own entries
+/// (a full sync), asking the others for theirs when `ask`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Replication {
+    Delta {
+        replica: Replica,
+        delta: serde_json::Value,
+    },
+    Sync {
+        replica: Replica,
+        own: serde_json::Value,
+        ask: bool,
+    },
 }
 
 /// The presence of every topic on this node.
@@ -125,9 +158,25 @@ pub struct Tracker {
     held: AtomicUsize,
     per_socket: usize,
     total: usize,
+    /// The replica of each other node, learned from what it sent.
+    replicas: Mutex<HashMap<String, Replica>>,
+    /// Woken at every full sync that arrives.
+    synced: tokio::sync::Notify,
+    /// Whether other nodes hold replicas (a cluster member): on one node, no delta is
+    /// encoded.
+    replicating: std::sync::atomic::AtomicBool,
 }
 
 impl Tracker {
+    /// [`Tracker::new`], taking the cluster's replication messages and events when
+    /// `pubsub` is a cluster adapter.
+    pub fn start(pubsub: Arc<dyn PubSub>, per_socket: usize, total: usize) -> Arc<Tracker> {
+        let tracker = Arc::new(Tracker::new(pubsub.clone(), per_socket, total));
+        let replicating = pubsub.on_cluster(Box::new(Replicas(Arc::downgrade(&tracker))));
+        tracker.replicating.store(replicating, Ordering::Relaxed);
+        tracker
+    }
+
     /// A tracker publishing diffs through `pubsub`, holding at most `total` bytes of
     /// presence, `per_socket` for one socket; a random replica id keeps `phx_ref`s unique
     /// across restarts.
@@ -139,6 +188,9 @@ impl Tracker {
             held: AtomicUsize::new(0),
             per_socket,
             total,
+            replicas: Mutex::default(),
+            synced: tokio::sync::Notify::new(),
+            replicating: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -193,35 +245,227 @@ impl Tracker {
             .cloned()
     }
 
-    /// Runs `f` on a topic's state (created on demand), publishes the diff it made, and
-    /// forgets the topic once no one is present.
-    fn mutate<T>(&self, topic: &Arc<str>, f: impl FnOnce(&mut Topic, Replica) -> (T, Diff)) -> T {
+    /// Runs `f` on a topic's state (created on demand), publishes the diff it made to
+    /// this node's subscribers, ships the delta to the other nodes, and forgets the topic
+    /// once no one is present and no room of it is open here.
+    fn mutate<T>(
+        &self,
+        topic: &Arc<str>,
+        f: impl FnOnce(&mut Topic, Replica) -> (T, Diff, Delta),
+    ) -> T {
         let cell = self.topic(topic);
-        let (value, diff, empty) = {
+        let (value, idle) = {
             let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
-            let (value, diff) = f(&mut t, self.replica);
-            (value, diff, t.state.as_ref().is_none_or(State::is_empty))
-        };
-        if !diff.is_empty() {
-            let payload = diff_payload(&diff);
-            self.pubsub.publish(Arc::new(Broadcast::new(
-                topic.clone(),
-                protocol::presence::DIFF.into(),
-                payload,
-                None,
-            )));
-        }
-        if empty {
-            let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-            let idle = topics.get(topic).is_some_and(|c| {
-                Arc::strong_count(c) <= 2
-                    && c.lock().unwrap_or_else(|p| p.into_inner()).owned.is_empty()
-            });
-            if idle {
-                topics.remove(topic);
+            let (value, diff, delta) = f(&mut t, self.replica);
+            // Under the topic's lock, so deltas leave in the order they were made.
+            if !delta.is_empty() && self.replicating.load(Ordering::Relaxed) {
+                self.replicate(
+                    topic,
+                    &Replication::Delta {
+                        replica: self.replica,
+                        delta: delta.to_wire(),
+                    },
+                );
             }
+            self.publish_diff(topic, &diff);
+            let idle =
+                !t.open && t.owned.is_empty() && t.state.as_ref().is_none_or(State::is_empty);
+            (value, idle)
+        };
+        if idle {
+            self.forget_if_idle(topic);
         }
         value
+    }
+
+    /// Publishes a diff to this node's subscribers of `topic`.
+    fn publish_diff(&self, topic: &Arc<str>, diff: &Diff) {
+        if diff.is_empty() {
+            return;
+        }
+        self.pubsub.publish_local(Arc::new(Broadcast::new(
+            topic.clone(),
+            protocol::presence::DIFF.into(),
+            diff_payload(diff),
+            None,
+        )));
+    }
+
+    /// Forgets `topic` if no one else holds it and it has nothing.
+    fn forget_if_idle(&self, topic: &str) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = topics.get(topic).is_some_and(|c| {
+            let t = c.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::strong_count(c) <= 2
+                && !t.open
+                && t.owned.is_empty()
+                && t.state.as_ref().is_none_or(State::is_empty)
+        });
+        if idle {
+            topics.remove(topic);
+        }
+    }
+
+    /// Sends a replication message to the other nodes with a room on `topic`.
+    fn replicate(&self, topic: &str, message: &Replication) {
+        if let Ok(data) = serde_json::to_vec(message) {
+            self.pubsub.replicate(topic, data);
+        }
+    }
+
+    /// This node's own entries of `topic`, as a full sync.
+    fn own_sync(&self, t: &Topic, ask: bool) -> Replication {
+        let own = t
+            .state
+            .as_ref()
+            .map(State::own)
+            .unwrap_or_default()
+            .to_wire();
+        Replication::Sync {
+            replica: self.replica,
+            own,
+            ask,
+        }
+    }
+
+    /// A room of `topic` opens on this node: the topic is kept until [`Tracker::close`],
+    /// and on a cluster the other nodes' entries are asked for and waited for (at most
+    /// [`SYNC_WAIT`]), so a member joining now is sent the whole topic.
+    pub async fn open(&self, topic: &Arc<str>) {
+        let cell = self.topic(topic);
+        let ask = {
+            let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            t.open = true;
+            t.synced_from.clear();
+            if !self.replicating.load(Ordering::Relaxed) {
+                return;
+            }
+            serde_json::to_vec(&self.own_sync(&t, true)).unwrap_or_default()
+        };
+        let others = self.pubsub.replicate_counted(topic, ask).await;
+        if others == 0 {
+            return;
+        }
+        let all_synced = async {
+            loop {
+                let woken = self.synced.notified();
+                if cell
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .synced_from
+                    .len()
+                    >= others
+                {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        let _ = tokio::time::timeout(SYNC_WAIT, all_synced).await;
+    }
+
+    /// The room of `topic` on this node ended (its members' entries left before): what
+    /// other nodes' entries this node held for it is dropped, without a diff (no one here
+    /// listens).
+    pub fn close(&self, topic: &str) {
+        if let Some(cell) = self.existing(topic) {
+            let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            t.open = false;
+            t.synced_from.clear();
+            if t.owned.is_empty() {
+                t.state = None;
+            }
+        }
+        self.forget_if_idle(topic);
+    }
+
+    /// Notes that node `origin` speaks as `replica`; a node that started anew under the
+    /// same id speaks as a new replica, and the entries of its old one leave.
+    fn learn(&self, origin: &str, replica: Replica) {
+        let old = self
+            .replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(origin.to_owned(), replica);
+        if let Some(old) = old
+            && old != replica
+        {
+            self.drop_replica(old);
+        }
+    }
+
+    /// Every entry of `replica` leaves, in every topic, one diff per topic.
+    fn drop_replica(&self, replica: Replica) {
+        let topics: Vec<(Arc<str>, Arc<Mutex<Topic>>)> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (topic, cell) in topics {
+            let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = t.state.as_mut() {
+                let diff = state.drop_replica(replica);
+                self.publish_diff(&topic, &diff);
+            }
+        }
+    }
+
+    /// A replication message from node `origin` for `topic`.
+    fn received(&self, origin: &str, topic: &str, data: &[u8]) {
+        let Ok(message) = serde_json::from_slice::<Replication>(data) else {
+            return;
+        };
+        let (replica, delta, sync, ask) = match message {
+            Replication::Delta { replica, delta } => (replica, delta, false, false),
+            Replication::Sync { replica, own, ask } => (replica, own, true, ask),
+        };
+        let Some(delta) = Delta::from_wire(delta) else {
+            return;
+        };
+        // Deltas of this node's own replica come only from this node.
+        if replica == self.replica {
+            return;
+        }
+        self.learn(origin, replica);
+        let Some(cell) = self.existing(topic) else {
+            return;
+        };
+        let topic: Arc<str> = topic.into();
+        let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
+        if !t.open {
+            return;
+        }
+        let state = t.state.get_or_insert_with(|| State::new(self.replica));
+        let diff = state.merge(&delta);
+        self.publish_diff(&topic, &diff);
+        if sync {
+            t.synced_from.insert(origin.to_owned());
+            self.synced.notify_waiters();
+        }
+        if ask {
+            let answer = self.own_sync(&t, false);
+            self.replicate(&topic, &answer);
+        }
+    }
+
+    /// After an outage, every open topic syncs again both ways.
+    fn resync(&self) {
+        let topics: Vec<(Arc<str>, Arc<Mutex<Topic>>)> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (topic, cell) in topics {
+            let t = cell.lock().unwrap_or_else(|p| p.into_inner());
+            if t.open {
+                let sync = self.own_sync(&t, true);
+                self.replicate(&topic, &sync);
+            }
+        }
     }
 
     /// `owner` (a channel of the socket whose presence is `account`) tracks `key` with
@@ -245,15 +489,15 @@ impl Tracker {
                     None
                 };
                 if let Some(e) = refused {
-                    return (Err(e), Diff::default());
+                    return (Err(e), Diff::default(), Delta::default());
                 }
             }
             let bytes = cost(key, meta);
             if let Err(e) = self.charge(account, bytes) {
-                return (Err(e), Diff::default());
+                return (Err(e), Diff::default(), Delta::default());
             }
-            let diff = t.add(replica, owner, key, meta, None, (bytes, account.clone()));
-            (Ok(()), diff)
+            let (delta, diff) = t.add(replica, owner, key, meta, None, (bytes, account.clone()));
+            (Ok(()), diff, delta)
         })
     }
 
@@ -272,6 +516,7 @@ impl Tracker {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
+                    Delta::default(),
                 );
             };
             // Only growth is charged: an update that does not fit leaves the entry as it was.
@@ -281,21 +526,21 @@ impl Tracker {
                     .entry(owner)
                     .or_default()
                     .insert(key.to_owned(), old);
-                return (Err(e), Diff::default());
+                return (Err(e), Diff::default(), Delta::default());
             }
             let state = t.state.get_or_insert_with(|| State::new(replica));
-            let (_, mut diff) = state.remove(&[old.dot]);
-            diff.joins = t
-                .add(
-                    replica,
-                    owner,
-                    key,
-                    meta,
-                    Some(old.dot),
-                    (bytes, old.account),
-                )
-                .joins;
-            (Ok(()), diff)
+            let (mut delta, mut diff) = state.remove(&[old.dot]);
+            let (added, joined) = t.add(
+                replica,
+                owner,
+                key,
+                meta,
+                Some(old.dot),
+                (bytes, old.account),
+            );
+            delta.absorb(added);
+            diff.joins = joined.joins;
+            (Ok(()), diff, delta)
         })
     }
 
@@ -307,18 +552,19 @@ impl Tracker {
                 return (
                     Err(PresenceError::NotTracked(key.to_owned())),
                     Diff::default(),
+                    Delta::default(),
                 );
             };
             self.release(&owned);
             if t.owned.get(&owner).is_some_and(HashMap::is_empty) {
                 t.owned.remove(&owner);
             }
-            let diff = t
+            let (delta, diff) = t
                 .state
                 .as_mut()
-                .map(|s| s.remove(&[owned.dot]).1)
+                .map(|s| s.remove(&[owned.dot]))
                 .unwrap_or_default();
-            (Ok(()), diff)
+            (Ok(()), diff, delta)
         })
     }
 
@@ -340,11 +586,11 @@ impl Tracker {
                         .collect()
                 })
                 .unwrap_or_default();
-            let diff = match (&mut t.state, dots.is_empty()) {
-                (Some(state), false) => state.remove(&dots).1,
-                _ => Diff::default(),
+            let (delta, diff) = match (&mut t.state, dots.is_empty()) {
+                (Some(state), false) => state.remove(&dots),
+                _ => Default::default(),
             };
-            ((), diff)
+            ((), diff, delta)
         })
     }
 
@@ -449,6 +695,37 @@ fn diff_payload(diff: &Diff) -> Payload {
         |out| push_group(out, &diff.joins),
         |out| push_group(out, &diff.leaves),
     ))
+}
+
+/// The tracker as the cluster's listener; it holds the tracker weakly (the PubSub it
+/// listens to is the tracker's own).
+struct Replicas(Weak<Tracker>);
+
+impl ClusterListener for Replicas {
+    fn replica(&self, origin: &str, topic: &str, data: &[u8]) {
+        if let Some(tracker) = self.0.upgrade() {
+            tracker.received(origin, topic, data);
+        }
+    }
+
+    fn node_down(&self, node: &str) {
+        if let Some(tracker) = self.0.upgrade() {
+            let replica = tracker
+                .replicas
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(node);
+            if let Some(replica) = replica {
+                tracker.drop_replica(replica);
+            }
+        }
+    }
+
+    fn reconnected(&self) {
+        if let Some(tracker) = self.0.upgrade() {
+            tracker.resync();
+        }
+    }
 }
 
 impl std::fmt::Debug for Tracker {

@@ -93,11 +93,11 @@ pub async fn serve(
             (RedisPubSub::new(link.clone(), stats.clone()), Some(link))
         }
     };
-    let tracker = Arc::new(presence::Tracker::new(
+    let tracker = presence::Tracker::start(
         pubsub.clone(),
         limits.presence_bytes_per_socket,
         limits.presence_bytes_total,
-    ));
+    );
     let runtime = Arc::new(Runtime::new(&limits, stats.clone(), tracker.clone())?);
     let store = PluginStore::open(&config.data_dir, &config.cache_dir())?;
     let registry = Arc::new(Registry::open(runtime.clone(), store, limits.clone()).await?);

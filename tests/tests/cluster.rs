@@ -15,11 +15,16 @@ use serde_json::{Value, json};
 
 /// A cluster node on `redis`, named `id`, with a short down period.
 async fn node(redis: &RedisServer, id: &str) -> TestServer {
+    node_with(redis, id, 1000).await
+}
+
+/// A cluster node on `redis`, named `id`, down after `down_ms` without a heartbeat.
+async fn node_with(redis: &RedisServer, id: &str, down_ms: u64) -> TestServer {
     let (url, id) = (redis.url(), id.to_owned());
     let server = TestServer::start_with(move |c| {
         c.redis_url = Some(url);
         c.node_id = Some(id);
-        c.node_down_ms = 1000;
+        c.node_down_ms = down_ms;
     })
     .await;
     until("the node's link is up", || async {
@@ -328,4 +333,165 @@ async fn the_redis_adapter_passes_the_shared_suite_and_crosses_nodes() {
     assert_eq!(socket.heard(), ["user_socket:9:disconnect"]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(heard.heard().len(), 20, "nothing twice");
+}
+
+/// The keys of a `{key: {"metas": [...]}}` object.
+fn keys(group: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = group
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+/// The next frame of `event` that `c` gets, skipping others.
+async fn next_event(c: &mut Client, event: &str) -> Value {
+    loop {
+        let frame = c.recv().await;
+        if frame[3] == event {
+            return frame;
+        }
+    }
+}
+
+/// A member of `presence:lobby` on `server` as `user`, with the `presence_state` it got.
+async fn present(server: &TestServer, user: &str) -> (Client, Value) {
+    let mut c = member(server, user, "presence:lobby").await;
+    let state = next_event(&mut c, "presence_state").await;
+    (c, state[4].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_the_same_from_every_node_and_a_stopped_nodes_entries_leave() {
+    let redis = RedisServer::start().await;
+    // b's down period is long: its entries must leave when it stops, not when it expires.
+    let (a, b, c) = (
+        node(&redis, "a").await,
+        node_with(&redis, "b", 10_000).await,
+        node(&redis, "c").await,
+    );
+    let (mut on_a, state) = present(&a, "1").await;
+    assert_eq!(keys(&state), ["1"]);
+    // A joiner on b is sent a's entry in its presence_state; a hears b's join as one diff.
+    let (mut on_b, state) = present(&b, "2").await;
+    assert_eq!(keys(&state), ["1", "2"]);
+    let diff = next_event(&mut on_a, "presence_diff").await;
+    assert_eq!(keys(&diff[4]["joins"]), ["2"]);
+    // A joiner on c gets both; a and b each hear c's join once.
+    let (on_c, state) = present(&c, "3").await;
+    assert_eq!(keys(&state), ["1", "2", "3"]);
+    for (who, m) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let diff = next_event(m, "presence_diff").await;
+        assert_eq!(keys(&diff[4]["joins"]), ["3"], "{who}: {diff}");
+    }
+    // The same phx_ref everywhere: one entry, not one per node.
+    let (four, seen_on_b) = present(&b, "4").await;
+    assert_eq!(
+        state["1"]["metas"][0]["phx_ref"],
+        seen_on_b["1"]["metas"][0]["phx_ref"]
+    );
+    for (who, m) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let diff = next_event(m, "presence_diff").await;
+        assert_eq!(keys(&diff[4]["joins"]), ["4"], "{who}: {diff}");
+    }
+
+    // c's member leaves: one leave diff on a and b.
+    drop(on_c);
+    for (who, m) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let diff = next_event(m, "presence_diff").await;
+        assert_eq!(keys(&diff[4]["leaves"]), ["3"], "{who}: {diff}");
+    }
+
+    // b stops: its entries leave on a at once, not after its down period (10 s).
+    let stopped = Instant::now();
+    b.stop().await;
+    let diff = next_event(&mut on_a, "presence_diff").await;
+    let mut left = keys(&diff[4]["leaves"]);
+    if left.len() < 2 {
+        let more = next_event(&mut on_a, "presence_diff").await;
+        left.extend(keys(&more[4]["leaves"]));
+        left.sort();
+    }
+    assert_eq!(left, ["2", "4"]);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped.elapsed()
+    );
+    drop((on_b, four));
+    a.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_presences_leave_everywhere_within_the_down_period() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a").await;
+    let url = redis.url();
+    let doomed = cinder_tests::ServerProcess::start(
+        4096,
+        &[
+            "--redis",
+            &url,
+            "--node-id",
+            "doomed",
+            "--node-down-ms",
+            "2000",
+        ],
+    )
+    .await;
+    let (mut on_a, _) = present(&a, "1").await;
+    let mut far = Client::connect(&format!(
+        "ws://{}/socket/websocket?vsn=2.0.0&token={}",
+        doomed.addr,
+        a.token("9")
+    ))
+    .await
+    .expect("connects");
+    far.join("1", "presence:lobby", json!({})).await;
+    let state = next_event(&mut far, "presence_state").await;
+    assert_eq!(keys(&state[4]), ["1", "9"]);
+    let diff = next_event(&mut on_a, "presence_diff").await;
+    assert_eq!(keys(&diff[4]["joins"]), ["9"]);
+
+    // kill -9: nothing is said; the heartbeat record expires and a drops its entries.
+    let killed = Instant::now();
+    doomed.kill().await;
+    let diff = next_event(&mut on_a, "presence_diff").await;
+    assert_eq!(keys(&diff[4]["leaves"]), ["9"]);
+    assert_eq!(keys(&diff[4]["joins"]), Vec::<String>::new());
+    assert!(
+        killed.elapsed() < Duration::from_millis(2000),
+        "left {:?} after the kill; the down period is 2 s",
+        killed.elapsed()
+    );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_tracked_while_redis_was_away_reaches_the_other_nodes_once_it_is_back() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
+    let (_on_a, _) = present(&a, "1").await;
+    let (mut on_b, state) = present(&b, "2").await;
+    assert_eq!(keys(&state), ["1", "2"]);
+
+    let port = redis.kill();
+    until("a sees Redis down", || async {
+        stats(a.addr).await["cluster"]["redis"] == "down"
+    })
+    .await;
+    // Tracked on a while nothing crosses: a knows, b does not yet.
+    let (_late, state) = present(&a, "3").await;
+    assert_eq!(keys(&state), ["1", "2", "3"]);
+
+    let _redis = RedisServer::start_on(port).await;
+    // Back: the nodes sync again, b hears 3 join, and nobody's entries left meanwhile.
+    let diff = next_event(&mut on_b, "presence_diff").await;
+    assert_eq!(keys(&diff[4]["joins"]), ["3"], "{diff}");
+    assert_eq!(keys(&diff[4]["leaves"]), Vec::<String>::new(), "{diff}");
+    on_b.silent_for(1500).await;
+    a.stop().await;
+    b.stop().await;
 }

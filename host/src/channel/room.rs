@@ -283,6 +283,8 @@ impl Room {
         // On a cluster, what other nodes broadcast to the topic reaches the room before
         // its first member's join is answered.
         self.node.pubsub.ready(&self.topic).await;
+        // And the presence other nodes hold for it.
+        self.node.presence.open(&self.topic).await;
         while let Some(msg) = rx.recv().await {
             // Everything this message causes, its call and the handle_out rounds its
             // broadcasts start, broadcasts at most one call's worth: a handle_out that
@@ -323,6 +325,7 @@ impl Room {
         if let Some(id) = self.room_sink.take() {
             self.node.pubsub.unsubscribe(&self.topic, id);
         }
+        self.node.presence.close(&self.topic);
         self.node.remove_room(&self.topic, self.id);
         rx.close();
         while let Some(msg) = rx.recv().await {

@@ -5,15 +5,21 @@
 //!
 //! Pure: no I/O, no clocks, no locks. A mutation returns the delta to ship to other replicas
 //! and applies it locally; [`State::merge`] applies a delta (or a whole state) and returns
-//! what joined and left, which is what `presence_diff` reports.
+//! what joined and left, which is what `presence_diff` reports. Only a replica adds or
+//! removes entries with its own dots, so what one replica knows of its own entries
+//! ([`State::own`]) is all another needs from it; a replica that is gone has its entries
+//! dropped by each survivor ([`State::drop_replica`]). Deltas travel as JSON
+//! ([`Delta::to_wire`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
 
 /// Identifies a replica (a node's tracker).
 pub type Replica = u64;
 
 /// A unique event: the `counter`-th addition by `replica`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Dot {
     /// Who added it.
     pub replica: Replica,
@@ -22,7 +28,7 @@ pub struct Dot {
 }
 
 /// One tracked presence: a key (e.g. a user id) with its metadata.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// The presence key; one key may have several entries (several tabs).
     pub key: String,
@@ -71,6 +77,24 @@ impl Context {
         }
     }
 
+    /// The dots of `replica` only.
+    fn only(&self, replica: Replica) -> Context {
+        Context {
+            vv: self
+                .vv
+                .get_key_value(&replica)
+                .map(|(r, c)| (*r, *c))
+                .into_iter()
+                .collect(),
+            cloud: self
+                .cloud
+                .iter()
+                .filter(|d| d.replica == replica)
+                .copied()
+                .collect(),
+        }
+    }
+
     fn join(&mut self, other: &Context) {
         for (replica, counter) in &other.vv {
             let mine = self.vv.entry(*replica).or_insert(0);
@@ -104,6 +128,51 @@ pub struct Delta {
     pub context: Context,
     /// Entries present.
     pub entries: BTreeMap<Dot, Entry>,
+}
+
+/// A delta as it travels between nodes (JSON has no struct keys).
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    vv: Vec<(Replica, u64)>,
+    cloud: Vec<Dot>,
+    entries: Vec<(Dot, Entry)>,
+}
+
+impl Delta {
+    /// Adds what `other` holds: both contexts, both sets of entries.
+    pub fn absorb(&mut self, other: Delta) {
+        self.context.join(&other.context);
+        self.entries.extend(other.entries);
+    }
+
+    /// Whether it says nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.context.vv.is_empty() && self.context.cloud.is_empty()
+    }
+
+    /// Its wire form.
+    pub fn to_wire(&self) -> serde_json::Value {
+        serde_json::to_value(Wire {
+            vv: self.context.vv.iter().map(|(r, c)| (*r, *c)).collect(),
+            cloud: self.context.cloud.iter().copied().collect(),
+            entries: self.entries.iter().map(|(d, e)| (*d, e.clone())).collect(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// A delta from its wire form; `None` for anything else.
+    pub fn from_wire(value: serde_json::Value) -> Option<Delta> {
+        let wire: Wire = serde_json::from_value(value).ok()?;
+        let mut context = Context {
+            vv: wire.vv.into_iter().collect(),
+            cloud: wire.cloud.into_iter().collect(),
+        };
+        context.compact();
+        Some(Delta {
+            context,
+            entries: wire.entries.into_iter().collect(),
+        })
+    }
 }
 
 /// What a merge changed.
@@ -233,6 +302,38 @@ impl State {
             }
         }
         self.context.join(&delta.context);
+        diff
+    }
+
+    /// What this replica knows of its own entries (those it added and those it removed):
+    /// all another replica needs from it, for a full sync.
+    pub fn own(&self) -> Delta {
+        Delta {
+            context: self.context.only(self.replica),
+            entries: self
+                .entries
+                .iter()
+                .filter(|(d, _)| d.replica == self.replica)
+                .map(|(d, e)| (*d, e.clone()))
+                .collect(),
+        }
+    }
+
+    /// Drops every entry of `replica` (a node that is gone): they leave here, and since
+    /// their dots stay seen, a late delta of theirs cannot bring them back.
+    pub fn drop_replica(&mut self, replica: Replica) -> Diff {
+        let dots: Vec<Dot> = self
+            .entries
+            .keys()
+            .filter(|d| d.replica == replica)
+            .copied()
+            .collect();
+        let mut diff = Diff::default();
+        for dot in dots {
+            if let Some(entry) = self.take(&dot) {
+                diff.leaves.push((dot, entry));
+            }
+        }
         diff
     }
 
@@ -404,6 +505,51 @@ mod tests {
     }
 
     proptest! {
+        /// As the tracker runs it (each replica removes only its own entries, and replicas
+        /// exchange their own views): a replica that knew nothing rebuilds every entry from
+        /// the others' own views, through the wire form; a replica dropped as gone leaves
+        /// for good, whatever of it arrives late.
+        #[test]
+        fn own_views_rebuild_the_whole_and_a_dropped_replica_stays_gone(
+            ops in proptest::collection::vec(op(3), 0..40),
+        ) {
+            let mut replicas: Vec<State> = (0..3).map(State::new).collect();
+            for op in &ops {
+                match *op {
+                    Op::Add { replica, key, meta: m } => {
+                        replicas[replica].add(&format!("k{key}"), 0, meta(m), None);
+                    }
+                    Op::Remove { replica, pick } => {
+                        let state = &mut replicas[replica];
+                        let own: Vec<Dot> = state.own().entries.keys().copied().collect();
+                        if !own.is_empty() {
+                            state.remove(&[own[pick % own.len()]]);
+                        }
+                    }
+                    Op::Sync { from, to } => {
+                        let view = replicas[from].own();
+                        replicas[to].merge(&view);
+                    }
+                }
+            }
+            let mut fresh = State::new(9);
+            for r in &replicas {
+                let wire = Delta::from_wire(r.own().to_wire()).expect("round trips");
+                prop_assert_eq!(&wire, &r.own());
+                fresh.merge(&wire);
+            }
+            let mut want: Vec<Dot> = replicas.iter().flat_map(|r| r.own().entries.into_keys()).collect();
+            want.sort();
+            let mut have: Vec<Dot> = fresh.entries.keys().copied().collect();
+            have.sort();
+            prop_assert_eq!(have, want);
+
+            let gone = fresh.drop_replica(0);
+            prop_assert_eq!(gone.leaves.len(), replicas[0].own().entries.len());
+            prop_assert!(fresh.entries.keys().all(|d| d.replica != 0));
+            prop_assert!(fresh.merge(&replicas[0].own()).joins.is_empty());
+        }
+
         #[test]
         fn merge_is_commutative((a, b, _) in arb_cluster()) {
             prop_assert!(same(&joined(&a, &b), &joined(&b, &a)));

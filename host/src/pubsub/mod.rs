@@ -105,6 +105,40 @@ pub trait PubSub: Send + Sync {
     fn ready(&self, _topic: &str) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(std::future::ready(()))
     }
+    /// Delivers to this node's subscribers only (what a replicated layer computed here,
+    /// such as a presence diff); returns how many received it.
+    fn publish_local(&self, broadcast: Arc<Broadcast>) -> usize {
+        self.publish(broadcast)
+    }
+    /// Sends `data`, a replication message of the layer above (presence), to the other
+    /// nodes subscribed to `topic`, after this node's broadcasts made before it; nothing on
+    /// one node.
+    fn replicate(&self, _topic: &str, _data: Vec<u8>) {}
+    /// [`PubSub::replicate`], resolving to how many other nodes heard it (0 on one node, or
+    /// while the cluster is unreachable).
+    fn replicate_counted(
+        &self,
+        _topic: &str,
+        _data: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        Box::pin(std::future::ready(0))
+    }
+    /// Where replication messages and the cluster's events go; set once. False on one
+    /// node, where there is nothing to replicate and the listener is never called.
+    fn on_cluster(&self, _listener: Box<dyn ClusterListener>) -> bool {
+        false
+    }
+}
+
+/// What the layer above hears of the cluster (presence): called on the link's task, so it
+/// must not block.
+pub trait ClusterListener: Send + Sync {
+    /// A replication message from node `origin` for `topic`.
+    fn replica(&self, origin: &str, topic: &str, data: &[u8]);
+    /// Node `node` is gone (its heartbeat expired): what it replicated is no longer so.
+    fn node_down(&self, node: &str);
+    /// The link came back after an outage: replication messages made meanwhile are lost.
+    fn reconnected(&self);
 }
 
 type Subscribers = Vec<(SubscriberId, Arc<dyn Subscriber>)>;

@@ -9,15 +9,16 @@
 //!
 //! The wire form (this adapter's own; Cinder nodes of one version talk to each other):
 //! `[1][origin length: u8][origin][kind: 0 JSON, 1 binary][event length: u16 BE][event]
-//! [payload]`. A message that does not parse is counted in `cluster_malformed` and dropped.
+//! [payload]`, or `[1][origin length][origin][2][data]` for a replication message of the
+//! layer above (presence deltas, ordered with the broadcasts of the topic's channel). A message that does not parse is counted in `cluster_malformed` and dropped.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::{Broadcast, LocalPubSub, PubSub, Subscriber, SubscriberId};
-use crate::cluster::Link;
+use super::{Broadcast, ClusterListener, LocalPubSub, PubSub, Subscriber, SubscriberId};
+use crate::cluster::{Link, Listener};
 use crate::protocol::{self, Payload};
 use crate::stats::Stats;
 
@@ -30,67 +31,132 @@ const WIRE: u8 = 1;
 /// How long [`PubSub::ready`] waits for Redis at most.
 const READY_WAIT: Duration = Duration::from_secs(1);
 
+/// How long [`PubSub::replicate_counted`] waits for Redis at most.
+const COUNT_WAIT: Duration = Duration::from_secs(1);
+
 /// A cluster member's PubSub.
 pub struct RedisPubSub {
     local: Arc<LocalPubSub>,
     link: Arc<Link>,
+    above: Arc<OnceLock<Box<dyn ClusterListener>>>,
+}
+
+/// What the link hands the adapter.
+struct Receiver {
+    node: Arc<str>,
+    local: Arc<LocalPubSub>,
+    above: Arc<OnceLock<Box<dyn ClusterListener>>>,
+    stats: Arc<Stats>,
+}
+
+impl Listener for Receiver {
+    fn message(&self, channel: &[u8], data: &[u8]) {
+        match received(&self.node, channel, data) {
+            Some(Received::Topic(b)) => {
+                Stats::bump(&self.stats.cluster_received);
+                self.local.topics.publish(&b);
+            }
+            Some(Received::Socket(id)) => {
+                Stats::bump(&self.stats.cluster_received);
+                self.local.sockets.publish(&super::disconnect(&id));
+            }
+            Some(Received::Replica {
+                origin,
+                topic,
+                data,
+            }) => {
+                if let Some(above) = self.above.get() {
+                    above.replica(origin, topic, data);
+                }
+            }
+            Some(Received::Own) => {}
+            None => Stats::bump(&self.stats.cluster_malformed),
+        }
+    }
+
+    fn node_down(&self, node: &str) {
+        if let Some(above) = self.above.get() {
+            above.node_down(node);
+        }
+    }
+
+    fn reconnected(&self) {
+        if let Some(above) = self.above.get() {
+            above.reconnected();
+        }
+    }
 }
 
 impl RedisPubSub {
-    /// The adapter over `link`, whose channel messages it takes from now on.
+    /// The adapter over `link`, which it listens to from now on.
     pub fn new(link: Arc<Link>, stats: Arc<Stats>) -> Arc<RedisPubSub> {
         let local = Arc::new(LocalPubSub::new());
-        let node = link.node().clone();
-        let receiver = local.clone();
-        link.on_message(Box::new(move |channel, data| {
-            match received(&node, channel, data) {
-                Some(Received::Topic(b)) => {
-                    Stats::bump(&stats.cluster_received);
-                    receiver.topics.publish(&b);
-                }
-                Some(Received::Socket(id)) => {
-                    Stats::bump(&stats.cluster_received);
-                    receiver.sockets.publish(&super::disconnect(&id));
-                }
-                Some(Received::Own) => {}
-                None => Stats::bump(&stats.cluster_malformed),
-            }
+        let above = Arc::new(OnceLock::new());
+        link.listen(Box::new(Receiver {
+            node: link.node().clone(),
+            local: local.clone(),
+            above: above.clone(),
+            stats,
         }));
-        Arc::new(RedisPubSub { local, link })
+        Arc::new(RedisPubSub { local, link, above })
     }
 }
 
 /// What a channel message is.
-enum Received {
+enum Received<'a> {
     /// A broadcast from another node.
     Topic(Arc<Broadcast>),
     /// A `disconnect` of a socket id from another node.
     Socket(String),
+    /// A replication message of the layer above, from node `origin`.
+    Replica {
+        origin: &'a str,
+        topic: &'a str,
+        data: &'a [u8],
+    },
     /// This node's own, already delivered.
     Own,
 }
 
-/// The wire form of a broadcast made on `node`.
-fn encode(node: &str, event: &str, payload: &Payload) -> Option<Vec<u8>> {
+/// The kinds of message.
+const JSON: u8 = 0;
+const BINARY: u8 = 1;
+const REPLICA: u8 = 2;
+
+/// The wire form's header: the version, the origin node and the kind.
+fn header(node: &str, kind: u8, room: usize) -> Option<Vec<u8>> {
     let origin = u8::try_from(node.len()).ok()?;
-    let event_len = u16::try_from(event.len()).ok()?;
-    let (kind, body) = match payload {
-        Payload::Json(raw) => (0u8, raw.get().as_bytes()),
-        Payload::Binary(bytes) => (1u8, &bytes[..]),
-    };
-    let mut out = Vec::with_capacity(5 + node.len() + event.len() + body.len());
+    let mut out = Vec::with_capacity(3 + node.len() + room);
     out.push(WIRE);
     out.push(origin);
     out.extend_from_slice(node.as_bytes());
     out.push(kind);
+    Some(out)
+}
+
+/// The wire form of a broadcast made on `node`.
+fn encode(node: &str, event: &str, payload: &Payload) -> Option<Vec<u8>> {
+    let event_len = u16::try_from(event.len()).ok()?;
+    let (kind, body) = match payload {
+        Payload::Json(raw) => (JSON, raw.get().as_bytes()),
+        Payload::Binary(bytes) => (BINARY, &bytes[..]),
+    };
+    let mut out = header(node, kind, 2 + event.len() + body.len())?;
     out.extend_from_slice(&event_len.to_be_bytes());
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(body);
     Some(out)
 }
 
+/// The wire form of a replication message made on `node`.
+fn encode_replica(node: &str, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = header(node, REPLICA, data.len())?;
+    out.extend_from_slice(data);
+    Some(out)
+}
+
 /// Reads a channel message arriving at node `node`; `None` when it does not parse.
-fn received(node: &str, channel: &[u8], data: &[u8]) -> Option<Received> {
+fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Received<'a>> {
     let channel = std::str::from_utf8(channel).ok()?;
     let (&wire, rest) = data.split_first()?;
     if wire != WIRE {
@@ -106,13 +172,20 @@ fn received(node: &str, channel: &[u8], data: &[u8]) -> Option<Received> {
     }
     let topic = channel.strip_prefix(TOPIC)?;
     let (&kind, rest) = rest.split_first()?;
+    if kind == REPLICA {
+        return Some(Received::Replica {
+            origin: std::str::from_utf8(origin).ok()?,
+            topic,
+            data: rest,
+        });
+    }
     let (event_len, rest) = rest.split_at_checked(2)?;
     let event_len = u16::from_be_bytes([event_len[0], event_len[1]]);
     let (event, body) = rest.split_at_checked(event_len.into())?;
     let event = std::str::from_utf8(event).ok()?.to_owned();
     let payload = match kind {
-        0 => Payload::json(std::str::from_utf8(body).ok()?.to_owned()).ok()?,
-        1 => Payload::Binary(bytes::Bytes::copy_from_slice(body)),
+        JSON => Payload::json(std::str::from_utf8(body).ok()?.to_owned()).ok()?,
+        BINARY => Payload::Binary(bytes::Bytes::copy_from_slice(body)),
         _ => return None,
     };
     Some(Received::Topic(Arc::new(Broadcast::new(
@@ -175,6 +248,36 @@ impl PubSub for RedisPubSub {
 
     fn ready(&self, _topic: &str) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(self.link.ready(READY_WAIT))
+    }
+
+    fn publish_local(&self, broadcast: Arc<Broadcast>) -> usize {
+        self.local.publish(broadcast)
+    }
+
+    fn replicate(&self, topic: &str, data: Vec<u8>) {
+        if let Some(wire) = encode_replica(self.link.node(), &data) {
+            self.link.publish(format!("{TOPIC}{topic}"), wire);
+        }
+    }
+
+    fn replicate_counted(
+        &self,
+        topic: &str,
+        data: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        let Some(wire) = encode_replica(self.link.node(), &data) else {
+            return Box::pin(std::future::ready(0));
+        };
+        let heard = self
+            .link
+            .publish_counted(format!("{TOPIC}{topic}"), wire, COUNT_WAIT);
+        // This node hears its own too, when it is subscribed.
+        Box::pin(async move { heard.await.saturating_sub(1) })
+    }
+
+    fn on_cluster(&self, listener: Box<dyn ClusterListener>) -> bool {
+        let _ = self.above.set(listener);
+        true
     }
 }
 
