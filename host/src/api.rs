@@ -16,10 +16,12 @@ use serde_json::value::RawValue;
 
 use crate::channel::Hub;
 use crate::cluster::Link;
+use crate::deploy::Deploy;
 use crate::limit::Slots;
 use crate::presence::Tracker;
 use crate::protocol::{self, Payload};
 use crate::pubsub::Broadcast;
+use crate::registry::Activation;
 use crate::registry::Refusal;
 use crate::registry::Registry;
 use crate::runtime::Runtime;
@@ -43,6 +45,8 @@ pub struct Admin {
     pub connections: Arc<Slots>,
     /// The link to the cluster, on a cluster member.
     pub cluster: Option<Arc<Link>>,
+    /// Plugin versions on the cluster, on a cluster member.
+    pub deploy: Option<Arc<Deploy>>,
     /// The bearer token of the API.
     pub admin_token: String,
     /// Where the WebSocket is mounted.
@@ -179,6 +183,36 @@ pub async fn broadcast(State(app): State<Arc<Admin>>, body: Bytes) -> Response {
     (StatusCode::ACCEPTED, Json(json!({ "status": "ok" }))).into_response()
 }
 
+/// On a cluster member whose Redis does not answer, a plugin change is refused: made here
+/// alone, it would leave this node's record apart from the cluster's.
+fn cluster_unwritable(app: &Admin) -> Option<Response> {
+    let deploy = app.deploy.as_ref()?;
+    (!deploy.writable()).then(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cluster's Redis is unreachable: plugin changes wait until it is back",
+        )
+    })
+}
+
+/// An activation's answer; on a cluster with `nodes`, what each member serves once it
+/// applied the version (or why it could not; `null` when it did not say in time).
+async fn activated(app: &Admin, activation: Result<Activation, Refusal>) -> Response {
+    let activation = match activation {
+        Ok(a) => a,
+        Err(e) => return refused(e),
+    };
+    let Some(deploy) = &app.deploy else {
+        return Json(activation).into_response();
+    };
+    let nodes = deploy
+        .reports(&activation.plugin, &activation.version)
+        .await;
+    let mut body = serde_json::to_value(&activation).unwrap_or_default();
+    body["nodes"] = serde_json::to_value(nodes).unwrap_or_default();
+    Json(body).into_response()
+}
+
 /// The registry's answer as JSON, or its refusal with the matching status.
 fn answer(result: Result<impl serde::Serialize, Refusal>) -> Response {
     match result {
@@ -250,6 +284,9 @@ pub async fn upload(
         return error(StatusCode::BAD_REQUEST, format!("missing part: {USAGE}"));
     };
     let activate = query.activate.unwrap_or(true);
+    if let Some(refusal) = cluster_unwritable(&app) {
+        return refusal;
+    }
     match app
         .registry
         .add(&app.hub, &manifest, wasm, Source::Upload, activate)
@@ -261,7 +298,14 @@ pub async fn upload(
             } else {
                 StatusCode::OK
             };
-            (status, Json(up)).into_response()
+            let mut body = serde_json::to_value(&up).unwrap_or_default();
+            if let (Some(deploy), Some(activation)) = (&app.deploy, &up.activation) {
+                let nodes = deploy
+                    .reports(&activation.plugin, &activation.version)
+                    .await;
+                body["activation"]["nodes"] = serde_json::to_value(nodes).unwrap_or_default();
+            }
+            (status, Json(body)).into_response()
         }
         Err(e) => {
             tracing::warn!(error = %e, "plugin upload refused");
@@ -320,7 +364,10 @@ pub async fn activate(
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    answer(app.registry.activate(&app.hub, &name, &version).await)
+    if let Some(refusal) = cluster_unwritable(&app) {
+        return refusal;
+    }
+    activated(&app, app.registry.activate(&app.hub, &name, &version).await).await
 }
 
 /// `POST /api/plugins/{name}/rollback`, optionally with `{"version"}`: go back to that
@@ -334,16 +381,22 @@ pub async fn rollback(
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    answer(
-        app.registry
-            .rollback(&app.hub, &name, version.as_deref())
-            .await,
-    )
+    if let Some(refusal) = cluster_unwritable(&app) {
+        return refusal;
+    }
+    let rolled_back = app
+        .registry
+        .rollback(&app.hub, &name, version.as_deref())
+        .await;
+    activated(&app, rolled_back).await
 }
 
 /// `DELETE /api/plugins/{name}`: remove a plugin with every version (refused while it has
 /// live rooms).
 pub async fn delete_plugin(State(app): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
+    if let Some(refusal) = cluster_unwritable(&app) {
+        return refusal;
+    }
     match app.registry.delete_plugin(&app.hub, &name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refused(e),
@@ -356,6 +409,9 @@ pub async fn delete_version(
     State(app): State<Arc<Admin>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
+    if let Some(refusal) = cluster_unwritable(&app) {
+        return refusal;
+    }
     match app.registry.delete_version(&name, &version).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refused(e),

@@ -12,7 +12,7 @@
 //! all anew. Nothing here blocks a caller: asking is a send on an unbounded queue, whose
 //! size is bounded by dropping publishes past `MAX_QUEUED`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -73,6 +73,9 @@ pub struct Member {
     pub started_ms: u64,
     /// Its last heartbeat, in milliseconds since the Unix epoch.
     pub heartbeat_ms: u64,
+    /// The version it serves of each plugin, as of its last heartbeat.
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
 }
 
 /// The link to Redis. Cheap to share; every method returns at once.
@@ -84,7 +87,12 @@ pub struct Link {
     listener: Arc<OnceLock<Box<dyn Listener>>>,
     conn: Arc<Mutex<Option<ConnectionManager>>>,
     stats: Arc<Stats>,
+    taps: Taps,
+    versions: Arc<Mutex<BTreeMap<String, String>>>,
 }
+
+/// Channels whose messages go to a queue of their own (not to the listener).
+type Taps = Arc<Mutex<HashMap<Vec<u8>, mpsc::UnboundedSender<Vec<u8>>>>>;
 
 /// What the worker needs.
 struct Worker {
@@ -97,6 +105,8 @@ struct Worker {
     /// Set by the connection when it dropped: its subscriptions are gone.
     lost: Arc<AtomicBool>,
     listener: Arc<OnceLock<Box<dyn Listener>>>,
+    taps: Taps,
+    versions: Arc<Mutex<BTreeMap<String, String>>>,
     queued: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     /// The channels the node wants, whatever the link's state.
@@ -155,6 +165,8 @@ impl Link {
             listener: Arc::default(),
             conn: Arc::default(),
             stats: stats.clone(),
+            taps: Arc::default(),
+            versions: Arc::default(),
         });
         let worker = Worker {
             client,
@@ -164,12 +176,15 @@ impl Link {
                 address,
                 started_ms: started,
                 heartbeat_ms: started,
+                versions: BTreeMap::new(),
             },
             down_after,
             conn: link.conn.clone(),
             up: link.up.clone(),
             lost: Arc::default(),
             listener: link.listener.clone(),
+            taps: link.taps.clone(),
+            versions: link.versions.clone(),
             queued: link.queued.clone(),
             stats,
             wanted: HashSet::new(),
@@ -195,6 +210,29 @@ impl Link {
     /// Who hears the link; set once, before any subscribe.
     pub fn listen(&self, listener: Box<dyn Listener>) {
         let _ = self.listener.set(listener);
+    }
+
+    /// The messages of `channel` from now on, in a queue of their own; the node subscribes
+    /// to it (now, or once Redis is back).
+    pub fn tap(&self, channel: &str) -> mpsc::UnboundedReceiver<Vec<u8>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.as_bytes().to_vec(), tx);
+        self.subscribe(channel.to_owned());
+        rx
+    }
+
+    /// The connection, for commands of a layer above (the plugin store's records); `None`
+    /// while there is none yet. A command that fails there does not mark the link down.
+    pub fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What this node's heartbeat record says it serves, from its next heartbeat on.
+    pub fn describe(&self, versions: BTreeMap<String, String>) {
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = versions;
     }
 
     /// Subscribes the node to `channel` (now, or once Redis is back).
@@ -448,6 +486,11 @@ impl Worker {
         }
         let was_up = self.up.load(Ordering::Relaxed);
         self.record.heartbeat_ms = now_ms();
+        self.record.versions = self
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let key = format!("{NODE_PREFIX}{}", self.node);
         let record = serde_json::to_string(&self.record).unwrap_or_default();
         let ttl = (self.down_after.as_millis() as u64 * 3 / 5).max(1);
@@ -519,6 +562,7 @@ impl Worker {
     /// listener and the `lost` flag.
     async fn connect(&self) -> redis::RedisResult<ConnectionManager> {
         let listener = self.listener.clone();
+        let taps = self.taps.clone();
         let lost = self.lost.clone();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
@@ -534,7 +578,17 @@ impl Worker {
                                 redis::Value::BulkString(data),
                             ) = (channel, data)
                         {
-                            listener.message(channel, data);
+                            let tap = taps
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(channel)
+                                .cloned();
+                            match tap {
+                                Some(tap) => {
+                                    let _ = tap.send(data.clone());
+                                }
+                                None => listener.message(channel, data),
+                            }
                         }
                     }
                     redis::PushKind::Disconnection => lost.store(true, Ordering::Relaxed),

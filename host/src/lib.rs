@@ -17,6 +17,7 @@
 //! - [`runtime`]: wasmtime: engine, manifest, plugin, instance, host imports, limits.
 //! - [`registry`]: plugins and their versions: upload, activate (hot reload), roll back,
 //!   delete, routing, the plugins dir and the watched dir.
+//! - [`deploy`]: plugin versions on a cluster: kept in Redis, announced, converged on by every node.
 //! - [`transport`]: the WebSocket endpoint and one task per socket.
 //! - [`api`]: the HTTP API (server push, stats, plugin administration).
 //! - [`server`]: building the node, the router, the accept loop (connection cap, timeouts).
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod deploy;
 pub mod limit;
 pub mod logging;
 pub mod presence;

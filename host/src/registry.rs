@@ -159,8 +159,34 @@ pub struct VersionInfo {
     pub source: Source,
 }
 
+/// A change made on this node (by the API, the CLI, the plugins dir or the watched dir),
+/// for whoever spreads it to the other nodes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A version of the plugin was stored, or its active version changed.
+    Plugin(String),
+    /// A version was deleted.
+    VersionDeleted(String, String),
+    /// The plugin was deleted with every version.
+    PluginDeleted(String),
+}
+
+/// One stored version with its bytes, for copying it to another node.
+pub struct Exported {
+    /// Its version string.
+    pub version: String,
+    /// Its manifest text.
+    pub manifest: String,
+    /// SHA-256 of the wasm, hex.
+    pub sha256: String,
+    /// Where it came from.
+    pub source: Source,
+}
+
 /// The plugins of this node.
 pub struct Registry {
+    /// Told of every change made on this node (set once, on a cluster member).
+    on_change: std::sync::OnceLock<Box<dyn Fn(Change) + Send + Sync>>,
     runtime: Arc<Runtime>,
     store: Arc<PluginStore>,
     limits: Limits,
@@ -235,6 +261,7 @@ impl Registry {
         limits: Limits,
     ) -> anyhow::Result<Registry> {
         let registry = Registry {
+            on_change: std::sync::OnceLock::new(),
             runtime,
             store: Arc::new(store),
             limits,
@@ -256,6 +283,120 @@ impl Registry {
             }
         }
         Ok(registry)
+    }
+
+    /// Who is told of the changes made on this node from now on; set once.
+    pub fn on_change(&self, tell: Box<dyn Fn(Change) + Send + Sync>) {
+        let _ = self.on_change.set(tell);
+    }
+
+    fn changed(&self, change: Change) {
+        if let Some(tell) = self.on_change.get() {
+            tell(change);
+        }
+    }
+
+    /// The active record of `name` (active version and history), if it has one.
+    pub fn active_record(&self, name: &str) -> Result<Option<ActiveRecord>, Refusal> {
+        named(name)?;
+        self.store.active(name).map_err(internal)
+    }
+
+    /// Every stored version of `name`, without bytes.
+    pub fn exported(&self, name: &str) -> Result<Vec<Exported>, Refusal> {
+        named(name)?;
+        Ok(self
+            .store
+            .versions(name)
+            .map_err(internal)?
+            .into_iter()
+            .map(|v| Exported {
+                version: v.version,
+                manifest: v.manifest,
+                sha256: v.record.sha256,
+                source: v.record.source,
+            })
+            .collect())
+    }
+
+    /// The wasm of a stored version.
+    pub fn wasm(&self, name: &str, version: &str) -> Result<Vec<u8>, Refusal> {
+        versioned(name, version)?;
+        let stored = self
+            .store
+            .version(name, version)
+            .map_err(internal)?
+            .ok_or_else(|| Refusal::NotFound(format!("plugin {name} has no version {version}")))?;
+        self.store.wasm(name, &stored).map_err(internal)
+    }
+
+    /// Every stored plugin's name.
+    pub fn names(&self) -> Result<Vec<String>, Refusal> {
+        self.store.names().map_err(internal)
+    }
+
+    /// Stores a version another node has (its manifest must name `name` and `version`,
+    /// its bytes must hash to `sha256`), without loading it: it is compiled when it is
+    /// activated. Not a change of this node's.
+    pub async fn import(
+        &self,
+        name: &str,
+        version: &str,
+        manifest: &str,
+        wasm: &[u8],
+        sha256: &str,
+        source: Source,
+    ) -> Result<(), Refusal> {
+        versioned(name, version)?;
+        let parsed = Manifest::parse(manifest, &self.limits)
+            .map_err(|e| Refusal::BadRequest(format!("{e:#}")))?;
+        if parsed.name != name || parsed.version != version || sha256_hex(wasm) != sha256 {
+            return Err(Refusal::BadRequest(format!(
+                "plugin {name} {version} from the cluster does not match its record"
+            )));
+        }
+        let _changing = self.changes.lock().await;
+        if self
+            .store
+            .version(name, version)
+            .map_err(internal)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        self.store
+            .put(name, version, manifest, wasm, source)
+            .map_err(internal)?;
+        tracing::info!(plugin = %name, %version, "plugin version taken from the cluster");
+        Ok(())
+    }
+
+    /// Makes `record` (the cluster's) this node's active record of `name` and moves the
+    /// live rooms to its active version. Not a change of this node's.
+    pub async fn follow(
+        &self,
+        hub: &Hub,
+        name: &str,
+        record: ActiveRecord,
+    ) -> Result<Activation, Refusal> {
+        versioned(name, &record.active)?;
+        let _changing = self.changes.lock().await;
+        let (plugin, _) = self.load_stored(name, &record.active).await?;
+        self.activate_built(hub, plugin, How::Follow(record)).await
+    }
+
+    /// Deletes what the cluster deleted: a version (never the active one), or the plugin.
+    /// Not a change of this node's.
+    pub async fn forget(
+        &self,
+        hub: &Hub,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(), Refusal> {
+        match version {
+            Some(version) => self.remove_version(name, version).await,
+            None => self.remove_plugin(hub, name).await,
+        }
     }
 
     fn set_live(&self, plugin: Arc<Plugin>) {
@@ -397,10 +538,13 @@ impl Registry {
             tracing::info!(plugin = %name, %version, sha256 = %sha256, ?source, "plugin version stored");
         }
         let activation = if activate {
-            Some(self.activate_built(hub, plugin, false).await?)
+            Some(self.activate_built(hub, plugin, How::Activate).await?)
         } else {
             None
         };
+        if created || activation.is_some() {
+            self.changed(Change::Plugin(name.clone()));
+        }
         Ok(Uploaded {
             plugin: name,
             version,
@@ -421,7 +565,9 @@ impl Registry {
         versioned(name, version)?;
         let _changing = self.changes.lock().await;
         let (plugin, _) = self.load_stored(name, version).await?;
-        self.activate_built(hub, plugin, false).await
+        let activation = self.activate_built(hub, plugin, How::Activate).await?;
+        self.changed(Change::Plugin(name.to_owned()));
+        Ok(activation)
     }
 
     /// Goes back to `version`, or to the version active before the current one.
@@ -450,7 +596,9 @@ impl Registry {
             })?,
         };
         let (plugin, _) = self.load_stored(name, &target).await?;
-        self.activate_built(hub, plugin, true).await
+        let activation = self.activate_built(hub, plugin, How::RollBack).await?;
+        self.changed(Change::Plugin(name.to_owned()));
+        Ok(activation)
     }
 
     /// Activates a loaded version: the active pointer is durable before any room moves.
@@ -458,7 +606,7 @@ impl Registry {
         &self,
         hub: &Hub,
         plugin: Arc<Plugin>,
-        rollback: bool,
+        how: How,
     ) -> Result<Activation, Refusal> {
         let started = Instant::now();
         let manifest = plugin.manifest();
@@ -471,10 +619,10 @@ impl Registry {
             .map_err(internal)?
             .unwrap_or_default();
         let previous = (!record.active.is_empty()).then(|| record.active.clone());
-        if rollback {
-            record.roll_back_to(&version);
-        } else {
-            record.activate(&version);
+        match how {
+            How::Activate => record.activate(&version),
+            How::RollBack => record.roll_back_to(&version),
+            How::Follow(theirs) => record = theirs,
         }
         self.store.set_active(&name, &record).map_err(internal)?;
         let route = route_of(&plugin);
@@ -520,6 +668,12 @@ impl Registry {
 
     /// Deletes a stored version; never the active one.
     pub async fn delete_version(&self, name: &str, version: &str) -> Result<(), Refusal> {
+        self.remove_version(name, version).await?;
+        self.changed(Change::VersionDeleted(name.to_owned(), version.to_owned()));
+        Ok(())
+    }
+
+    async fn remove_version(&self, name: &str, version: &str) -> Result<(), Refusal> {
         versioned(name, version)?;
         let _changing = self.changes.lock().await;
         if self
@@ -549,6 +703,12 @@ impl Registry {
 
     /// Deletes a plugin with every version; refused while it has live rooms.
     pub async fn delete_plugin(&self, hub: &Hub, name: &str) -> Result<(), Refusal> {
+        self.remove_plugin(hub, name).await?;
+        self.changed(Change::PluginDeleted(name.to_owned()));
+        Ok(())
+    }
+
+    async fn remove_plugin(&self, hub: &Hub, name: &str) -> Result<(), Refusal> {
         named(name)?;
         let _changing = self.changes.lock().await;
         if !self
@@ -698,6 +858,16 @@ impl Registry {
             }
         }
     }
+}
+
+/// How an activation sets the active record.
+enum How {
+    /// The version becomes active; the one before joins the history.
+    Activate,
+    /// Back to the version, which leaves the history.
+    RollBack,
+    /// Exactly the record given (the cluster's).
+    Follow(ActiveRecord),
 }
 
 /// Replaces the version in a manifest's text.

@@ -27,6 +27,7 @@ use crate::api::{self, Admin};
 use crate::channel::Hub;
 use crate::cluster::Link;
 use crate::config::{Config, Limits, Secrets};
+use crate::deploy::Deploy;
 use crate::limit::Slots;
 use crate::pubsub::{LocalPubSub, PubSub, RedisPubSub};
 use crate::registry::Registry;
@@ -108,6 +109,14 @@ pub async fn serve(
         limits.clone(),
         stats,
     );
+    // On a cluster the cluster's versions come first: a node that starts later serves
+    // the active versions of the cluster, not those of its plugins dir.
+    let deploy = link
+        .clone()
+        .map(|link| Deploy::start(link, registry.clone(), hub.clone()));
+    if let Some(deploy) = &deploy {
+        deploy.converge_all().await;
+    }
     if let Some(dir) = &config.plugins_dir {
         registry.add_dir(&hub, dir, Source::Dir).await?;
     }
@@ -137,6 +146,7 @@ pub async fn serve(
         sockets: sockets.clone(),
         connections: slots.clone(),
         cluster: link.clone(),
+        deploy,
         admin_token: secrets.admin_token,
         mount: config.mount.clone(),
     });

@@ -495,3 +495,147 @@ async fn presence_tracked_while_redis_was_away_reaches_the_other_nodes_once_it_i
     a.stop().await;
     b.stop().await;
 }
+
+/// `inc` on `counter:<room>` through `c` (joined with join ref "1"); the reply's response.
+async fn inc(c: &mut Client, topic: &str, msg_ref: &str) -> Value {
+    c.send(json!(["1", msg_ref, topic, "inc", {}])).await;
+    loop {
+        let frame = c.recv().await;
+        if frame[3] == "phx_reply" && frame[1] == msg_ref {
+            assert_eq!(frame[4]["status"], "ok", "{frame}");
+            return frame[4]["response"].clone();
+        }
+    }
+}
+
+/// Node id -> the version of `plugin` its heartbeat says it serves.
+async fn served(addr: std::net::SocketAddr, plugin: &str) -> Vec<(String, String)> {
+    stats(addr).await["cluster"]["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    (
+                        m["id"].as_str().unwrap_or_default().to_owned(),
+                        m["versions"][plugin]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_activated_on_one_node_is_served_by_every_node_and_by_nodes_that_start_later() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
+    // A counter room on b, counting under 1.0.0.
+    let mut on_b = member(&b, "1", "counter:shared").await;
+    for i in 0..3 {
+        assert_eq!(
+            inc(&mut on_b, "counter:shared", &format!("i{i}")).await,
+            json!({"count": i + 1})
+        );
+    }
+
+    // counter 2.0.0 uploaded and activated through a: every member reports it.
+    let dir = cinder_tests::test_uploads_dir();
+    let manifest = std::fs::read_to_string(dir.join("counter-2.0.0.toml")).expect("make plugins");
+    let wasm = std::fs::read(dir.join("counter-2.0.0.wasm")).expect("make plugins");
+    let (status, up) = cinder_tests::upload(a.addr, &manifest, &wasm, true).await;
+    assert_eq!(status, 201, "{up}");
+    assert_eq!(
+        up["activation"]["nodes"],
+        json!({"a": {"version": "2.0.0"}, "b": {"version": "2.0.0"}}),
+        "{up}"
+    );
+    // b's live room moved with its count, no rejoin.
+    assert_eq!(
+        inc(&mut on_b, "counter:shared", "i3").await,
+        json!({"count": 4, "version": "2.0.0"})
+    );
+
+    // A node that starts now serves the cluster's active version, not its dir's 1.0.0.
+    let c = node(&redis, "c").await;
+    let mut on_c = member(&c, "2", "counter:fresh").await;
+    assert_eq!(
+        inc(&mut on_c, "counter:fresh", "i0").await,
+        json!({"count": 1, "version": "2.0.0"})
+    );
+    until("every heartbeat says 2.0.0", || async {
+        served(a.addr, "counter").await
+            == [("a", "2.0.0"), ("b", "2.0.0"), ("c", "2.0.0")]
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+    })
+    .await;
+
+    // A rollback through c takes every node back.
+    let (status, back) =
+        cinder_tests::admin(c.addr, "POST", "/api/plugins/counter/rollback", None).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["version"], "1.0.0");
+    assert_eq!(
+        back["nodes"],
+        json!({"a": {"version": "1.0.0"}, "b": {"version": "1.0.0"}, "c": {"version": "1.0.0"}}),
+        "{back}"
+    );
+    assert_eq!(
+        inc(&mut on_b, "counter:shared", "i4").await,
+        json!({"count": 5})
+    );
+
+    // Deleting 2.0.0 on b deletes it everywhere.
+    let (status, _) = cinder_tests::admin(
+        b.addr,
+        "DELETE",
+        "/api/plugins/counter/versions/2.0.0",
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    for s in [&a, &c] {
+        until("2.0.0 is gone everywhere", || async {
+            let (_, list) = cinder_tests::admin(s.addr, "GET", "/api/plugins", None).await;
+            list.as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == "counter"))
+                .is_some_and(|p| {
+                    p["versions"]
+                        .as_array()
+                        .is_some_and(|vs| vs.iter().all(|v| v["version"] != "2.0.0"))
+                })
+        })
+        .await;
+    }
+    for s in [a, b, c] {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_changes_wait_while_the_clusters_redis_is_away() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a").await;
+    drop(redis);
+    until("a sees Redis down", || async {
+        stats(a.addr).await["cluster"]["redis"] == "down"
+    })
+    .await;
+    let (status, body) = cinder_tests::admin(
+        a.addr,
+        "POST",
+        "/api/plugins/counter/activate",
+        Some(r#"{"version":"1.0.0"}"#),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Redis is unreachable")),
+        "{body}"
+    );
+    a.stop().await;
+}
