@@ -98,7 +98,7 @@ test-js: plugins redis-server
 test: lint test-rust test-js
 
 # Benchmarks (not part of the suite); docs/benchmarks.md explains the method.
-bench: plugins
+bench: plugins redis-server
 	@mkdir -p target/bench-plugins
 	cp $(JS_TEST_PLUGIN_DIR)/chat* target/bench-plugins/
 	cd plugins/chat-js && npx componentize-js chat.js --wit ../../wit --world-name channel --disable http fetch-event -o ../../target/bench-plugins/chat-js-starlingmonkey.wasm
@@ -114,6 +114,7 @@ bench: plugins
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench fanout 10000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 10000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 20000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench cluster 10000 500 5000
 
 # Fuzzing (not part of the suite): each target of host/fuzz (the frame decoders, connect
 # tokens, the plugin manifest) for FUZZ_SECS seconds with libFuzzer. Needs a nightly

@@ -86,17 +86,18 @@ pub async fn run(flags: &Flags, rooms: usize, rate: usize) -> anyhow::Result<()>
     };
     for (variant, prefix) in variants {
         let server = Endpoint::start(flags).await?;
-        let result = chat_run(&server.target, prefix, rooms, rate).await;
+        let result = chat_run(std::slice::from_ref(&server.target), prefix, rooms, rate).await;
         server.stop().await?;
         println!("chat ({variant}): {}", result?);
     }
     Ok(())
 }
 
-/// `rooms` rooms `<prefix>:lobby-N` of 10 members on `target`, each member sending at its
-/// share of `rate`; returns the summary line.
-async fn chat_run(
-    target: &Target,
+/// `rooms` rooms `<prefix>:lobby-N` of 10 members, member i on `targets[i % n]` (so with
+/// several nodes each room's members are on different nodes), each member sending at its
+/// share of `rate`; returns the summary line. The server CPU is the first target's.
+pub async fn chat_run(
+    targets: &[Target],
     prefix: &str,
     rooms: usize,
     rate: usize,
@@ -107,6 +108,7 @@ async fn chat_run(
     let topic = |i: usize| format!("{prefix}:lobby-{}", i / MEMBERS);
     let sockets = open_many(rooms * MEMBERS, |i| {
         let topic = topic(i);
+        let target = &targets[i % targets.len()];
         async move {
             let mut ws = target.open(i + 1).await?;
             ws.try_join("1", &topic, json!({})).await?;
@@ -136,7 +138,7 @@ async fn chat_run(
             ))
         })
         .collect();
-    let pid = target.pid;
+    let pid = targets[0].pid;
     tokio::time::sleep_until(measure_from.into()).await;
     let (cpu_from, own_from) = (pid.map(Cpu::of).transpose()?, cpu_time(std::process::id())?);
     tokio::time::sleep_until((measure_from + MEASURE).into()).await;

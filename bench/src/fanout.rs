@@ -20,13 +20,13 @@ use crate::server::{Endpoint, Flags, Target};
 use crate::stats::median;
 
 /// The topic the subscribers join: one a chat-room server serves.
-const TOPIC: &str = "room:lobby";
+pub const TOPIC: &str = "room:lobby";
 
 /// Rounds of a fan-out measurement.
-const FANOUT_ROUNDS: usize = 6;
+pub const FANOUT_ROUNDS: usize = 6;
 
 /// Counts frames that contain `marker` on each socket until `total` arrived in all.
-fn count_deliveries(
+pub fn count_deliveries(
     sockets: Vec<Client>,
     marker: &'static str,
     counter: Arc<AtomicU64>,
@@ -261,7 +261,7 @@ where
 /// `pid`, whose subscribers count each round's `per_round` deliveries in `counter`. Returns
 /// each round's deliveries per second and, with a `pid`, the server's CPU time over all
 /// rounds but the first.
-async fn fanout_rounds<F, Fut>(
+pub async fn fanout_rounds<F, Fut>(
     pid: Option<u32>,
     counter: &AtomicU64,
     per_round: u64,

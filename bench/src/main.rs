@@ -22,6 +22,12 @@
 //!                                    shipped (new_message on the fastlane), then the same
 //!                                    component with new_message intercepted (handle_out
 //!                                    per member)
+//! cinder-bench cluster [SUBSCRIBERS] [ROOMS] [RATE]
+//!                                    three nodes on a redis-server started here, against
+//!                                    one node in the same run: API fan-out over the nodes,
+//!                                    chat with each room's members on different nodes, the
+//!                                    time from kill -9 to the leave diff, Redis CPU per
+//!                                    delivery
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
 //!                                    every text frame it gets to every other connection
 //!
@@ -44,6 +50,7 @@
 //! global time limit.
 
 mod chat;
+mod cluster;
 mod fanout;
 mod first_join;
 mod idle;
@@ -62,7 +69,7 @@ use server::Flags;
 /// No run lasts longer.
 const LIMIT: Duration = Duration::from_secs(300);
 
-const USAGE: &str = "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | chat [ROOMS] [RATE] | raw-server";
+const USAGE: &str = "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | chat [ROOMS] [RATE] | cluster [SUBSCRIBERS] [ROOMS] [RATE] | raw-server";
 const USAGE_FLAGS: &str = "idle, first-join, fanout and chat also take --target ws://HOST:PORT/socket [--api http://HOST:PORT] [--jwt-secret S] [--admin-token T] [--pid P]";
 
 /// Splits the command line into positional arguments and the `--target` flags (as
@@ -115,6 +122,9 @@ fn check(scenario: Option<&str>, flags: &Flags) -> anyhow::Result<()> {
         Some("reload") => anyhow::bail!(
             "reload is Cinder-only: it uploads and activates counter versions through Cinder's admin API on a server it starts itself, so it takes no --target"
         ),
+        Some("cluster") => anyhow::bail!(
+            "cluster is Cinder-only: it starts its own redis-server and three Cinder nodes, so it takes no --target"
+        ),
         Some("raw-server") => {
             anyhow::bail!("raw-server is the baseline server: it takes no --target")
         }
@@ -132,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     check(args.first().map(String::as_str), &flags)?;
     let count = |default: usize| args.get(1).and_then(|n| n.parse().ok()).unwrap_or(default);
     let second = |default: usize| args.get(2).and_then(|n| n.parse().ok()).unwrap_or(default);
+    let third = |default: usize| args.get(3).and_then(|n| n.parse().ok()).unwrap_or(default);
     net::raise_fd_limit(1 << 20);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                 Some("reload") => reload::run(count(100)).await,
                 Some("fanout") => fanout::run(&flags, count(10_000)).await,
                 Some("chat") => chat::run(&flags, count(1_000), second(20_000)).await,
+                Some("cluster") => cluster::run(count(10_000), second(500), third(5_000)).await,
                 Some("raw-server") => raw_server::run().await,
                 _ => anyhow::bail!("{USAGE}\n{USAGE_FLAGS}"),
             }
@@ -189,6 +201,7 @@ mod tests {
         assert!(target("neighbour --target ws://h:1/socket").is_err());
         assert!(target("reload --target ws://h:1/socket").is_err());
         assert!(target("raw-server --target ws://h:1/socket").is_err());
+        assert!(target("cluster --target ws://h:1/socket").is_err());
         assert!(target("idle --pid 3").is_err());
     }
 }

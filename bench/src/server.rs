@@ -133,10 +133,18 @@ impl Cinder {
     /// them `chat` on `room:*`, and the same component as `chat-intercept` on `room-out:*`
     /// with `new_message` intercepted.
     pub async fn start() -> anyhow::Result<Cinder> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Cinder::start`] with more flags (`--redis ...` for a cluster node), in a data dir
+    /// of its own.
+    pub async fn start_with(extra: &[&str]) -> anyhow::Result<Cinder> {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let bin = std::env::var("CINDER_BIN")
             .unwrap_or_else(|_| root.join("target/release/cinder").display().to_string());
-        let data = std::env::temp_dir().join(format!("cinder-bench-{}", std::process::id()));
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = std::env::temp_dir().join(format!("cinder-bench-{}-{n}", std::process::id()));
         let mut child = Command::new(&bin)
             .args([
                 "serve",
@@ -159,6 +167,7 @@ impl Cinder {
                 "--message-burst",
                 "1000000",
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

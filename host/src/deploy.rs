@@ -368,6 +368,8 @@ impl Deploy {
             .into_iter()
             .map(|v| v.version)
             .collect();
+        // Why a version could not be taken, for the report if it is the active one.
+        let mut refused: HashMap<String, String> = HashMap::new();
         for (field, entry) in &fields {
             let Some(version) = field.strip_prefix("v:") else {
                 continue;
@@ -396,6 +398,7 @@ impl Deploy {
                 .await
             {
                 tracing::warn!(plugin = %name, %version, error = %e, "cluster: version not taken");
+                refused.insert(version.to_owned(), e.to_string());
             }
         }
         let Some(theirs) = fields
@@ -427,12 +430,15 @@ impl Deploy {
                     }
                 }
                 Err(e) => {
+                    let e = refused
+                        .remove(&theirs.active)
+                        .unwrap_or_else(|| e.to_string());
                     tracing::error!(plugin = %name, version = %theirs.active, error = %e, "cluster: cannot activate the cluster's version; this node stays on its own");
                     Applied {
                         version: mine.map(|m| m.active),
                         failed: Some(Failed {
                             version: theirs.active,
-                            error: e.to_string(),
+                            error: e,
                         }),
                     }
                 }

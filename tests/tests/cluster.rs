@@ -202,8 +202,12 @@ async fn disconnect_closes_the_users_sockets_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_a_node_serves_its_own_sockets_and_comes_back_by_itself() {
+    cinder_tests::capture_logs();
     let redis = RedisServer::start().await;
-    let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
+    let (a, b) = (
+        node(&redis, "outage-a").await,
+        node(&redis, "outage-b").await,
+    );
     let mut on_a = member(&a, "1", "room:lobby").await;
     let mut on_b = member(&b, "2", "room:lobby").await;
 
@@ -213,13 +217,23 @@ async fn without_redis_a_node_serves_its_own_sockets_and_comes_back_by_itself() 
         stats(a.addr).await["cluster"]["redis"] == "down"
     })
     .await;
-    on_a.send(json!(["1", null, "room:lobby", "new_message", {"body": "local"}]))
-        .await;
-    assert_eq!(bodies(&mut on_a, 1).await, ["local"]);
+    for i in 0..10 {
+        on_a.send(json!(["1", null, "room:lobby", "new_message", {"body": format!("local {i}")}]))
+            .await;
+        assert_eq!(bodies(&mut on_a, 1).await, [format!("local {i}")]);
+    }
     let after_outage = stats(a.addr).await;
     assert_eq!(after_outage["cluster"]["members"], json!([]));
     assert!(after_outage["cluster_outages"].as_u64() >= Some(1));
-    assert!(after_outage["cluster_dropped"].as_u64() >= Some(1));
+    assert!(after_outage["cluster_dropped"].as_u64() >= Some(10));
+    // Said once, not once per message.
+    let said = |what: &str| {
+        cinder_tests::logged(what)
+            .iter()
+            .filter(|l| l.contains("node=outage-a"))
+            .count()
+    };
+    assert_eq!(said("cluster: Redis unreachable"), 1);
 
     // Redis comes back (empty, as after a restart): both nodes reconnect and subscribe
     // again by themselves, and messages cross once more.
@@ -232,6 +246,8 @@ async fn without_redis_a_node_serves_its_own_sockets_and_comes_back_by_itself() 
         .await;
     assert_eq!(bodies(&mut on_b, 1).await, ["again"]);
     assert_eq!(bodies(&mut on_a, 1).await, ["again"]);
+    assert_eq!(said("cluster: Redis unreachable"), 1);
+    assert_eq!(said("cluster: Redis link up"), 2, "up at start, up again");
     a.stop().await;
     b.stop().await;
 }
@@ -637,5 +653,98 @@ async fn plugin_changes_wait_while_the_clusters_redis_is_away() {
             .is_some_and(|e| e.contains("Redis is unreachable")),
         "{body}"
     );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_that_fails_on_one_node_is_reported_with_that_nodes_reason() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a").await;
+    // b gives each instance 16 MiB: a manifest asking for 24 MiB is refused there.
+    let url = redis.url();
+    let b = TestServer::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.node_id = Some("b".into());
+        c.node_down_ms = 1000;
+        c.limits.plugin_memory_bytes = 16 << 20;
+    })
+    .await;
+    until("both are members", || async {
+        stats(a.addr).await["cluster"]["members"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 2
+    })
+    .await;
+    let (manifest, wasm) = cinder_tests::test_plugin("counter");
+    let manifest = manifest.replace("version = \"1.0.0\"", "version = \"3.0.0\"")
+        + "\n[limits]\nmemory_bytes = 25165824\n";
+    let (status, up) = cinder_tests::upload(a.addr, &manifest, &wasm, true).await;
+    assert_eq!(status, 201, "{up}");
+    let nodes = &up["activation"]["nodes"];
+    assert_eq!(nodes["a"], json!({"version": "3.0.0"}), "{up}");
+    assert_eq!(nodes["b"]["version"], "1.0.0", "{up}");
+    assert_eq!(nodes["b"]["failed"]["version"], "3.0.0", "{up}");
+    assert!(
+        nodes["b"]["failed"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("memory_bytes")),
+        "{up}"
+    );
+    // b keeps serving its version.
+    let mut on_b = member(&b, "1", "counter:still").await;
+    assert_eq!(
+        inc(&mut on_b, "counter:still", "i").await,
+        json!({"count": 1})
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a").await;
+    let url = redis.url();
+    let args = [
+        "--redis",
+        &url,
+        "--node-id",
+        "phoenix",
+        "--node-down-ms",
+        "5000",
+    ];
+    let (mut on_a, _) = present(&a, "1").await;
+    let first = cinder_tests::ServerProcess::start(4096, &args).await;
+    let connect = |addr: std::net::SocketAddr, user: &str| {
+        let url = format!(
+            "ws://{addr}/socket/websocket?vsn=2.0.0&token={}",
+            a.token(user)
+        );
+        async move { Client::connect(&url).await.expect("connects") }
+    };
+    let mut old = connect(first.addr, "9").await;
+    old.join("1", "presence:lobby", json!({})).await;
+    assert_eq!(
+        keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),
+        ["9"]
+    );
+
+    // Killed and started again at once, well inside its down period (5 s): its record never
+    // expired, but it started anew, so what the old one tracked leaves.
+    first.kill().await;
+    let second = cinder_tests::ServerProcess::start(4096, &args).await;
+    let mut new = connect(second.addr, "10").await;
+    new.join("1", "presence:lobby", json!({})).await;
+    let state = next_event(&mut new, "presence_state").await;
+    assert!(keys(&state[4]).contains(&"1".to_owned()), "{state}");
+    let mut joined = Vec::new();
+    let mut left = Vec::new();
+    while !(joined.contains(&"10".to_owned()) && left.contains(&"9".to_owned())) {
+        let diff = next_event(&mut on_a, "presence_diff").await;
+        joined.extend(keys(&diff[4]["joins"]));
+        left.extend(keys(&diff[4]["leaves"]));
+    }
+    second.kill().await;
     a.stop().await;
 }

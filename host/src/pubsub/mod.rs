@@ -75,7 +75,7 @@ pub trait Subscriber: Send + Sync {
     fn deliver(&self, broadcast: &Arc<Broadcast>);
 }
 
-/// A PubSub adapter. Every adapter must pass the shared suite in this module's tests.
+/// A PubSub adapter. Every adapter passes the shared suite, [`conformance`].
 pub trait PubSub: Send + Sync {
     /// Adds a subscriber to a topic.
     fn subscribe(&self, topic: &Arc<str>, id: SubscriberId, subscriber: Arc<dyn Subscriber>);
