@@ -403,6 +403,8 @@ impl Worker {
                                 c.srem::<_, _, ()>(MEMBERS, id).await
                             })
                             .await;
+                            // The connection (and its subscriptions) goes with the worker.
+                            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                             let _ = done.send(());
                             return true;
                         }

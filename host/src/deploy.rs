@@ -115,10 +115,15 @@ pub struct Deploy {
 }
 
 impl Deploy {
-    /// Starts following the cluster: changes made on this node are written to Redis and
-    /// announced, announcements are converged on. Call [`Deploy::converge_all`] before
-    /// taking the plugins dir.
-    pub fn start(link: Arc<Link>, registry: Arc<Registry>, hub: Arc<Hub>) -> Arc<Deploy> {
+    /// Starts following the cluster until `stopping` turns true: changes made on this node
+    /// are written to Redis and announced, announcements are converged on. Call
+    /// [`Deploy::converge_all`] before taking the plugins dir.
+    pub fn start(
+        link: Arc<Link>,
+        registry: Arc<Registry>,
+        hub: Arc<Hub>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Arc<Deploy> {
         let deploy = Arc::new(Deploy {
             link: link.clone(),
             registry: registry.clone(),
@@ -130,7 +135,7 @@ impl Deploy {
             let _ = tx.send(change);
         }));
         let announcements = link.tap(CONTROL);
-        tokio::spawn(deploy.clone().run(changes, announcements));
+        tokio::spawn(deploy.clone().run(changes, announcements, stopping));
         deploy
     }
 
@@ -144,11 +149,18 @@ impl Deploy {
         self: Arc<Self>,
         mut changes: mpsc::UnboundedReceiver<Change>,
         mut announcements: mpsc::UnboundedReceiver<Vec<u8>>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(CONVERGE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Stopping, or the server is gone.
+                changed = stopping.changed() => {
+                    if changed.is_err() || *stopping.borrow() {
+                        return;
+                    }
+                }
                 Some(change) = changes.recv() => self.push(change, true).await,
                 Some(message) = announcements.recv() => {
                     match serde_json::from_slice::<Announcement>(&message) {

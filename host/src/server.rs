@@ -111,9 +111,10 @@ pub async fn serve(
     );
     // On a cluster the cluster's versions come first: a node that starts later serves
     // the active versions of the cluster, not those of its plugins dir.
+    let stop = watch::Sender::new(false);
     let deploy = link
         .clone()
-        .map(|link| Deploy::start(link, registry.clone(), hub.clone()));
+        .map(|link| Deploy::start(link, registry.clone(), hub.clone(), stop.subscribe()));
     if let Some(deploy) = &deploy {
         deploy.converge_all().await;
     }
@@ -130,7 +131,6 @@ pub async fn serve(
     let max = limits
         .max_connections
         .unwrap_or_else(default_max_connections);
-    let stop = watch::Sender::new(false);
     let slots = Arc::new(Slots::new(max));
     let sockets = Arc::new(Sockets::new(
         hub.clone(),
