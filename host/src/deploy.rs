@@ -433,8 +433,14 @@ impl Deploy {
                 active: theirs.active.clone(),
                 history: theirs.history,
             };
-            match self.registry.follow(&self.hub, name, record).await {
-                Ok(activation) => {
+            match self
+                .registry
+                .follow(&self.hub, name, record, mine.as_ref())
+                .await
+            {
+                // Changed here since it was read: that change is on its way to Redis.
+                Ok(None) => return,
+                Ok(Some(activation)) => {
                     tracing::info!(plugin = %name, version = %activation.version, rooms = activation.rooms, swapped = activation.swapped, "cluster: activated the cluster's version");
                     Applied {
                         version: Some(activation.version),

@@ -372,17 +372,25 @@ impl Registry {
     }
 
     /// Makes `record` (the cluster's) this node's active record of `name` and moves the
-    /// live rooms to its active version. Not a change of this node's.
+    /// live rooms to its active version, if this node's record is still `seen`: `None`
+    /// when it changed meanwhile (a change made here wins: it is on its way to the
+    /// cluster). Not a change of this node's.
     pub async fn follow(
         &self,
         hub: &Hub,
         name: &str,
         record: ActiveRecord,
-    ) -> Result<Activation, Refusal> {
+        seen: Option<&ActiveRecord>,
+    ) -> Result<Option<Activation>, Refusal> {
         versioned(name, &record.active)?;
         let _changing = self.changes.lock().await;
+        if self.store.active(name).map_err(internal)?.as_ref() != seen {
+            return Ok(None);
+        }
         let (plugin, _) = self.load_stored(name, &record.active).await?;
-        self.activate_built(hub, plugin, How::Follow(record)).await
+        self.activate_built(hub, plugin, How::Follow(record))
+            .await
+            .map(Some)
     }
 
     /// Deletes what the cluster deleted: a version (never the active one), or the plugin.
