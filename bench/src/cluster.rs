@@ -20,7 +20,7 @@ use crate::chat::chat_run;
 use crate::fanout::{FANOUT_ROUNDS, TOPIC, count_deliveries, fanout_rounds};
 use crate::net::open_many;
 use crate::server::{Cinder, Target};
-use crate::stats::median;
+use crate::stats::{median, millions};
 
 /// The down period of the bench's nodes.
 const DOWN_MS: &str = "1000";
@@ -131,13 +131,6 @@ async fn fanout_over(
 
 pub async fn run(subscribers: usize, rooms: usize, rate: usize) -> anyhow::Result<()> {
     let redis = RedisServer::start().await;
-    let millions = |rates: &[f64]| {
-        rates
-            .iter()
-            .map(|r| format!("{:.2}", r / 1e6))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
 
     // Fan-out: one node, then three.
     let one = Cinder::start().await?;

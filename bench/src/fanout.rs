@@ -17,7 +17,7 @@ use crate::net::{self, open_many};
 use crate::proc::Cpu;
 use crate::raw_server;
 use crate::server::{Endpoint, Flags, Target};
-use crate::stats::median;
+use crate::stats::{median, millions};
 
 /// The topic the subscribers join: one a chat-room server serves.
 pub const TOPIC: &str = "room:lobby";
@@ -184,13 +184,6 @@ pub async fn run(flags: &Flags, subscribers: usize) -> anyhow::Result<()> {
 
     // The first round also grows every socket's write buffer; the others are the steady
     // state. Medians of those, since one round lasts a few hundred milliseconds.
-    let millions = |rates: &[f64]| {
-        rates
-            .iter()
-            .map(|r| format!("{:.2}", r / 1e6))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let raw_warm = median(&raw_rates[1..]);
     println!(
         "fanout: {subscribers} subscribers x {BROADCASTS} broadcasts, {FANOUT_ROUNDS} rounds (M deliveries/s): raw baseline {}, {name} (API) {}, {name} ({channel}) {}",

@@ -1,4 +1,4 @@
-//! Summaries of samples: percentiles and medians.
+//! Summaries of samples: percentiles, medians, rates.
 
 use std::time::Duration;
 
@@ -14,4 +14,13 @@ pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
+}
+
+/// Rates in millions per second, two decimals, space-separated.
+pub fn millions(rates: &[f64]) -> String {
+    rates
+        .iter()
+        .map(|r| format!("{:.2}", r / 1e6))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

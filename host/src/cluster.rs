@@ -27,7 +27,7 @@ use crate::stats::Stats;
 /// The set of member ids.
 const MEMBERS: &str = "cinder:nodes";
 /// The key prefix of a member's heartbeat record (`cinder:node:<id>`), which expires after
-/// the down period.
+/// three fifths of the down period (two missed heartbeats).
 const NODE_PREFIX: &str = "cinder:node:";
 /// How long a command may take before the link counts as down.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +47,13 @@ pub trait Listener: Send + Sync {
     /// The link is up again after an outage, every channel subscribed anew: what was
     /// published meanwhile did not arrive.
     fn reconnected(&self);
+}
+
+/// Consecutive subscribes (or unsubscribes), sent as one command.
+#[derive(Default)]
+struct Run {
+    channels: Vec<String>,
+    unsubscribing: bool,
 }
 
 /// One thing asked of Redis, in order.
@@ -361,32 +368,44 @@ impl Worker {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Applies the ops in order; true when the node left.
+    /// Applies the ops in order, runs of publishes in one pipeline and runs of subscribes
+    /// (or unsubscribes) in one command, so a storm of connecting sockets costs a round trip
+    /// per run, not per socket; true when the node left.
     async fn apply(&mut self, batch: &mut Vec<Op>) -> bool {
         let mut pipe = redis::pipe();
         let mut publishes = 0;
+        let mut run = Run::default();
         let ops = std::mem::take(batch);
         for op in ops {
             match op {
                 Op::Publish(channel, data) => {
+                    self.change(&mut run).await;
                     pipe.publish(channel, data).ignore();
                     publishes += 1;
                 }
+                Op::Subscribe(channel) => {
+                    self.flush(&mut pipe, &mut publishes).await;
+                    if run.unsubscribing {
+                        self.change(&mut run).await;
+                    }
+                    if self.wanted.insert(channel.clone()) {
+                        run.channels.push(channel);
+                    }
+                }
+                Op::Unsubscribe(channel) => {
+                    self.flush(&mut pipe, &mut publishes).await;
+                    if !run.unsubscribing {
+                        self.change(&mut run).await;
+                        run.unsubscribing = true;
+                    }
+                    if self.wanted.remove(&channel) {
+                        run.channels.push(channel);
+                    }
+                }
                 other => {
                     self.flush(&mut pipe, &mut publishes).await;
+                    self.change(&mut run).await;
                     match other {
-                        Op::Subscribe(channel) => {
-                            if self.wanted.insert(channel.clone()) {
-                                self.command(|mut c| async move { c.subscribe(channel).await })
-                                    .await;
-                            }
-                        }
-                        Op::Unsubscribe(channel) => {
-                            if self.wanted.remove(&channel) {
-                                self.command(|mut c| async move { c.unsubscribe(channel).await })
-                                    .await;
-                            }
-                        }
                         Op::PublishCounted(channel, data, done) => {
                             let heard = self
                                 .command(|mut c| async move { c.publish(channel, data).await })
@@ -408,13 +427,33 @@ impl Worker {
                             let _ = done.send(());
                             return true;
                         }
-                        Op::Publish(..) => {}
+                        Op::Publish(..) | Op::Subscribe(_) | Op::Unsubscribe(_) => {}
                     }
                 }
             }
         }
         self.flush(&mut pipe, &mut publishes).await;
+        self.change(&mut run).await;
         false
+    }
+
+    /// Sends a run of subscribes or unsubscribes as one command, and starts a new run (of
+    /// subscribes).
+    async fn change(&mut self, run: &mut Run) {
+        let Run {
+            channels,
+            unsubscribing,
+        } = std::mem::take(run);
+        if channels.is_empty() {
+            return;
+        }
+        if unsubscribing {
+            self.command(|mut c| async move { c.unsubscribe(channels).await })
+                .await;
+        } else {
+            self.command(|mut c| async move { c.subscribe(channels).await })
+                .await;
+        }
     }
 
     /// Sends the publishes gathered in `pipe`.

@@ -110,8 +110,9 @@ pub struct Deploy {
     link: Arc<Link>,
     registry: Arc<Registry>,
     hub: Arc<Hub>,
-    /// Plugins whose local changes have not reached Redis yet.
-    pending: Mutex<BTreeSet<String>>,
+    /// Plugins whose local changes have not reached Redis yet, each with whether its
+    /// change was made while Redis answered (and so overrules the cluster's record).
+    pending: Mutex<BTreeMap<String, bool>>,
 }
 
 impl Deploy {
@@ -131,8 +132,12 @@ impl Deploy {
             pending: Mutex::default(),
         });
         let (tx, changes) = mpsc::unbounded_channel();
+        let up = link.clone();
         registry.on_change(Box::new(move |change| {
-            let _ = tx.send(change);
+            // A change made while Redis answers was allowed through the API: it is the
+            // cluster's. One made while it is away (the plugins dir, `--watch`) is only
+            // this node's until the cluster has none of its own.
+            let _ = tx.send((change, up.is_up()));
         }));
         let announcements = link.tap(CONTROL);
         tokio::spawn(deploy.clone().run(changes, announcements, stopping));
@@ -147,7 +152,7 @@ impl Deploy {
 
     async fn run(
         self: Arc<Self>,
-        mut changes: mpsc::UnboundedReceiver<Change>,
+        mut changes: mpsc::UnboundedReceiver<(Change, bool)>,
         mut announcements: mpsc::UnboundedReceiver<Vec<u8>>,
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
@@ -161,7 +166,7 @@ impl Deploy {
                         return;
                     }
                 }
-                Some(change) = changes.recv() => self.push(change, true).await,
+                Some((change, now)) = changes.recv() => self.push(change, now).await,
                 Some(message) = announcements.recv() => {
                     match serde_json::from_slice::<Announcement>(&message) {
                         Ok(Announcement::Changed { plugin }) => self.converge(&plugin).await,
@@ -173,13 +178,11 @@ impl Deploy {
                     }
                 }
                 _ = tick.tick() => {
-                    let pending: Vec<String> = std::mem::take(
+                    let pending = std::mem::take(
                         &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
-                    )
-                    .into_iter()
-                    .collect();
-                    for plugin in pending {
-                        self.push(Change::Plugin(plugin), false).await;
+                    );
+                    for (plugin, now) in pending {
+                        self.push(Change::Plugin(plugin), now).await;
                     }
                     self.converge_all().await;
                 }
@@ -220,8 +223,9 @@ impl Deploy {
     }
 
     /// Writes a change made on this node to Redis and announces it; kept for later when
-    /// Redis does not answer. A change made now overrules the cluster's active record; one
-    /// kept from an outage only fills in a record the cluster does not have.
+    /// Redis does not answer. A change made `now` (while Redis answered) overrules the
+    /// cluster's active record; one made while it was away only fills in a record the
+    /// cluster does not have.
     async fn push(&self, change: Change, now: bool) {
         let plugin = match &change {
             Change::Plugin(p) | Change::VersionDeleted(p, _) | Change::PluginDeleted(p) => {
@@ -237,10 +241,9 @@ impl Deploy {
         };
         if let Err(e) = result {
             tracing::warn!(%plugin, error = %e, "cluster: plugin change not written to Redis yet; trying again");
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(plugin);
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let overrules = pending.get(&plugin).copied().unwrap_or(false) || now;
+            pending.insert(plugin, overrules);
         }
         self.describe();
     }

@@ -394,16 +394,19 @@ impl Tracker {
         }
     }
 
-    /// Every entry of `replica` leaves, in every topic, one diff per topic.
-    fn drop_replica(&self, replica: Replica) {
-        let topics: Vec<(Arc<str>, Arc<Mutex<Topic>>)> = self
-            .topics
+    /// Every topic held now, to walk without holding the map.
+    fn every_topic(&self) -> Vec<(Arc<str>, Arc<Mutex<Topic>>)> {
+        self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (topic, cell) in topics {
+            .collect()
+    }
+
+    /// Every entry of `replica` leaves, in every topic, one diff per topic.
+    fn drop_replica(&self, replica: Replica) {
+        for (topic, cell) in self.every_topic() {
             let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = t.state.as_mut() {
                 let diff = state.drop_replica(replica);
@@ -452,14 +455,7 @@ impl Tracker {
 
     /// After an outage, every open topic syncs again both ways.
     fn resync(&self) {
-        let topics: Vec<(Arc<str>, Arc<Mutex<Topic>>)> = self
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (topic, cell) in topics {
+        for (topic, cell) in self.every_topic() {
             let t = cell.lock().unwrap_or_else(|p| p.into_inner());
             if t.open {
                 let sync = self.own_sync(&t, true);
