@@ -44,6 +44,9 @@ pub trait Listener: Send + Sync {
     fn message(&self, channel: &[u8], data: &[u8]);
     /// Member `node` is gone: its heartbeat record expired, or it started anew.
     fn node_down(&self, node: &str);
+    /// Member `node` is there: it joined, or it was taken for gone and its heartbeat came
+    /// back (a stall longer than the down period).
+    fn node_up(&self, node: &str);
     /// The link is up again after an outage, every channel subscribed anew: what was
     /// published meanwhile did not arrive.
     fn reconnected(&self);
@@ -586,6 +589,13 @@ impl Worker {
                 if let Some(listener) = self.listener.get() {
                     listener.node_down(id);
                 }
+            }
+        }
+        for (id, started) in &now {
+            if self.known.get(id) != Some(started)
+                && let Some(listener) = self.listener.get()
+            {
+                listener.node_up(id);
             }
         }
         self.known = now;

@@ -15,7 +15,7 @@
 //! node while Redis was unreachable are written to Redis once it is back; their activation
 //! is the cluster's only where the cluster had none.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +113,9 @@ pub struct Deploy {
     /// Plugins whose local changes have not reached Redis yet, each with whether its
     /// change was made while Redis answered (and so overrules the cluster's record).
     pending: Mutex<BTreeMap<String, bool>>,
+    /// Plugins changed here whose change is not yet written to Redis: converging leaves
+    /// them be, so a change made here is never undone by the record it is about to replace.
+    unwritten: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Deploy {
@@ -130,10 +133,16 @@ impl Deploy {
             registry: registry.clone(),
             hub,
             pending: Mutex::default(),
+            unwritten: Arc::default(),
         });
         let (tx, changes) = mpsc::unbounded_channel();
         let up = link.clone();
+        let unwritten = deploy.unwritten.clone();
         registry.on_change(Box::new(move |change| {
+            unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(change.plugin().to_owned());
             // A change made while Redis answers was allowed through the API: it is the
             // cluster's. One made while it is away (the plugins dir, `--watch`) is only
             // this node's until the cluster has none of its own.
@@ -227,11 +236,7 @@ impl Deploy {
     /// cluster's active record; one made while it was away only fills in a record the
     /// cluster does not have.
     async fn push(&self, change: Change, now: bool) {
-        let plugin = match &change {
-            Change::Plugin(p) | Change::VersionDeleted(p, _) | Change::PluginDeleted(p) => {
-                p.clone()
-            }
-        };
+        let plugin = change.plugin().to_owned();
         let result = match change {
             Change::Plugin(plugin) => self.push_plugin(&plugin, now).await,
             Change::VersionDeleted(plugin, version) => {
@@ -239,6 +244,12 @@ impl Deploy {
             }
             Change::PluginDeleted(plugin) => self.push_deletion(&plugin, None).await,
         };
+        if result.is_ok() {
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&plugin);
+        }
         if let Err(e) = result {
             tracing::warn!(%plugin, error = %e, "cluster: plugin change not written to Redis yet; trying again");
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -436,12 +447,15 @@ impl Deploy {
                 active: theirs.active.clone(),
                 history: theirs.history,
             };
-            match self
-                .registry
-                .follow(&self.hub, name, record, mine.as_ref())
-                .await
-            {
-                // Changed here since it was read: that change is on its way to Redis.
+            let still = || {
+                !self
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(name)
+            };
+            match self.registry.follow(&self.hub, name, record, still).await {
+                // Changed here, not yet written: that change is on its way to Redis.
                 Ok(None) => return,
                 Ok(Some(activation)) => {
                     tracing::info!(plugin = %name, version = %activation.version, rooms = activation.rooms, swapped = activation.swapped, "cluster: activated the cluster's version");

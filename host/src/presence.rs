@@ -453,7 +453,7 @@ impl Tracker {
         }
     }
 
-    /// After an outage, every open topic syncs again both ways.
+    /// After an outage (or a member back from one), every open topic syncs again both ways.
     fn resync(&self) {
         for (topic, cell) in self.every_topic() {
             let t = cell.lock().unwrap_or_else(|p| p.into_inner());
@@ -714,6 +714,14 @@ impl ClusterListener for Replicas {
             if let Some(replica) = replica {
                 tracker.drop_replica(replica);
             }
+        }
+    }
+
+    fn node_up(&self, _node: &str) {
+        // A node taken for gone had its entries dropped here: sync again to have them back
+        // (a node that just joined has nothing yet, and the sync costs one message a topic).
+        if let Some(tracker) = self.0.upgrade() {
+            tracker.resync();
         }
     }
 

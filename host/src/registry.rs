@@ -171,6 +171,15 @@ pub enum Change {
     PluginDeleted(String),
 }
 
+impl Change {
+    /// The plugin changed.
+    pub fn plugin(&self) -> &str {
+        match self {
+            Change::Plugin(p) | Change::VersionDeleted(p, _) | Change::PluginDeleted(p) => p,
+        }
+    }
+}
+
 /// One stored version with its bytes, for copying it to another node.
 pub struct Exported {
     /// Its version string.
@@ -372,19 +381,20 @@ impl Registry {
     }
 
     /// Makes `record` (the cluster's) this node's active record of `name` and moves the
-    /// live rooms to its active version, if this node's record is still `seen`: `None`
-    /// when it changed meanwhile (a change made here wins: it is on its way to the
-    /// cluster). Not a change of this node's.
+    /// live rooms to its active version, if `still()` says so once no other change is under
+    /// way: `None` when it does not (a change made here meanwhile wins: it is on its way to
+    /// the cluster). Not a change of this node's.
     pub async fn follow(
         &self,
         hub: &Hub,
         name: &str,
         record: ActiveRecord,
-        seen: Option<&ActiveRecord>,
+        still: impl FnOnce() -> bool,
     ) -> Result<Option<Activation>, Refusal> {
         versioned(name, &record.active)?;
         let _changing = self.changes.lock().await;
-        if self.store.active(name).map_err(internal)?.as_ref() != seen {
+        // Every change of this node's is told (`on_change`) before this lock is released.
+        if !still() {
             return Ok(None);
         }
         let (plugin, _) = self.load_stored(name, &record.active).await?;

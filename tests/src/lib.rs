@@ -737,6 +737,16 @@ impl ServerProcess {
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Sends it a signal by name (`STOP`, `CONT`, ...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
 }
 
 /// A `redis-server` of the test's own on a free loopback port (never the machine's 6379),

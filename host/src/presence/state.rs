@@ -319,8 +319,9 @@ impl State {
         }
     }
 
-    /// Drops every entry of `replica` (a node that is gone): they leave here, and since
-    /// their dots stay seen, a late delta of theirs cannot bring them back.
+    /// Drops every entry of `replica` (a node that is gone) and forgets its dots: its
+    /// entries leave here, and should it prove alive after all, its own view merged again
+    /// brings them back.
     pub fn drop_replica(&mut self, replica: Replica) -> Diff {
         let dots: Vec<Dot> = self
             .entries
@@ -334,6 +335,8 @@ impl State {
                 diff.leaves.push((dot, entry));
             }
         }
+        self.context.vv.remove(&replica);
+        self.context.cloud.retain(|d| d.replica != replica);
         diff
     }
 
@@ -507,8 +510,8 @@ mod tests {
     proptest! {
         /// As the tracker runs it (each replica removes only its own entries, and replicas
         /// exchange their own views): a replica that knew nothing rebuilds every entry from
-        /// the others' own views, through the wire form; a replica dropped as gone leaves
-        /// for good, whatever of it arrives late.
+        /// the others' own views, through the wire form; a replica dropped as gone leaves,
+        /// and comes back whole when its own view is merged again (it was alive after all).
         #[test]
         fn own_views_rebuild_the_whole_and_a_dropped_replica_stays_gone(
             ops in proptest::collection::vec(op(3), 0..40),
@@ -542,12 +545,16 @@ mod tests {
             want.sort();
             let mut have: Vec<Dot> = fresh.entries.keys().copied().collect();
             have.sort();
-            prop_assert_eq!(have, want);
+            prop_assert_eq!(&have, &want);
 
             let gone = fresh.drop_replica(0);
             prop_assert_eq!(gone.leaves.len(), replicas[0].own().entries.len());
             prop_assert!(fresh.entries.keys().all(|d| d.replica != 0));
-            prop_assert!(fresh.merge(&replicas[0].own()).joins.is_empty());
+            let back = fresh.merge(&replicas[0].own());
+            prop_assert_eq!(back.joins.len(), replicas[0].own().entries.len());
+            let mut again: Vec<Dot> = fresh.entries.keys().copied().collect();
+            again.sort();
+            prop_assert_eq!(&again, &want);
         }
 
         #[test]

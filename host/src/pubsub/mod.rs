@@ -137,6 +137,9 @@ pub trait ClusterListener: Send + Sync {
     fn replica(&self, origin: &str, topic: &str, data: &[u8]);
     /// Node `node` is gone (its heartbeat expired): what it replicated is no longer so.
     fn node_down(&self, node: &str);
+    /// Node `node` joined, or is back after it was taken for gone: it may hold what this
+    /// node does not.
+    fn node_up(&self, node: &str);
     /// The link came back after an outage: replication messages made meanwhile are lost.
     fn reconnected(&self);
 }

@@ -80,6 +80,12 @@ impl Listener for Receiver {
         }
     }
 
+    fn node_up(&self, node: &str) {
+        if let Some(above) = self.above.get() {
+            above.node_up(node);
+        }
+    }
+
     fn reconnected(&self) {
         if let Some(above) = self.above.get() {
             above.reconnected();
