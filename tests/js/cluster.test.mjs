@@ -171,13 +171,15 @@ describe("a cluster of three nodes on Redis", () => {
   test("counter 2.0.0 uploaded on one node is served by new rooms on another", async () => {
     const manifest = readFileSync(joinPath(UPLOADS, "counter-2.0.0.toml"), "utf8");
     const wasm = readFileSync(joinPath(UPLOADS, "counter-2.0.0.wasm"));
-    // Right after the Redis restart a node may still be reconnecting: it answers 503.
-    let up;
-    for (let tries = 0; tries < 50; tries++) {
-      up = await uploadPlugin(nodes[0], manifest, wasm);
-      if (up.status !== 503) break;
-      await new Promise((r) => setTimeout(r, 200));
+    // Right after the Redis restart, wait until every node is back in the members' view
+    // (an activation reports on the members whose heartbeat is current).
+    const members = async () => (await api(nodes[0], "GET", "/api/stats")).body.cluster?.members?.length ?? 0;
+    const deadline = Date.now() + 10000;
+    while ((await members()) < 3) {
+      assert.ok(Date.now() < deadline, "all three nodes back within 10 s");
+      await new Promise((r) => setTimeout(r, 100));
     }
+    const up = await uploadPlugin(nodes[0], manifest, wasm);
     assert.equal(up.status, 201, JSON.stringify(up.body));
     assert.deepEqual(up.body.activation.nodes, { a: { version: "2.0.0" }, b: { version: "2.0.0" }, c: { version: "2.0.0" } });
     const ch = (await connect(nodes[2], "carol")).channel("counter:fresh-on-c", {});
