@@ -99,6 +99,7 @@ pub struct Link {
     stats: Arc<Stats>,
     taps: Taps,
     versions: Arc<Mutex<BTreeMap<String, String>>>,
+    ups: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Channels whose messages go to a queue of their own (not to the listener).
@@ -117,6 +118,7 @@ struct Worker {
     listener: Arc<OnceLock<Box<dyn Listener>>>,
     taps: Taps,
     versions: Arc<Mutex<BTreeMap<String, String>>>,
+    ups: Arc<tokio::sync::watch::Sender<u64>>,
     queued: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     /// The channels the node wants, whatever the link's state.
@@ -177,6 +179,7 @@ impl Link {
             stats: stats.clone(),
             taps: Arc::default(),
             versions: Arc::default(),
+            ups: Arc::new(tokio::sync::watch::Sender::new(0)),
         });
         let worker = Worker {
             client,
@@ -195,6 +198,7 @@ impl Link {
             listener: link.listener.clone(),
             taps: link.taps.clone(),
             versions: link.versions.clone(),
+            ups: link.ups.clone(),
             queued: link.queued.clone(),
             stats,
             wanted: HashSet::new(),
@@ -238,6 +242,11 @@ impl Link {
     /// while there is none yet. A command that fails there does not mark the link down.
     pub fn connection(&self) -> Option<ConnectionManager> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many times the link came up (at start, and after each outage), watched.
+    pub fn ups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ups.subscribe()
     }
 
     /// What this node's heartbeat record says it serves, from its next heartbeat on.
@@ -566,6 +575,7 @@ impl Worker {
             if let Some(listener) = self.listener.get() {
                 listener.reconnected();
             }
+            self.ups.send_modify(|n| *n += 1);
         }
         let Some(members) = self.command(read_members).await else {
             return;

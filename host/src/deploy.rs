@@ -149,7 +149,8 @@ impl Deploy {
             let _ = tx.send((change, up.is_up()));
         }));
         let announcements = link.tap(CONTROL);
-        tokio::spawn(deploy.clone().run(changes, announcements, stopping));
+        let ups = link.ups();
+        tokio::spawn(deploy.clone().run(changes, announcements, ups, stopping));
         deploy
     }
 
@@ -163,6 +164,7 @@ impl Deploy {
         self: Arc<Self>,
         mut changes: mpsc::UnboundedReceiver<(Change, bool)>,
         mut announcements: mpsc::UnboundedReceiver<Vec<u8>>,
+        mut ups: tokio::sync::watch::Receiver<u64>,
         mut stopping: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(CONVERGE_EVERY);
@@ -186,18 +188,22 @@ impl Deploy {
                         Err(_) => tracing::warn!("cluster: an announcement that does not parse, ignored"),
                     }
                 }
-                _ = tick.tick() => {
-                    let pending = std::mem::take(
-                        &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
-                    );
-                    for (plugin, now) in pending {
-                        self.push(Change::Plugin(plugin), now).await;
-                    }
-                    self.converge_all().await;
-                }
+                // The link is up again: what was announced meanwhile did not arrive, and
+                // what was kept waits for Redis. Both now, not at the next tick.
+                Ok(()) = ups.changed() => self.catch_up().await,
+                _ = tick.tick() => self.catch_up().await,
                 else => return,
             }
         }
+    }
+
+    /// Writes what was kept for Redis, then converges on every plugin.
+    async fn catch_up(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (plugin, now) in pending {
+            self.push(Change::Plugin(plugin), now).await;
+        }
+        self.converge_all().await;
     }
 
     /// Converges every plugin the cluster has; at start, waits for Redis up to

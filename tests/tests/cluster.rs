@@ -799,3 +799,49 @@ async fn a_node_taken_for_gone_that_proves_alive_has_its_presence_back() {
     stalled.kill().await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_reloaded_by_watch_on_one_node_is_served_by_the_others() {
+    let redis = RedisServer::start().await;
+    let watched = std::env::temp_dir().join(format!("cinder-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&watched).expect("a watched dir");
+    let (manifest, wasm) = cinder_tests::test_plugin("counter");
+    std::fs::write(watched.join("counter.toml"), &manifest).expect("write");
+    std::fs::write(watched.join("counter.wasm"), &wasm).expect("write");
+    let (url, dir) = (redis.url(), watched.clone());
+    let a = TestServer::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.node_id = Some("dev".into());
+        c.node_down_ms = 3000;
+        c.watch = Some(dir);
+    })
+    .await;
+    let b = node(&redis, "b").await;
+    let mut on_b = member(&b, "1", "counter:watched").await;
+    assert_eq!(
+        inc(&mut on_b, "counter:watched", "i0").await,
+        json!({"count": 1})
+    );
+
+    // The developer's build writes version 2 into the watched dir on a.
+    let uploads = cinder_tests::test_uploads_dir();
+    let v2 = std::fs::read(uploads.join("counter-2.0.0.wasm")).expect("make plugins");
+    let v2_manifest = std::fs::read(uploads.join("counter-2.0.0.toml")).expect("make plugins");
+    std::fs::write(watched.join("counter.toml"), v2_manifest).expect("write");
+    std::fs::write(watched.join("counter.wasm"), v2).expect("write");
+    until("b serves what a's watch took", || async {
+        served(b.addr, "counter")
+            .await
+            .iter()
+            .all(|(_, v)| v == "2.0.0")
+            && served(b.addr, "counter").await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        inc(&mut on_b, "counter:watched", "i1").await,
+        json!({"count": 2, "version": "2.0.0"})
+    );
+    a.stop().await;
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&watched);
+}
