@@ -116,6 +116,8 @@ pub struct Deploy {
     /// Plugins changed here whose change is not yet written to Redis: converging leaves
     /// them be, so a change made here is never undone by the record it is about to replace.
     unwritten: Arc<Mutex<HashSet<String>>>,
+    /// Held by a pass over every plugin: the one at start and the task's do not overlap.
+    converging: tokio::sync::Mutex<()>,
 }
 
 impl Deploy {
@@ -134,6 +136,7 @@ impl Deploy {
             hub,
             pending: Mutex::default(),
             unwritten: Arc::default(),
+            converging: tokio::sync::Mutex::new(()),
         });
         let (tx, changes) = mpsc::unbounded_channel();
         let up = link.clone();
@@ -143,10 +146,11 @@ impl Deploy {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(change.plugin().to_owned());
-            // A change made while Redis answers was allowed through the API: it is the
-            // cluster's. One made while it is away (the plugins dir, `--watch`) is only
-            // this node's until the cluster has none of its own.
-            let _ = tx.send((change, up.is_up()));
+            // A change made while Redis answers was let through the API (or made by
+            // `--watch`): it is the cluster's. One from the plugins dir, or made while Redis
+            // was away, is only this node's until the cluster has none of its own.
+            let now = up.is_up() && !matches!(change, Change::FromDir(_));
+            let _ = tx.send((change, now));
         }));
         let announcements = link.tap(CONTROL);
         let ups = link.ups();
@@ -206,9 +210,10 @@ impl Deploy {
         self.converge_all().await;
     }
 
-    /// Converges every plugin the cluster has; at start, waits for Redis up to
-    /// [`START_WAIT`] first.
+    /// Converges every plugin the cluster has (one pass at a time); at start, waits for
+    /// Redis up to [`START_WAIT`] first.
     pub async fn converge_all(&self) {
+        let _one_pass = self.converging.lock().await;
         let start = tokio::time::Instant::now();
         while !self.link.is_up() && start.elapsed() < START_WAIT {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -244,7 +249,9 @@ impl Deploy {
     async fn push(&self, change: Change, now: bool) {
         let plugin = change.plugin().to_owned();
         let result = match change {
-            Change::Plugin(plugin) => self.push_plugin(&plugin, now).await,
+            Change::Plugin(plugin) | Change::FromDir(plugin) => {
+                self.push_plugin(&plugin, now).await
+            }
             Change::VersionDeleted(plugin, version) => {
                 self.push_deletion(&plugin, Some(&version)).await
             }

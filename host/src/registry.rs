@@ -163,8 +163,12 @@ pub struct VersionInfo {
 /// for whoever spreads it to the other nodes of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A version of the plugin was stored, or its active version changed.
+    /// A version of the plugin was stored, or its active version changed (the API, the
+    /// CLI, `--watch`): what this node's operator asked for.
     Plugin(String),
+    /// The same, from the plugins dir at start: what this node brought, which a cluster
+    /// that has a record of the plugin already outranks.
+    FromDir(String),
     /// A version was deleted.
     VersionDeleted(String, String),
     /// The plugin was deleted with every version.
@@ -175,7 +179,10 @@ impl Change {
     /// The plugin changed.
     pub fn plugin(&self) -> &str {
         match self {
-            Change::Plugin(p) | Change::VersionDeleted(p, _) | Change::PluginDeleted(p) => p,
+            Change::Plugin(p)
+            | Change::FromDir(p)
+            | Change::VersionDeleted(p, _)
+            | Change::PluginDeleted(p) => p,
         }
     }
 }
@@ -561,7 +568,7 @@ impl Registry {
             None
         };
         if created || activation.is_some() {
-            self.changed(Change::Plugin(name.clone()));
+            self.changed(change_of(source, &name));
         }
         Ok(Uploaded {
             plugin: name,
@@ -580,11 +587,22 @@ impl Registry {
         name: &str,
         version: &str,
     ) -> Result<Activation, Refusal> {
+        self.activate_from(hub, name, version, Source::Upload).await
+    }
+
+    /// [`Registry::activate`], told as a change of `source`.
+    async fn activate_from(
+        &self,
+        hub: &Hub,
+        name: &str,
+        version: &str,
+        source: Source,
+    ) -> Result<Activation, Refusal> {
         versioned(name, version)?;
         let _changing = self.changes.lock().await;
         let (plugin, _) = self.load_stored(name, version).await?;
         let activation = self.activate_built(hub, plugin, How::Activate).await?;
-        self.changed(Change::Plugin(name.to_owned()));
+        self.changed(change_of(source, name));
         Ok(activation)
     }
 
@@ -823,7 +841,7 @@ impl Registry {
         let wanted = uploaded.created || live.is_none() || source == Source::Watch;
         if !current && wanted {
             let activation = self
-                .activate(hub, &uploaded.plugin, &uploaded.version)
+                .activate_from(hub, &uploaded.plugin, &uploaded.version, source)
                 .await?;
             return Ok(Uploaded {
                 activation: Some(activation),
@@ -875,6 +893,14 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+/// The change a version or activation from `source` is.
+fn change_of(source: Source, name: &str) -> Change {
+    match source {
+        Source::Dir => Change::FromDir(name.to_owned()),
+        Source::Upload | Source::Watch => Change::Plugin(name.to_owned()),
     }
 }
 
