@@ -12,7 +12,8 @@
 //! the others for their own entries first (a full sync, waited for up to
 //! [`SYNC_WAIT`]), and so does every topic after an outage of the link. A node that is
 //! gone has its entries leave everywhere, as one diff per topic; a node that started anew
-//! under the same id has its old entries leave too.
+//! under the same id has its old entries leave too; a node taken for gone that proves
+//! alive (its heartbeat is back) is synced with again, and its entries join again.
 
 pub mod state;
 
