@@ -213,14 +213,6 @@ async fn activated(app: &Admin, activation: Result<Activation, Refusal>) -> Resp
     Json(body).into_response()
 }
 
-/// The registry's answer as JSON, or its refusal with the matching status.
-fn answer(result: Result<impl serde::Serialize, Refusal>) -> Response {
-    match result {
-        Ok(value) => Json(value).into_response(),
-        Err(e) => refused(e),
-    }
-}
-
 fn refused(refusal: Refusal) -> Response {
     let status = match &refusal {
         Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -330,8 +322,29 @@ fn multipart_error(app: &Admin, e: &axum::extract::multipart::MultipartError) ->
 }
 
 /// `GET /api/plugins`: every plugin with its versions, active version and live rooms.
+/// On a cluster member each plugin also has `nodes`: the version each member's heartbeat
+/// says it serves.
 pub async fn list_plugins(State(app): State<Arc<Admin>>) -> Response {
-    answer(app.registry.list(&app.hub))
+    let plugins = match app.registry.list(&app.hub) {
+        Ok(plugins) => plugins,
+        Err(e) => return refused(e),
+    };
+    let Some(link) = &app.cluster else {
+        return Json(plugins).into_response();
+    };
+    let members = link.members().await;
+    let mut body = serde_json::to_value(&plugins).unwrap_or_default();
+    if let Some(list) = body.as_array_mut() {
+        for plugin in list {
+            let name = plugin["name"].as_str().unwrap_or_default().to_owned();
+            let nodes: serde_json::Map<String, serde_json::Value> = members
+                .iter()
+                .map(|m| (m.id.clone(), json!(m.versions.get(&name))))
+                .collect();
+            plugin["nodes"] = serde_json::Value::Object(nodes);
+        }
+    }
+    Json(body).into_response()
 }
 
 #[derive(Deserialize, Default)]

@@ -588,6 +588,18 @@ async fn a_version_activated_on_one_node_is_served_by_every_node_and_by_nodes_th
                 .map(|(n, v)| (n.to_owned(), v.to_owned()))
     })
     .await;
+    // And the plugin list says which node serves which version.
+    let (_, list) = cinder_tests::admin(b.addr, "GET", "/api/plugins", None).await;
+    let counter = list
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "counter"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        counter["nodes"],
+        json!({"a": "2.0.0", "b": "2.0.0", "c": "2.0.0"}),
+        "{counter}"
+    );
 
     // A rollback through c takes every node back.
     let (status, back) =
