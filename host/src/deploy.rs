@@ -110,9 +110,9 @@ pub struct Deploy {
     link: Arc<Link>,
     registry: Arc<Registry>,
     hub: Arc<Hub>,
-    /// Plugins whose local changes have not reached Redis yet, each with whether its
-    /// change was made while Redis answered (and so overrules the cluster's record).
-    pending: Mutex<BTreeMap<String, bool>>,
+    /// Local changes that have not reached Redis yet, in order, each with whether it was
+    /// made while Redis answered (and so overrules the cluster's record).
+    pending: Mutex<Vec<(Change, bool)>>,
     /// Plugins changed here whose change is not yet written to Redis: converging leaves
     /// them be, so a change made here is never undone by the record it is about to replace.
     unwritten: Arc<Mutex<HashSet<String>>>,
@@ -204,14 +204,16 @@ impl Deploy {
     /// Writes what was kept for Redis, then converges on every plugin.
     async fn catch_up(&self) {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        for (plugin, now) in pending {
-            self.push(Change::Plugin(plugin), now).await;
+        for (change, now) in pending {
+            self.push(change, now).await;
         }
         self.converge_all().await;
     }
 
-    /// Converges every plugin the cluster has (one pass at a time); at start, waits for
-    /// Redis up to [`START_WAIT`] first.
+    /// Converges every plugin the cluster has (one pass at a time), and writes to Redis
+    /// the plugins this node has that the cluster has no record of (the first node to
+    /// start, or a Redis that lost its keys); at start, waits for Redis up to
+    /// [`START_WAIT`] first.
     pub async fn converge_all(&self) {
         let _one_pass = self.converging.lock().await;
         let start = tokio::time::Instant::now();
@@ -225,8 +227,13 @@ impl Deploy {
             Ok(names) => names,
             Err(_) => return,
         };
-        for name in names {
-            self.converge(&name).await;
+        for name in &names {
+            self.converge(name).await;
+        }
+        for name in self.registry.names().unwrap_or_default() {
+            if !names.contains(&name) {
+                self.push(Change::FromDir(name), false).await;
+            }
         }
         self.describe();
     }
@@ -248,14 +255,12 @@ impl Deploy {
     /// cluster does not have.
     async fn push(&self, change: Change, now: bool) {
         let plugin = change.plugin().to_owned();
-        let result = match change {
-            Change::Plugin(plugin) | Change::FromDir(plugin) => {
-                self.push_plugin(&plugin, now).await
-            }
+        let result = match &change {
+            Change::Plugin(plugin) | Change::FromDir(plugin) => self.push_plugin(plugin, now).await,
             Change::VersionDeleted(plugin, version) => {
-                self.push_deletion(&plugin, Some(&version)).await
+                self.push_deletion(plugin, Some(version)).await
             }
-            Change::PluginDeleted(plugin) => self.push_deletion(&plugin, None).await,
+            Change::PluginDeleted(plugin) => self.push_deletion(plugin, None).await,
         };
         if result.is_ok() {
             self.unwritten
@@ -266,8 +271,9 @@ impl Deploy {
         if let Err(e) = result {
             tracing::warn!(%plugin, error = %e, "cluster: plugin change not written to Redis yet; trying again");
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let overrules = pending.get(&plugin).copied().unwrap_or(false) || now;
-            pending.insert(plugin, overrules);
+            if !pending.contains(&(change.clone(), now)) {
+                pending.push((change, now));
+            }
         }
         self.describe();
     }

@@ -249,6 +249,14 @@ async fn without_redis_a_node_serves_its_own_sockets_and_comes_back_by_itself() 
     assert_eq!(bodies(&mut on_a, 1).await, ["again"]);
     assert_eq!(said("cluster: Redis unreachable"), 1);
     assert_eq!(said("cluster: Redis link up"), 2, "up at start, up again");
+    // The restarted Redis kept nothing: the nodes write the plugins' records back.
+    until("the plugin records are back", || async {
+        redis
+            .command(&["HGET", "cinder:plugin:counter", "v:1.0.0"])
+            .await
+            .is_some_and(|r| r.contains("sha256"))
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 }
