@@ -17,7 +17,9 @@ use cinder_tests::RedisServer;
 use serde_json::json;
 
 use crate::chat::chat_run;
-use crate::fanout::{FANOUT_ROUNDS, TOPIC, count_deliveries, fanout_rounds};
+use crate::fanout::{
+    FANOUT_ROUNDS, TOPIC, api_broadcasts, count_deliveries, fanout_rounds, news_bodies,
+};
 use crate::net::open_many;
 use crate::server::{Cinder, Target};
 use crate::stats::{median, millions};
@@ -79,7 +81,6 @@ async fn fanout_over(
     redis: Option<&RedisServer>,
 ) -> anyhow::Result<(Vec<f64>, f64)> {
     const BROADCASTS: usize = 100;
-    let pad = "x".repeat(64);
     let sockets = open_many(subscribers, |i| {
         let target = &targets[i % targets.len()];
         async move {
@@ -92,33 +93,14 @@ async fn fanout_over(
     let counter = Arc::new(AtomicU64::new(0));
     let readers = count_deliveries(sockets, "\"news\"", counter.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let bodies: Arc<Vec<String>> = Arc::new(
-        (0..BROADCASTS)
-            .map(|seq| {
-                json!({"topic": TOPIC, "event": "news", "payload": {"seq": seq, "pad": pad}})
-                    .to_string()
-            })
-            .collect(),
-    );
-    let (api, token) = (targets[0].api, targets[0].admin_token.clone());
+    let bodies = news_bodies(BROADCASTS);
     let per_round = (subscribers * BROADCASTS) as u64;
     let cpu_before = match redis {
         Some(redis) => redis_cpu(redis).await?,
         None => 0.0,
     };
     let result = fanout_rounds(None, &counter, per_round, || {
-        let (bodies, token) = (bodies.clone(), token.clone());
-        // All requests at once, as `fanout` sends them.
-        async move {
-            let answers = futures_util::future::join_all(bodies.iter().map(|body| {
-                cinder_tests::admin_as(api, &token, "POST", "/api/broadcast", Some(body))
-            }))
-            .await;
-            for (status, answer) in answers {
-                anyhow::ensure!(status == 202, "broadcast refused: {status} {answer}");
-            }
-            Ok(())
-        }
+        api_broadcasts(&targets[0], bodies.clone())
     })
     .await;
     let redis_seconds = match redis {

@@ -25,6 +25,46 @@ pub const TOPIC: &str = "room:lobby";
 /// Rounds of a fan-out measurement.
 pub const FANOUT_ROUNDS: usize = 6;
 
+/// `count` bodies for `POST /api/broadcast` of `news` on [`TOPIC`], numbered, with 64
+/// bytes of padding.
+pub fn news_bodies(count: usize) -> Arc<Vec<String>> {
+    let pad = "x".repeat(64);
+    Arc::new(
+        (0..count)
+            .map(|seq| {
+                json!({"topic": TOPIC, "event": "news", "payload": {"seq": seq, "pad": pad}})
+                    .to_string()
+            })
+            .collect(),
+    )
+}
+
+/// Sends every body to `target`'s `POST /api/broadcast` at once, as a backend with news
+/// for everyone would; an error for any refused. Cinder answers 202; another server may
+/// say 200.
+pub fn api_broadcasts(
+    target: &Target,
+    bodies: Arc<Vec<String>>,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + use<> {
+    let (api, token, own) = (target.api, target.admin_token.clone(), target.own);
+    async move {
+        let answers =
+            futures_util::future::join_all(bodies.iter().map(|body| {
+                cinder_tests::admin_as(api, &token, "POST", "/api/broadcast", Some(body))
+            }))
+            .await;
+        for (status, answer) in answers {
+            let accepted = if own {
+                status == 202
+            } else {
+                (200..300).contains(&status)
+            };
+            anyhow::ensure!(accepted, "broadcast refused: {status} {answer}");
+        }
+        Ok(())
+    }
+}
+
 /// Counts frames that contain `marker` on each socket until `total` arrived in all.
 pub fn count_deliveries(
     sockets: Vec<Client>,
@@ -120,33 +160,9 @@ pub async fn run(flags: &Flags, subscribers: usize) -> anyhow::Result<()> {
     raw.kill().await?;
 
     // The server: the same count of sockets joined to one topic, broadcasts through the API.
-    let api_bodies: Vec<String> = (0..BROADCASTS)
-        .map(|seq| {
-            json!({"topic": TOPIC, "event": "news", "payload": {"seq": seq, "pad": pad}})
-                .to_string()
-        })
-        .collect();
-    let api_bodies = Arc::new(api_bodies);
+    let api_bodies = news_bodies(BROADCASTS);
     let (rates, cpu) = server_fanout(flags, "\"news\"", subscribers, per_round, |target| {
-        let bodies = api_bodies.clone();
-        let (api, token, own) = (target.api, target.admin_token.clone(), target.own);
-        // All requests at once, as a backend with news for everyone would send them.
-        async move {
-            let answers = futures_util::future::join_all(bodies.iter().map(|body| {
-                cinder_tests::admin_as(api, &token, "POST", "/api/broadcast", Some(body))
-            }))
-            .await;
-            for (status, answer) in answers {
-                // Cinder answers 202; another server may say 200.
-                let accepted = if own {
-                    status == 202
-                } else {
-                    (200..300).contains(&status)
-                };
-                anyhow::ensure!(accepted, "broadcast refused: {status} {answer}");
-            }
-            Ok(())
-        }
+        api_broadcasts(target, api_bodies.clone())
     })
     .await?;
 

@@ -181,7 +181,10 @@ impl Deploy {
                         return;
                     }
                 }
-                Some((change, now)) = changes.recv() => self.push(change, now).await,
+                Some((change, now)) = changes.recv() => {
+                    self.push(change, now).await;
+                    self.describe();
+                }
                 Some(message) = announcements.recv() => {
                     match serde_json::from_slice::<Announcement>(&message) {
                         Ok(Announcement::Changed { plugin }) => self.converge(&plugin).await,
@@ -191,6 +194,7 @@ impl Deploy {
                         Ok(Announcement::PluginDeleted { plugin }) => self.forget(&plugin, None).await,
                         Err(_) => tracing::warn!("cluster: an announcement that does not parse, ignored"),
                     }
+                    self.describe();
                 }
                 // The link is up again: what was announced meanwhile did not arrive, and
                 // what was kept waits for Redis. Both now, not at the next tick.
@@ -238,7 +242,8 @@ impl Deploy {
         self.describe();
     }
 
-    /// Tells the heartbeat which version of each plugin this node serves.
+    /// Tells the heartbeat which version of each plugin this node serves: once per event
+    /// the task handles (and after each pass over every plugin), not once per plugin.
     fn describe(&self) {
         let mut versions = BTreeMap::new();
         for name in self.registry.names().unwrap_or_default() {
@@ -275,7 +280,6 @@ impl Deploy {
                 pending.push((change, now));
             }
         }
-        self.describe();
     }
 
     /// Writes the plugin's versions Redis lacks and, when it differs (and `overrule`, or the
@@ -499,7 +503,6 @@ impl Deploy {
             }
         };
         self.report(name, &applied).await;
-        self.describe();
     }
 
     /// Deletes locally what the cluster deleted.
@@ -515,7 +518,6 @@ impl Deploy {
                 tracing::warn!(plugin = %name, ?version, error = %e, "cluster: cannot delete here")
             }
         }
-        self.describe();
     }
 
     /// What each member applied of `name`, waiting (at most [`REPORT_WAIT`]) until every

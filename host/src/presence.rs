@@ -165,17 +165,20 @@ pub struct Tracker {
     synced: tokio::sync::Notify,
     /// Whether other nodes hold replicas (a cluster member): on one node, no delta is
     /// encoded.
-    replicating: std::sync::atomic::AtomicBool,
+    replicating: bool,
 }
 
 impl Tracker {
     /// [`Tracker::new`], taking the cluster's replication messages and events when
     /// `pubsub` is a cluster adapter.
     pub fn start(pubsub: Arc<dyn PubSub>, per_socket: usize, total: usize) -> Arc<Tracker> {
-        let tracker = Arc::new(Tracker::new(pubsub.clone(), per_socket, total));
-        let replicating = pubsub.on_cluster(Box::new(Replicas(Arc::downgrade(&tracker))));
-        tracker.replicating.store(replicating, Ordering::Relaxed);
-        tracker
+        Arc::new_cyclic(|me| {
+            let replicating = pubsub.on_cluster(Box::new(Replicas(me.clone())));
+            Tracker {
+                replicating,
+                ..Tracker::new(pubsub, per_socket, total)
+            }
+        })
     }
 
     /// A tracker publishing diffs through `pubsub`, holding at most `total` bytes of
@@ -191,7 +194,7 @@ impl Tracker {
             total,
             replicas: Mutex::default(),
             synced: tokio::sync::Notify::new(),
-            replicating: std::sync::atomic::AtomicBool::new(false),
+            replicating: false,
         }
     }
 
@@ -259,7 +262,7 @@ impl Tracker {
             let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
             let (value, diff, delta) = f(&mut t, self.replica);
             // Under the topic's lock, so deltas leave in the order they were made.
-            if !delta.is_empty() && self.replicating.load(Ordering::Relaxed) {
+            if !delta.is_empty() && self.replicating {
                 self.replicate(
                     topic,
                     &Replication::Delta {
@@ -338,7 +341,7 @@ impl Tracker {
             let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
             t.open = true;
             t.synced_from.clear();
-            if !self.replicating.load(Ordering::Relaxed) {
+            if !self.replicating {
                 return;
             }
             serde_json::to_vec(&self.own_sync(&t, true)).unwrap_or_default()

@@ -13,9 +13,14 @@ use cinder::stats::Stats;
 use cinder_tests::{ADMIN, Client, RedisServer, TestServer, WAIT, http_post, stats};
 use serde_json::{Value, json};
 
-/// A cluster node on `redis`, named `id`, with a short down period (3 s: shorter, a node
-/// stalled by a loaded machine would be taken for gone).
+/// A cluster node on `redis`, named `id`, with a down period (10 s) no stall of a loaded
+/// test machine reaches; tests of node loss give the nodes they time shorter ones.
 async fn node(redis: &RedisServer, id: &str) -> TestServer {
+    node_with(redis, id, 10_000).await
+}
+
+/// A node that notices a gone member soon: it reads the members every 600 ms.
+async fn watchful_node(redis: &RedisServer, id: &str) -> TestServer {
     node_with(redis, id, 3000).await
 }
 
@@ -33,6 +38,28 @@ async fn node_with(redis: &RedisServer, id: &str, down_ms: u64) -> TestServer {
     })
     .await;
     server
+}
+
+/// A cluster node on `redis` as a process of its own (for kill -9, SIGSTOP), named `id`,
+/// down after `down_ms` without a heartbeat.
+async fn process_node(redis: &RedisServer, id: &str, down_ms: &str) -> cinder_tests::ServerProcess {
+    let url = redis.url();
+    cinder_tests::ServerProcess::start(
+        4096,
+        &["--redis", &url, "--node-id", id, "--node-down-ms", down_ms],
+    )
+    .await
+}
+
+/// A V2 socket for `user` to the node at `addr`, with a token from `server`'s secret
+/// (every node has the same).
+async fn socket_to(server: &TestServer, addr: std::net::SocketAddr, user: &str) -> Client {
+    Client::connect(&format!(
+        "ws://{addr}/socket/websocket?vsn=2.0.0&token={}",
+        server.token(user)
+    ))
+    .await
+    .expect("connects")
 }
 
 /// Waits until `check` holds, for at most 10 s.
@@ -263,6 +290,7 @@ async fn without_redis_a_node_serves_its_own_sockets_and_comes_back_by_itself() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_its_redis_serves_and_joins_once_it_answers() {
+    cinder_tests::capture_logs();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -280,12 +308,22 @@ async fn a_node_started_before_its_redis_serves_and_joins_once_it_answers() {
         .await;
     assert_eq!(bodies(&mut on_a, 1).await, ["alone"]);
     assert_eq!(stats(a.addr).await["cluster"]["redis"], "down");
+    // Said in one line, however many heartbeats failed.
+    let said = || {
+        cinder_tests::logged("cluster: cannot reach Redis")
+            .iter()
+            .filter(|l| l.contains("node=early"))
+            .count()
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(said(), 1);
 
     let redis = RedisServer::start_on(port).await;
     until("the node joined", || async {
         stats(a.addr).await["cluster"]["members"][0]["id"] == "early"
     })
     .await;
+    assert_eq!(said(), 1);
     assert_eq!(subscribers(&redis, "cinder:t:room:lobby").await, 1);
     a.stop().await;
 }
@@ -452,28 +490,10 @@ async fn presence_is_the_same_from_every_node_and_a_stopped_nodes_entries_leave(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_presences_leave_everywhere_within_the_down_period() {
     let redis = RedisServer::start().await;
-    let a = node(&redis, "a").await;
-    let url = redis.url();
-    let doomed = cinder_tests::ServerProcess::start(
-        4096,
-        &[
-            "--redis",
-            &url,
-            "--node-id",
-            "doomed",
-            "--node-down-ms",
-            "2000",
-        ],
-    )
-    .await;
+    let a = watchful_node(&redis, "a").await;
+    let doomed = process_node(&redis, "doomed", "3000").await;
     let (mut on_a, _) = present(&a, "1").await;
-    let mut far = Client::connect(&format!(
-        "ws://{}/socket/websocket?vsn=2.0.0&token={}",
-        doomed.addr,
-        a.token("9")
-    ))
-    .await
-    .expect("connects");
+    let mut far = socket_to(&a, doomed.addr, "9").await;
     far.join("1", "presence:lobby", json!({})).await;
     let state = next_event(&mut far, "presence_state").await;
     assert_eq!(keys(&state[4]), ["1", "9"]);
@@ -498,9 +518,14 @@ async fn a_killed_nodes_presences_leave_everywhere_within_the_down_period() {
 async fn presence_tracked_while_redis_was_away_reaches_the_other_nodes_once_it_is_back() {
     let redis = RedisServer::start().await;
     let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
-    let (_on_a, _) = present(&a, "1").await;
+    let (mut on_a, _) = present(&a, "1").await;
     let (mut on_b, state) = present(&b, "2").await;
     assert_eq!(keys(&state), ["1", "2"]);
+    // b's join has crossed before Redis goes.
+    assert_eq!(
+        keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),
+        ["2"]
+    );
 
     let port = redis.kill();
     until("a sees Redis down", || async {
@@ -726,25 +751,9 @@ async fn an_activation_that_fails_on_one_node_is_reported_with_that_nodes_reason
 async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
     let redis = RedisServer::start().await;
     let a = node(&redis, "a").await;
-    let url = redis.url();
-    let args = [
-        "--redis",
-        &url,
-        "--node-id",
-        "phoenix",
-        "--node-down-ms",
-        "5000",
-    ];
     let (mut on_a, _) = present(&a, "1").await;
-    let first = cinder_tests::ServerProcess::start(4096, &args).await;
-    let connect = |addr: std::net::SocketAddr, user: &str| {
-        let url = format!(
-            "ws://{addr}/socket/websocket?vsn=2.0.0&token={}",
-            a.token(user)
-        );
-        async move { Client::connect(&url).await.expect("connects") }
-    };
-    let mut old = connect(first.addr, "9").await;
+    let first = process_node(&redis, "phoenix", "5000").await;
+    let mut old = socket_to(&a, first.addr, "9").await;
     old.join("1", "presence:lobby", json!({})).await;
     assert_eq!(
         keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),
@@ -754,8 +763,8 @@ async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
     // Killed and started again at once, well inside its down period (5 s): its record never
     // expired, but it started anew, so what the old one tracked leaves.
     first.kill().await;
-    let second = cinder_tests::ServerProcess::start(4096, &args).await;
-    let mut new = connect(second.addr, "10").await;
+    let second = process_node(&redis, "phoenix", "5000").await;
+    let mut new = socket_to(&a, second.addr, "10").await;
     new.join("1", "presence:lobby", json!({})).await;
     let state = next_event(&mut new, "presence_state").await;
     assert!(keys(&state[4]).contains(&"1".to_owned()), "{state}");
@@ -773,28 +782,10 @@ async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taken_for_gone_that_proves_alive_has_its_presence_back() {
     let redis = RedisServer::start().await;
-    let a = node(&redis, "a").await;
-    let url = redis.url();
-    let stalled = cinder_tests::ServerProcess::start(
-        4096,
-        &[
-            "--redis",
-            &url,
-            "--node-id",
-            "stalled",
-            "--node-down-ms",
-            "1000",
-        ],
-    )
-    .await;
+    let a = watchful_node(&redis, "a").await;
+    let stalled = process_node(&redis, "stalled", "1000").await;
     let (mut on_a, _) = present(&a, "1").await;
-    let mut far = Client::connect(&format!(
-        "ws://{}/socket/websocket?vsn=2.0.0&token={}",
-        stalled.addr,
-        a.token("9")
-    ))
-    .await
-    .expect("connects");
+    let mut far = socket_to(&a, stalled.addr, "9").await;
     far.join("1", "presence:lobby", json!({})).await;
     assert_eq!(
         keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),
@@ -843,18 +834,21 @@ async fn a_version_reloaded_by_watch_on_one_node_is_served_by_the_others() {
         json!({"count": 1})
     );
 
-    // The developer's build writes version 2 into the watched dir on a.
+    // a serves (so its watch has taken its first look) before the files change.
+    stats(a.addr).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The developer's build writes version 2 into the watched dir on a: the wasm first, so
+    // that should the watch look between the two writes, it takes the new bytes under the
+    // old version (stored as `1.0.0+<sha>`) and then the new version with its own bytes.
     let uploads = cinder_tests::test_uploads_dir();
     let v2 = std::fs::read(uploads.join("counter-2.0.0.wasm")).expect("make plugins");
     let v2_manifest = std::fs::read(uploads.join("counter-2.0.0.toml")).expect("make plugins");
-    std::fs::write(watched.join("counter.toml"), v2_manifest).expect("write");
     std::fs::write(watched.join("counter.wasm"), v2).expect("write");
+    std::fs::write(watched.join("counter.toml"), v2_manifest).expect("write");
     until("b serves what a's watch took", || async {
-        served(b.addr, "counter")
-            .await
-            .iter()
-            .all(|(_, v)| v == "2.0.0")
-            && served(b.addr, "counter").await.len() == 2
+        let served = served(b.addr, "counter").await;
+        served.len() == 2 && served.iter().all(|(_, v)| v == "2.0.0")
     })
     .await;
     assert_eq!(
