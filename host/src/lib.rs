@@ -10,10 +10,12 @@
 //! - [`logging`]: the log subscriber; records that plugins and clients cannot forge.
 //! - [`auth`]: connect tokens (JWT HS256): verification, minting, the identity a token gives.
 //! - [`cluster`]: the link to the cluster's Redis: node id, the connection, outages, membership.
+//! - [`lease`]: room leases on a cluster (owner, fencing number, renewal) and room snapshots.
 //! - [`pubsub`]: topic fan-out, encoded once per serializer; socket ids apart; local or Redis.
 //! - [`presence`]: who is in each topic (a delta CRDT plus the Phoenix wire shapes), its budgets.
 //! - [`store`]: the durable plugin store and artifact cache in the data dir.
-//! - [`channel`]: the per-socket session, the hub of live rooms and the room actor.
+//! - [`channel`]: the per-socket session, the hub of live rooms and the room actor; owned
+//!   rooms on a cluster (one instance for the cluster, calls forwarded to its owner).
 //! - [`runtime`]: wasmtime: engine, manifest, plugin, instance, host imports, limits.
 //! - [`registry`]: plugins and their versions: upload, activate (hot reload), roll back,
 //!   delete, routing, the plugins dir and the watched dir.
@@ -35,6 +37,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod deploy;
+pub mod lease;
 pub mod limit;
 pub mod logging;
 pub mod presence;

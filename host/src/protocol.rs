@@ -125,6 +125,8 @@ pub mod reason {
     pub const MEMORY_FULL: &str = "server memory full";
     /// The room did not answer in time (it is busy with messages queued before this one).
     pub const ROOM_BUSY: &str = "room busy";
+    /// The room's owner on a cluster cannot be known (Redis is unreachable).
+    pub const CLUSTER_UNAVAILABLE: &str = "cluster unavailable";
     /// A binary reply or push to a socket whose serializer (V1) has no binary frames.
     pub const BINARY_NEEDS_V2: &str = "binary payloads need the V2 serializer";
     /// A reply the socket's serializer cannot carry for another reason (a topic too long

@@ -243,6 +243,8 @@ fn route_of(plugin: &Arc<Plugin>) -> Route {
         intercepts: plugin.intercepts().clone(),
         factory: plugin.clone(),
         warnings: plugin.warnings().clone(),
+        placement: plugin.manifest().placement,
+        snapshot_every: plugin.manifest().snapshot_every,
     }
 }
 
@@ -676,6 +678,7 @@ impl Registry {
                     error,
                 }),
                 SwapResult::Pending => pending.push(topic.to_string()),
+                SwapResult::Elsewhere => {}
             }
         }
         let activation = Activation {

@@ -28,6 +28,7 @@ use crate::channel::Hub;
 use crate::cluster::Link;
 use crate::config::{Config, Limits, Secrets};
 use crate::deploy::Deploy;
+use crate::lease::Leases;
 use crate::limit::Slots;
 use crate::pubsub::{LocalPubSub, PubSub, RedisPubSub};
 use crate::registry::Registry;
@@ -102,12 +103,16 @@ pub async fn serve(
     let runtime = Arc::new(Runtime::new(&limits, stats.clone(), tracker.clone())?);
     let store = PluginStore::open(&config.data_dir, &config.cache_dir())?;
     let registry = Arc::new(Registry::open(runtime.clone(), store, limits.clone()).await?);
+    let leases = link
+        .clone()
+        .map(|link| Leases::start(link, Duration::from_millis(config.node_down_ms)));
     let hub = Hub::new(
         registry.clone(),
         pubsub,
         tracker.clone(),
         limits.clone(),
         stats,
+        leases,
     );
     // On a cluster the cluster's versions come first: a node that starts later serves
     // the active versions of the cluster, not those of its plugins dir.
@@ -139,7 +144,7 @@ pub async fn serve(
     ));
     let stats = hub.stats().clone();
     let admin = Arc::new(Admin {
-        hub,
+        hub: hub.clone(),
         registry,
         runtime,
         presence: tracker,
@@ -171,6 +176,8 @@ pub async fn serve(
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    // The rooms this node owns for the cluster move on with their state.
+    hub.hand_off().await;
     if let Some(link) = link {
         link.leave(SHUTDOWN_GRACE).await;
     }

@@ -93,6 +93,24 @@ counters! {
     cluster_malformed,
     /// Times the link to Redis went down (or could not be made at start).
     cluster_outages,
+    /// Calls (joins, messages, leaves) of channels here forwarded to the owner of their
+    /// room on another node.
+    owner_forwarded,
+    /// Calls of channels on other nodes handled by rooms this node owns.
+    owner_served,
+    /// Owned rooms this node took over from an owner that was gone (or started here).
+    room_leases_won,
+    /// Owned rooms this node stopped running because its lease was gone (a stale owner
+    /// fenced out).
+    room_leases_lost,
+    /// Answers from a stale owner (an older fence) dropped.
+    fenced,
+    /// Room snapshots saved to Redis.
+    snapshots_saved,
+    /// Room snapshots that could not be saved (Redis unreachable).
+    snapshot_failures,
+    /// Forwarded messages refused because the owned room's inbox was full (`room busy`).
+    owner_refused,
 }
 
 /// What is in use now, beside the counters.

@@ -2,6 +2,8 @@
 //! test plugins, and a raw Phoenix V1/V2 WebSocket client (tokio-tungstenite) that speaks
 //! frames as JSON values.
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -10,72 +10,13 @@ use std::time::{Duration, Instant};
 use cinder::cluster::Link;
 use cinder::pubsub::{PubSub, RedisPubSub, conformance};
 use cinder::stats::Stats;
+use cinder_tests::cluster::{inc, member, node, node_with, process_node, socket_to, until};
 use cinder_tests::{ADMIN, Client, RedisServer, TestServer, WAIT, http_post, stats};
 use serde_json::{Value, json};
-
-/// A cluster node on `redis`, named `id`, with a down period (10 s) no stall of a loaded
-/// test machine reaches; tests of node loss give the nodes they time shorter ones.
-async fn node(redis: &RedisServer, id: &str) -> TestServer {
-    node_with(redis, id, 10_000).await
-}
 
 /// A node that notices a gone member soon: it reads the members every 600 ms.
 async fn watchful_node(redis: &RedisServer, id: &str) -> TestServer {
     node_with(redis, id, 3000).await
-}
-
-/// A cluster node on `redis`, named `id`, down after `down_ms` without a heartbeat.
-async fn node_with(redis: &RedisServer, id: &str, down_ms: u64) -> TestServer {
-    let (url, id) = (redis.url(), id.to_owned());
-    let server = TestServer::start_with(move |c| {
-        c.redis_url = Some(url);
-        c.node_id = Some(id);
-        c.node_down_ms = down_ms;
-    })
-    .await;
-    until("the node's link is up", || async {
-        stats(server.addr).await["cluster"]["redis"] == "up"
-    })
-    .await;
-    server
-}
-
-/// A cluster node on `redis` as a process of its own (for kill -9, SIGSTOP), named `id`,
-/// down after `down_ms` without a heartbeat.
-async fn process_node(redis: &RedisServer, id: &str, down_ms: &str) -> cinder_tests::ServerProcess {
-    let url = redis.url();
-    cinder_tests::ServerProcess::start(
-        4096,
-        &["--redis", &url, "--node-id", id, "--node-down-ms", down_ms],
-    )
-    .await
-}
-
-/// A V2 socket for `user` to the node at `addr`, with a token from `server`'s secret
-/// (every node has the same).
-async fn socket_to(server: &TestServer, addr: std::net::SocketAddr, user: &str) -> Client {
-    Client::connect(&format!(
-        "ws://{addr}/socket/websocket?vsn=2.0.0&token={}",
-        server.token(user)
-    ))
-    .await
-    .expect("connects")
-}
-
-/// Waits until `check` holds, for at most 10 s.
-async fn until<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// How many subscribers Redis has on `channel`.
@@ -90,14 +31,6 @@ async fn subscribers(redis: &RedisServer, channel: &str) -> usize {
         .find_map(|l| l.strip_prefix(':'))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
-}
-
-/// A member of `topic` on `server` as `user`.
-async fn member(server: &TestServer, user: &str, topic: &str) -> Client {
-    let mut c = server.client(user).await;
-    let reply = c.join("1", topic, json!({})).await;
-    assert_eq!(reply[4]["status"], "ok", "{reply}");
-    c
 }
 
 /// The next `n` `new_message` bodies `c` gets.
@@ -493,7 +426,7 @@ async fn a_killed_nodes_presences_leave_everywhere_within_the_down_period() {
     let a = watchful_node(&redis, "a").await;
     let doomed = process_node(&redis, "doomed", "3000").await;
     let (mut on_a, _) = present(&a, "1").await;
-    let mut far = socket_to(&a, doomed.addr, "9").await;
+    let mut far = socket_to(doomed.addr, "9").await;
     far.join("1", "presence:lobby", json!({})).await;
     let state = next_event(&mut far, "presence_state").await;
     assert_eq!(keys(&state[4]), ["1", "9"]);
@@ -544,18 +477,6 @@ async fn presence_tracked_while_redis_was_away_reaches_the_other_nodes_once_it_i
     on_b.silent_for(1500).await;
     a.stop().await;
     b.stop().await;
-}
-
-/// `inc` on `counter:<room>` through `c` (joined with join ref "1"); the reply's response.
-async fn inc(c: &mut Client, topic: &str, msg_ref: &str) -> Value {
-    c.send(json!(["1", msg_ref, topic, "inc", {}])).await;
-    loop {
-        let frame = c.recv().await;
-        if frame[3] == "phx_reply" && frame[1] == msg_ref {
-            assert_eq!(frame[4]["status"], "ok", "{frame}");
-            return frame[4]["response"].clone();
-        }
-    }
 }
 
 /// Node id -> the version of `plugin` its heartbeat says it serves.
@@ -753,7 +674,7 @@ async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
     let a = node(&redis, "a").await;
     let (mut on_a, _) = present(&a, "1").await;
     let first = process_node(&redis, "phoenix", "5000").await;
-    let mut old = socket_to(&a, first.addr, "9").await;
+    let mut old = socket_to(first.addr, "9").await;
     old.join("1", "presence:lobby", json!({})).await;
     assert_eq!(
         keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),
@@ -764,7 +685,7 @@ async fn a_node_that_comes_back_under_its_id_is_a_new_member() {
     // expired, but it started anew, so what the old one tracked leaves.
     first.kill().await;
     let second = process_node(&redis, "phoenix", "5000").await;
-    let mut new = socket_to(&a, second.addr, "10").await;
+    let mut new = socket_to(second.addr, "10").await;
     new.join("1", "presence:lobby", json!({})).await;
     let state = next_event(&mut new, "presence_state").await;
     assert!(keys(&state[4]).contains(&"1".to_owned()), "{state}");
@@ -785,7 +706,7 @@ async fn a_node_taken_for_gone_that_proves_alive_has_its_presence_back() {
     let a = watchful_node(&redis, "a").await;
     let stalled = process_node(&redis, "stalled", "1000").await;
     let (mut on_a, _) = present(&a, "1").await;
-    let mut far = socket_to(&a, stalled.addr, "9").await;
+    let mut far = socket_to(stalled.addr, "9").await;
     far.join("1", "presence:lobby", json!({})).await;
     assert_eq!(
         keys(&next_event(&mut on_a, "presence_diff").await[4]["joins"]),

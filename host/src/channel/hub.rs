@@ -1,16 +1,19 @@
 //! The live rooms of a node: which room serves a topic (started on its first join, through
-//! the [`Router`]), and moving every room of a plugin to another version (hot reload),
-//! each within [`ROOM_WAIT`].
+//! the [`Router`]), and moving every room of a plugin this node runs to another version
+//! (hot reload), each within [`ROOM_WAIT`]; a room whose owner is another node moves there.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::remote::Relay;
 use super::room::{self, Node, ROOM_WAIT, RoomHandle, RoomMsg, SwapResult};
 use super::{Route, Router};
 use crate::config::Limits;
+use crate::lease::Leases;
 use crate::limit::Warnings;
 use crate::presence::Tracker;
 use crate::protocol::reason;
@@ -26,17 +29,31 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub with no rooms yet.
+    /// A hub with no rooms yet; on a cluster (`leases`), the rooms of plugins placed on an
+    /// owner run on one node at a time.
     pub fn new(
         router: Arc<dyn Router>,
         pubsub: Arc<dyn PubSub>,
         presence: Arc<Tracker>,
         limits: Limits,
         stats: Arc<Stats>,
+        leases: Option<Arc<Leases>>,
     ) -> Arc<Self> {
+        let owning = leases.is_some();
+        let node = Arc::new(Node::new(
+            router.clone(),
+            pubsub.clone(),
+            presence,
+            leases,
+            limits,
+            stats.clone(),
+        ));
+        if owning {
+            pubsub.on_direct(Box::new(Relay::new(Arc::downgrade(&node))));
+        }
         Arc::new(Hub {
-            warnings: Warnings::new(stats.clone()),
-            node: Arc::new(Node::new(pubsub, presence, limits, stats)),
+            warnings: Warnings::new(stats),
+            node,
             router,
         })
     }
@@ -81,7 +98,7 @@ impl Hub {
             .node
             .rooms()
             .iter()
-            .filter(|(_, r)| r.plugin == route.plugin)
+            .filter(|(_, r)| r.plugin == route.plugin && r.serving.load(Ordering::Relaxed))
             .map(|(topic, r)| (topic.clone(), r.clone()))
             .collect();
         let mut pending = VecDeque::new();
@@ -114,6 +131,30 @@ impl Hub {
             collect_swap(&mut pending, &mut results).await;
         }
         results
+    }
+
+    /// This node stops: every room it owns for the cluster saves its state and gives its
+    /// lease up, so the next owner takes it over at once and loses nothing. At most
+    /// [`ROOM_WAIT`].
+    pub async fn hand_off(&self) {
+        let rooms: Vec<RoomHandle> = self
+            .node
+            .rooms()
+            .values()
+            .filter(|r| r.serving.load(Ordering::Relaxed))
+            .cloned()
+            .collect();
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        let mut waits = Vec::new();
+        for room in rooms {
+            let (done, handed) = oneshot::channel();
+            if room.hand_off(done) {
+                waits.push(handed);
+            }
+        }
+        for handed in waits {
+            let _ = tokio::time::timeout_at(deadline, handed).await;
+        }
     }
 
     /// A number unique on this node (channels, subscriptions).

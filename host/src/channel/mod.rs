@@ -10,12 +10,18 @@
 //! - `feed`: a room's fastlane broadcasts, read by each member at its own cursor.
 //! - `outbound`: the socket's queue, bounded in bytes, and the order shared with feeds.
 //! - `hub`: the live rooms of the node, started on first join, moved on hot reload.
-//! - `room`: the room actor, one per live topic, and what the rooms of a node share.
+//! - `room`: the room actor, one per live topic, and what the rooms of a node share; and
+//!   (`room::owned`), on a cluster, the rooms of plugins placed on an owner: one instance
+//!   per room for the whole cluster, on the node holding the room's lease, to which the
+//!   room actor of every other node with members forwards.
+//! - `remote`: what nodes tell each other about owned rooms, and this node's channels whose
+//!   room runs on another node.
 //! - `session`: one socket's channels.
 
 mod feed;
 mod hub;
 mod outbound;
+mod remote;
 mod room;
 mod session;
 #[cfg(test)]
@@ -26,6 +32,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use crate::config::Limits;
 use crate::limit::Warnings;
 use crate::presence::Account;
@@ -34,6 +42,7 @@ use crate::pubsub::SubscriberId;
 
 pub use hub::Hub;
 pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
+pub use remote::Relay;
 pub use room::{ROOM_WAIT, SwapResult};
 pub use session::{Next, Session};
 
@@ -188,6 +197,8 @@ pub enum InfoOutcome {
 pub trait RoomLogic: Send + 'static {
     /// The plugin version this instance runs.
     fn version(&self) -> &str;
+    /// Whether the instance hands its state over (`snapshot` / `restore`).
+    fn stateful(&self) -> bool;
     /// What the next call's host calls may still do (see [`CallBudget`]); until it is
     /// set, a call gets a whole call's worth.
     fn budget(&mut self, budget: CallBudget);
@@ -260,6 +271,65 @@ pub struct Route {
     pub factory: Arc<dyn LogicFactory>,
     /// How often the host may warn about the plugin.
     pub warnings: Arc<Warnings>,
+    /// Where its rooms run on a cluster.
+    pub placement: Placement,
+    /// How often an owned room's state is saved for the node that takes it over.
+    pub snapshot_every: SnapshotEvery,
+}
+
+/// Where the rooms of a plugin run on a cluster (on one node, always on that node).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// One instance per room for the whole cluster, on the node that holds the room's
+    /// lease; the calls of channels on other nodes are forwarded to it. The default: a
+    /// room's state is one state, whichever node its members are on.
+    #[default]
+    Owner,
+    /// One instance per room on every node with members, calls handled where the socket
+    /// is (no hop): for plugins that keep no room state, such as a chat relay.
+    Local,
+}
+
+/// When an owned room saves its state (for plugins that export `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotEvery {
+    /// After every message, before what the message caused leaves the room: a takeover
+    /// loses nothing a member saw.
+    Message,
+    /// At most this often, after a message: a takeover loses at most this much.
+    Interval(std::time::Duration),
+}
+
+impl Default for SnapshotEvery {
+    fn default() -> Self {
+        SnapshotEvery::Interval(std::time::Duration::from_secs(1))
+    }
+}
+
+/// Shortest and longest `snapshot_every` interval, in milliseconds.
+pub const SNAPSHOT_EVERY_MS: std::ops::RangeInclusive<u64> = 10..=3_600_000;
+
+impl<'de> Deserialize<'de> for SnapshotEvery {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Word(String),
+            Millis(u64),
+        }
+        match Given::deserialize(d)? {
+            Given::Word(word) if word == "message" => Ok(SnapshotEvery::Message),
+            Given::Millis(ms) if SNAPSHOT_EVERY_MS.contains(&ms) => Ok(SnapshotEvery::Interval(
+                std::time::Duration::from_millis(ms),
+            )),
+            _ => Err(serde::de::Error::custom(format!(
+                "snapshot_every must be \"message\" or milliseconds from {} to {}",
+                SNAPSHOT_EVERY_MS.start(),
+                SNAPSHOT_EVERY_MS.end()
+            ))),
+        }
+    }
 }
 
 /// Maps topics to plugins.

@@ -2,10 +2,15 @@
 //! serialises every call into it, applies what the calls asked for (pushes, broadcasts,
 //! timers) to its members, and swaps the instance for another plugin version between two
 //! messages (hot reload). Also what every room of the node shares ([`Node`]: the directory
-//! of live rooms, PubSub, presence, limits, counters).
+//! of live rooms, PubSub, presence, leases, limits, counters).
+//!
+//! A room's members are channels of this node or, for a room this node owns on a cluster
+//! (`owned`), channels of other nodes, whose replies and pushes go to their node ([`Out`]).
+
+mod owned;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,11 +19,13 @@ use tokio::task::JoinSet;
 
 use super::feed::{Cursor, Feed};
 use super::outbound::{Outbound, OutboundTx, Slowness};
+use super::remote::{Proxies, RemoteMsg, ToMember, ToOwner};
 use super::{
     CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
-    JoinOutcome, MemberId, RoomLogic, Route,
+    JoinOutcome, MemberId, Placement, RoomLogic, Route, Router,
 };
 use crate::config::Limits;
+use crate::lease::Leases;
 use crate::limit::Bucket;
 use crate::presence::Tracker;
 use crate::protocol::{Payload, Status, reason};
@@ -61,6 +68,102 @@ pub(super) struct RoomHandle {
     id: u64,
     pub(super) plugin: Arc<str>,
     pub(super) tx: mpsc::Sender<RoomMsg>,
+    /// What other nodes and the cluster tell the room.
+    inbox: mpsc::UnboundedSender<RemoteMsg>,
+    /// Forwarded messages in `inbox` not handled yet, bounded by `room_mailbox`.
+    queued: Arc<AtomicUsize>,
+    /// Whether the room runs its plugin's instance on this node (false while it forwards to
+    /// the owner on another node): only those move on hot reload here.
+    pub(super) serving: Arc<AtomicBool>,
+    /// The fence of the room's lease while this node owns it.
+    fence: Arc<AtomicU64>,
+}
+
+impl RoomHandle {
+    /// Asks the room to hand itself off (this node stops); false when it is gone.
+    pub(super) fn hand_off(&self, done: oneshot::Sender<()>) -> bool {
+        self.inbox.send(RemoteMsg::HandOff(done)).is_ok()
+    }
+}
+
+/// Where what a room tells one member goes: the queue of its socket on this node, or the
+/// member's node (a channel of another node in a room this node owns).
+#[derive(Clone)]
+pub(super) enum Out {
+    Local(OutboundTx),
+    Remote(Arc<RemoteOut>),
+}
+
+/// A member on another node.
+pub(super) struct RemoteOut {
+    pubsub: Arc<dyn PubSub>,
+    /// Its node.
+    node: Arc<str>,
+    /// Its channel id there.
+    member: MemberId,
+    /// The fence of this node's lease on the room.
+    fence: u64,
+}
+
+impl Out {
+    pub(super) fn send(&self, item: Outbound) {
+        match self {
+            Out::Local(out) => out.send(item),
+            Out::Remote(remote) => remote.send(item),
+        }
+    }
+}
+
+impl RemoteOut {
+    fn tell(&self, answer: ToMember) {
+        self.pubsub.send_to(&self.node, answer.encode());
+    }
+
+    fn send(&self, item: Outbound) {
+        let (member, fence) = (self.member, self.fence);
+        self.tell(match item {
+            Outbound::Reply {
+                msg_ref,
+                status,
+                payload,
+                ..
+            } => ToMember::Reply {
+                member,
+                fence,
+                msg_ref,
+                status,
+                payload,
+            },
+            Outbound::Push { event, payload, .. } => ToMember::Push {
+                member,
+                fence,
+                event,
+                payload,
+            },
+            Outbound::ChannelDown { crashed, .. } => ToMember::Down {
+                member,
+                fence,
+                crashed,
+            },
+            // Said by the member's own socket, never by a room.
+            Outbound::Close { .. } | Outbound::Disconnect => return,
+        });
+    }
+}
+
+/// What a message of a room saving after every message caused, held until the save
+/// stands.
+enum Held {
+    Send(Out, Outbound),
+    Publish(Arc<Broadcast>),
+}
+
+/// Sends to a member now, or holds it behind the message's save (`gate`).
+fn emit(gate: &mut Option<Vec<Held>>, out: &Out, item: Outbound) {
+    match gate {
+        Some(held) => held.push(Held::Send(out.clone(), item)),
+        None => out.send(item),
+    }
 }
 
 /// How one room's move to another version went.
@@ -73,6 +176,8 @@ pub enum SwapResult {
     /// Still busy with messages queued before the swap after [`ROOM_WAIT`]: it moves once
     /// it reaches the swap.
     Pending,
+    /// Run by its owner on another node, which moves it.
+    Elsewhere,
 }
 
 pub(super) enum RoomMsg {
@@ -126,11 +231,15 @@ pub(super) enum JoinResult {
 }
 
 /// What every room of the node shares: the directory of live rooms (which the hub keeps
-/// and a room leaves when it ends), PubSub, presence, limits, counters and ids.
+/// and a room leaves when it ends), routing, PubSub, presence, leases (on a cluster),
+/// limits, counters and ids, and the channels of this node whose room runs elsewhere.
 pub(super) struct Node {
     rooms: Mutex<HashMap<Arc<str>, RoomHandle>>,
+    pub(super) router: Arc<dyn Router>,
     pub(super) pubsub: Arc<dyn PubSub>,
     pub(super) presence: Arc<Tracker>,
+    pub(super) leases: Option<Arc<Leases>>,
+    pub(super) proxies: Proxies,
     pub(super) limits: Limits,
     pub(super) stats: Arc<Stats>,
     next_id: AtomicU64,
@@ -139,18 +248,76 @@ pub(super) struct Node {
 impl Node {
     /// A node with no rooms yet.
     pub(super) fn new(
+        router: Arc<dyn Router>,
         pubsub: Arc<dyn PubSub>,
         presence: Arc<Tracker>,
+        leases: Option<Arc<Leases>>,
         limits: Limits,
         stats: Arc<Stats>,
     ) -> Self {
         Node {
             rooms: Mutex::default(),
+            router,
             pubsub,
             presence,
+            leases,
+            proxies: Proxies::default(),
             limits,
             stats,
             next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A call from a channel on node `origin` for a room this node may own: into the
+    /// room's inbox, or answered `Moved` when no room of the topic runs here.
+    pub(super) fn call(&self, origin: Arc<str>, call: ToOwner) {
+        let room = self.rooms().get(call.topic()).cloned();
+        let member = call.member();
+        let is_in = matches!(call, ToOwner::In { .. });
+        let is_leave = matches!(call, ToOwner::Leave { .. });
+        let moved = || {
+            if !is_leave {
+                self.pubsub
+                    .send_to(&origin, ToMember::Moved { member }.encode());
+            }
+        };
+        let Some(room) = room else {
+            return moved();
+        };
+        if let ToOwner::In { msg_ref, .. } = &call {
+            if room.queued.load(Ordering::Relaxed) >= self.limits.room_mailbox {
+                Stats::bump(&self.stats.owner_refused);
+                if msg_ref.is_some() {
+                    let reply = ToMember::Reply {
+                        member,
+                        fence: room.fence.load(Ordering::Relaxed),
+                        msg_ref: msg_ref.clone(),
+                        status: Status::Error,
+                        payload: crate::protocol::reason_payload(reason::ROOM_BUSY),
+                    };
+                    self.pubsub.send_to(&origin, reply.encode());
+                }
+                return;
+            }
+            room.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        let call = RemoteMsg::Call {
+            origin: origin.clone(),
+            call,
+        };
+        if room.inbox.send(call).is_err() {
+            if is_in {
+                room.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            moved();
+        }
+    }
+
+    /// Tells every live room of the node something about the cluster.
+    pub(super) fn tell_rooms(&self, what: impl Fn() -> RemoteMsg) {
+        let rooms: Vec<RoomHandle> = self.rooms().values().cloned().collect();
+        for room in rooms {
+            let _ = room.inbox.send(what());
         }
     }
 
@@ -183,10 +350,16 @@ pub(super) fn start(
 ) -> RoomHandle {
     let limits = &node.limits;
     let (tx, rx) = mpsc::channel(limits.room_mailbox);
+    let (inbox, inbox_rx) = mpsc::unbounded_channel();
+    let owned = node.leases.is_some() && route.placement == Placement::Owner;
     let handle = RoomHandle {
         id: node.next_id(),
         plugin: route.plugin.clone(),
         tx,
+        inbox,
+        queued: Arc::default(),
+        serving: Arc::new(AtomicBool::new(!owned)),
+        fence: Arc::default(),
     };
     rooms.insert(topic.clone(), handle.clone());
     let room = Room {
@@ -195,7 +368,15 @@ pub(super) fn start(
         node: node.clone(),
         route,
         tx: handle.tx.downgrade(),
+        inbox: handle.inbox.downgrade(),
+        queued: handle.queued.clone(),
+        serving: handle.serving.clone(),
+        fence: handle.fence.clone(),
         members: HashMap::new(),
+        remote_ids: HashMap::new(),
+        proxied: HashMap::new(),
+        owned: None,
+        gate: None,
         pending_out: VecDeque::new(),
         timers: JoinSet::new(),
         deferred: VecDeque::new(),
@@ -207,14 +388,22 @@ pub(super) fn start(
         cascade: CallBudget::full(limits, 0),
         feed: Feed::new(Slowness::from_limits(limits)),
         room_sink: None,
+        opened: false,
     };
-    tokio::spawn(room.run(rx));
+    tokio::spawn(room.run(rx, inbox_rx));
     handle
 }
 
 struct Member {
     socket: ChannelSocket,
-    out: OutboundTx,
+    out: Out,
+}
+
+/// A channel of this node whose room runs on another node: what its join said, to join
+/// it again at the next owner.
+struct Joining {
+    socket: ChannelSocket,
+    payload: Payload,
 }
 
 struct Room {
@@ -223,7 +412,21 @@ struct Room {
     node: Arc<Node>,
     route: Route,
     tx: mpsc::WeakSender<RoomMsg>,
+    inbox: mpsc::WeakUnboundedSender<RemoteMsg>,
+    /// See [`RoomHandle`].
+    queued: Arc<AtomicUsize>,
+    serving: Arc<AtomicBool>,
+    fence: Arc<AtomicU64>,
     members: HashMap<MemberId, Member>,
+    /// Members on other nodes (by node and channel id there) in a room this node owns.
+    remote_ids: HashMap<(Arc<str>, MemberId), MemberId>,
+    /// This node's channels while the room runs on another node.
+    proxied: HashMap<MemberId, Joining>,
+    /// The lease and snapshots while this node owns the room.
+    owned: Option<owned::Owned>,
+    /// What the message being handled caused, held until its save stands (owned rooms
+    /// saving after every message).
+    gate: Option<Vec<Held>>,
     /// Intercepted broadcasts made by this room's own calls, handled after the current one.
     pending_out: VecDeque<Arc<Broadcast>>,
     /// `send-after` timers; dropped (aborted) with the room.
@@ -240,6 +443,8 @@ struct Room {
     feed: Arc<Feed>,
     /// The room's PubSub subscription (feeding `feed` and `handle_out`).
     room_sink: Option<u64>,
+    /// Whether the room subscribed and opened the topic's presence.
+    opened: bool,
 }
 
 /// A room ends when it has no members left or its instance crashed (or was evicted).
@@ -260,77 +465,160 @@ impl Flow {
     }
 }
 
+/// How a room ended, as the joins still in its mailbox are told.
+enum End {
+    /// Ask the hub again (a new room starts).
+    Retry,
+    /// No instance could be made (or no owner found), for this reason.
+    Unavailable(&'static str),
+}
+
+/// How a room's instance stopped serving.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// No members left (or the instance crashed: every member was told).
+    Ended,
+    /// The room's lease went to another node: every member here was told `phx_error`.
+    SteppedDown,
+    /// This node stops: the room's state is saved and its lease given up for the next
+    /// owner.
+    HandedOff,
+}
+
+/// What woke a serving room.
+enum Input {
+    Room(RoomMsg),
+    Remote(RemoteMsg),
+    /// The next save of the room's state is due.
+    Save,
+    /// The room's lease went to another node.
+    Lost,
+}
+
 impl Room {
-    async fn run(mut self, mut rx: mpsc::Receiver<RoomMsg>) {
-        let logic = self.route.factory.instantiate(&self.topic).await;
-        let mut logic = match logic {
-            Ok(logic) => logic,
-            Err(e) => {
-                if self.route.warnings.allow() {
-                    tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e.detail, "plugin instantiation failed");
-                }
-                self.node.remove_room(&self.topic, self.id);
-                rx.close();
-                while let Some(msg) = rx.recv().await {
-                    if let RoomMsg::Join { done, .. } = msg {
-                        let _ = done.send(JoinResult::Unavailable(e.reason));
-                    }
-                }
-                return;
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<RoomMsg>,
+        mut inbox: mpsc::UnboundedReceiver<RemoteMsg>,
+    ) {
+        let end = match self.node.leases.clone() {
+            Some(leases) if !self.serving.load(Ordering::Relaxed) => {
+                self.owned(leases, &mut rx, &mut inbox).await
             }
+            _ => self.local(&mut rx, &mut inbox).await,
         };
-        self.subscribe();
-        // On a cluster, what other nodes broadcast to the topic reaches the room before
-        // its first member's join is answered.
-        self.node.pubsub.ready(&self.topic).await;
-        // And the presence other nodes hold for it.
-        self.node.presence.open(&self.topic).await;
-        while let Some(msg) = rx.recv().await {
-            // Everything this message causes, its call and the handle_out rounds its
-            // broadcasts start, broadcasts at most one call's worth: a handle_out that
-            // broadcasts what it intercepts cannot loop.
-            self.cascade = CallBudget::full(&self.node.limits, 0);
-            let mut flow = self.handle(&mut logic, msg).await;
-            while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
-                flow = self.handle_out(&mut *logic, &b).await;
-            }
-            self.pending_out.clear();
-            let ended = match flow {
-                Flow::Continue => false,
-                Flow::Crashed(cause) => {
-                    self.route.factory.crashed(&self.topic, &cause);
-                    true
-                }
-                Flow::Evicted(cause) => {
-                    if self.route.warnings.allow() {
-                        tracing::warn!(plugin = %self.route.plugin, version = %self.route.version, topic = %self.topic, %cause, "room evicted: instance discarded");
-                    }
-                    true
-                }
-            };
-            if ended {
-                let ids: Vec<MemberId> = self.members.keys().copied().collect();
-                for id in ids {
-                    if let Some(member) = self.detach(id) {
-                        notify_down(id, &member, true);
-                    }
-                }
-                break;
-            }
-            while self.timers.try_join_next().is_some() {}
-            if self.members.is_empty() {
-                break;
-            }
-        }
         if let Some(id) = self.room_sink.take() {
             self.node.pubsub.unsubscribe(&self.topic, id);
         }
-        self.node.presence.close(&self.topic);
+        if self.opened {
+            self.node.presence.close(&self.topic);
+        }
         self.node.remove_room(&self.topic, self.id);
         rx.close();
         while let Some(msg) = rx.recv().await {
             if let RoomMsg::Join { done, .. } = msg {
-                let _ = done.send(JoinResult::Retry);
+                let _ = done.send(match end {
+                    End::Retry => JoinResult::Retry,
+                    End::Unavailable(why) => JoinResult::Unavailable(why),
+                });
+            }
+        }
+    }
+
+    /// A room whose instance runs on this node whatever the cluster: one node, or a
+    /// plugin placed `local`.
+    async fn local(
+        &mut self,
+        rx: &mut mpsc::Receiver<RoomMsg>,
+        inbox: &mut mpsc::UnboundedReceiver<RemoteMsg>,
+    ) -> End {
+        let mut logic = match self.instance().await {
+            Ok(logic) => logic,
+            Err(why) => return End::Unavailable(why),
+        };
+        self.open().await;
+        self.serve(&mut logic, rx, inbox).await;
+        End::Retry
+    }
+
+    /// A fresh instance of the room's plugin; the reason for the joining client when none
+    /// could be made.
+    async fn instance(&mut self) -> Result<Box<dyn RoomLogic>, &'static str> {
+        self.route.factory.instantiate(&self.topic).await.map_err(|e| {
+            if self.route.warnings.allow() {
+                tracing::error!(plugin = %self.route.plugin, topic = %self.topic, error = %e.detail, "plugin instantiation failed");
+            }
+            e.reason
+        })
+    }
+
+    /// Subscribes the room to its topic; on a cluster, what other nodes broadcast to the
+    /// topic (and the presence they hold for it) reaches the room before its first
+    /// member's join is answered.
+    async fn open(&mut self) {
+        self.subscribe();
+        self.node.pubsub.ready(&self.topic).await;
+        self.node.presence.open(&self.topic).await;
+        self.opened = true;
+    }
+
+    /// Runs the room's instance, one message at a time, until the room has no members
+    /// left, its instance crashed, or (owned) its lease went to another node.
+    async fn serve(
+        &mut self,
+        logic: &mut Box<dyn RoomLogic>,
+        rx: &mut mpsc::Receiver<RoomMsg>,
+        inbox: &mut mpsc::UnboundedReceiver<RemoteMsg>,
+    ) -> Served {
+        let lease = self.owned.as_ref().map(|o| o.lease.clone());
+        loop {
+            let due = self.owned.as_ref().and_then(|o| o.due);
+            let input = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => Input::Room(msg),
+                    None => return Served::Ended,
+                },
+                Some(msg) = inbox.recv() => Input::Remote(msg),
+                () = owned::until(due) => Input::Save,
+                () = owned::lost(lease.as_deref()) => Input::Lost,
+            };
+            if let Some(lease) = &lease
+                && (matches!(input, Input::Lost) || !self.still_owner(lease).await)
+            {
+                return self.step_down(logic);
+            }
+            if let Input::Remote(RemoteMsg::HandOff(done)) = input {
+                if lease.is_none() {
+                    continue;
+                }
+                let served = self.hand_off(logic).await;
+                let _ = done.send(());
+                return served;
+            }
+            // Everything this message causes, its call and the handle_out rounds its
+            // broadcasts start, broadcasts at most one call's worth: a handle_out that
+            // broadcasts what it intercepts cannot loop.
+            self.cascade = CallBudget::full(&self.node.limits, 0);
+            self.gate = self.gated(&**logic).then(Vec::new);
+            let mut flow = match input {
+                Input::Room(msg) => self.handle(logic, msg).await,
+                Input::Remote(msg) => self.remote(&mut **logic, msg).await,
+                Input::Save => self.save_now(logic).await,
+                Input::Lost => Flow::Continue,
+            };
+            while let (Flow::Continue, Some(b)) = (&flow, self.pending_out.pop_front()) {
+                flow = self.handle_out(&mut **logic, &b).await;
+            }
+            self.pending_out.clear();
+            if !self.saved(logic, &mut flow).await {
+                return self.step_down(logic);
+            }
+            if self.ended(flow) {
+                return Served::Ended;
+            }
+            while self.timers.try_join_next().is_some() {}
+            if self.members.is_empty() {
+                return Served::Ended;
             }
         }
     }
@@ -400,16 +688,24 @@ impl Room {
         // Freeing an instance zeroes the memory its pool slot keeps resident: done on a
         // blocking thread, not in the pause (it doubled the median pause when done here).
         tokio::task::spawn_blocking(move || drop(old));
+        self.set_route(route);
+        Stats::bump(&self.node.stats.room_swaps);
+        let pause = started.elapsed();
+        tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
+        (SwapResult::Moved(pause), Flow::Continue)
+    }
+
+    /// Serves the room by `route` from now on (its intercepts included).
+    fn set_route(&mut self, route: Route) {
         let intercepts_changed = route.intercepts != self.route.intercepts;
+        if let Some(owned) = &mut self.owned {
+            owned.every = route.snapshot_every;
+        }
         self.route = route;
         if intercepts_changed && let (Some(id), Some(sink)) = (self.room_sink, self.sink()) {
             // In one step: no broadcast is missed or seen twice in between.
             self.node.pubsub.resubscribe(&self.topic, vec![(id, sink)]);
         }
-        Stats::bump(&self.node.stats.room_swaps);
-        let pause = started.elapsed();
-        tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
-        (SwapResult::Moved(pause), Flow::Continue)
     }
 
     /// Tells the instance what its next call may still do: the broadcasts left to the
@@ -466,30 +762,8 @@ impl Room {
                 payload,
                 msg_ref,
             } => {
-                self.prepare(logic);
-                let Some(m) = self.members.get(&member) else {
-                    return Flow::Continue;
-                };
-                let result = logic.handle_in(&event, payload, &m.socket).await;
-                self.after_call(
-                    logic,
-                    member,
-                    result,
-                    |room, member, outcome| match outcome {
-                        InOutcome::NoReply => None,
-                        InOutcome::Reply(status, payload) => {
-                            room.reply(member, msg_ref, status, payload);
-                            None
-                        }
-                        InOutcome::Stop(reason, reply) => {
-                            if let Some((status, payload)) = reply {
-                                room.reply(member, msg_ref, status, payload);
-                            }
-                            Some(reason)
-                        }
-                    },
-                )
-                .await
+                self.handle_in(logic, member, &event, payload, msg_ref)
+                    .await
             }
             RoomMsg::Leave { member, reason } => match self.detach(member) {
                 Some(m) => self.terminate(logic, member, &m, reason).await,
@@ -521,6 +795,41 @@ impl Room {
                 Flow::Continue
             }
         }
+    }
+
+    /// Runs `handle_in` for a member's message and answers it.
+    async fn handle_in(
+        &mut self,
+        logic: &mut dyn RoomLogic,
+        member: MemberId,
+        event: &str,
+        payload: Payload,
+        msg_ref: Option<String>,
+    ) -> Flow {
+        self.prepare(logic);
+        let Some(m) = self.members.get(&member) else {
+            return Flow::Continue;
+        };
+        let result = logic.handle_in(event, payload, &m.socket).await;
+        self.after_call(
+            logic,
+            member,
+            result,
+            |room, member, outcome| match outcome {
+                InOutcome::NoReply => None,
+                InOutcome::Reply(status, payload) => {
+                    room.reply(member, msg_ref, status, payload);
+                    None
+                }
+                InOutcome::Stop(reason, reply) => {
+                    if let Some((status, payload)) = reply {
+                        room.reply(member, msg_ref, status, payload);
+                    }
+                    Some(reason)
+                }
+            },
+        )
+        .await
     }
 
     /// Runs a timer's `handle_info`, and charges its time to the room's timer time.
@@ -594,6 +903,7 @@ impl Room {
                     payload: reply,
                 });
                 let cursor = self.feed.cursor(member, out.clone());
+                let out = Out::Local(out);
                 self.members.insert(member, Member { socket, out });
                 self.apply(member, effects);
                 (JoinResult::Joined(cursor), Flow::Continue)
@@ -711,19 +1021,30 @@ impl Room {
     /// comes before any later broadcast.
     fn detach(&mut self, member: MemberId) -> Option<Member> {
         let m = self.members.remove(&member)?;
+        if let Out::Remote(remote) = &m.out {
+            self.remote_ids
+                .remove(&(remote.node.clone(), remote.member));
+        }
         self.node.presence.untrack_owner(&self.topic, member);
         Some(m)
     }
 
-    fn reply(&self, member: MemberId, msg_ref: Option<String>, status: Status, payload: Payload) {
+    fn reply(
+        &mut self,
+        member: MemberId,
+        msg_ref: Option<String>,
+        status: Status,
+        payload: Payload,
+    ) {
         if let Some(m) = self.members.get(&member) {
-            m.out.send(Outbound::Reply {
+            let reply = Outbound::Reply {
                 join_ref: m.socket.join_ref.clone(),
                 msg_ref,
                 topic: self.topic.clone(),
                 status,
                 payload,
-            });
+            };
+            emit(&mut self.gate, &m.out, reply);
         }
     }
 
@@ -732,12 +1053,13 @@ impl Room {
             match effect {
                 Effect::Push { event, payload } => {
                     if let Some(m) = self.members.get(&member) {
-                        m.out.send(Outbound::Push {
+                        let push = Outbound::Push {
                             join_ref: m.socket.join_ref.clone(),
                             topic: self.topic.clone(),
                             event,
                             payload,
-                        });
+                        };
+                        emit(&mut self.gate, &m.out, push);
                     }
                 }
                 Effect::Broadcast {
@@ -750,9 +1072,18 @@ impl Room {
                     cascade.broadcast_bytes = cascade.broadcast_bytes.saturating_sub(payload.len());
                     let except = exclude_self.then_some(member);
                     let intercepted = self.route.intercepts.contains(&event);
-                    let b = Arc::new(Broadcast::new(self.topic.clone(), event, payload, except));
+                    let mut b = Broadcast::new(self.topic.clone(), event, payload, except);
+                    if let (true, Some(Out::Remote(remote))) =
+                        (exclude_self, self.members.get(&member).map(|m| &m.out))
+                    {
+                        // A channel on another node: its node skips it.
+                        b = b.except_on(remote.node.clone(), remote.member);
+                    }
+                    let b = Arc::new(b);
                     if intercepted {
                         self.pending_out.push_back(b);
+                    } else if let Some(held) = &mut self.gate {
+                        held.push(Held::Publish(b));
                     } else {
                         self.node.pubsub.publish(b);
                     }

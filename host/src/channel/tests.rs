@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use super::{
     BoxFuture, CallBudget, CallError, CallResult, ChannelSocket, Handled, Hub, InOutcome,
-    InfoOutcome, JoinOutcome, LogicFactory, Next, OutboundRx, RoomLogic, Route, Router, Session,
-    Slowness, Unavailable, outbound_queue,
+    InfoOutcome, JoinOutcome, LogicFactory, Next, OutboundRx, Placement, RoomLogic, Route, Router,
+    Session, Slowness, SnapshotEvery, Unavailable, outbound_queue,
 };
 use crate::config::Limits;
 use crate::limit::Warnings;
@@ -43,6 +43,10 @@ fn handled<T>(outcome: T) -> CallResult<T> {
 impl RoomLogic for FakeLogic {
     fn version(&self) -> &str {
         "1.0.0"
+    }
+
+    fn stateful(&self) -> bool {
+        false
     }
 
     fn budget(&mut self, _: CallBudget) {}
@@ -170,6 +174,8 @@ fn socket_with(limits: Limits) -> Socket {
         intercepts: Arc::new([]),
         factory: plugin.clone(),
         warnings: Arc::new(Warnings::new(stats.clone())),
+        placement: Placement::Local,
+        snapshot_every: SnapshotEvery::default(),
     };
     let pubsub = Arc::new(LocalPubSub::new());
     let tracker = Arc::new(Tracker::new(pubsub.clone(), 1 << 20, 1 << 20));
@@ -179,6 +185,7 @@ fn socket_with(limits: Limits) -> Socket {
         tracker,
         limits.clone(),
         stats,
+        None,
     );
     let (out, rx) = outbound_queue(Slowness::from_limits(&limits));
     let session = Session::new(hub, Some("user_socket:1".into()), "{}".into(), out, Vsn::V2);

@@ -38,6 +38,9 @@ pub struct Broadcast {
     pub payload: Payload,
     /// The subscriber that must not receive it (`broadcast_from`).
     pub except: Option<SubscriberId>,
+    /// On a cluster, the subscriber of another node that must not receive it: a
+    /// `broadcast_from` of a channel whose room runs on this node.
+    pub except_on: Option<(Arc<str>, SubscriberId)>,
     encoded: [OnceLock<Option<Frame>>; 2],
 }
 
@@ -54,8 +57,15 @@ impl Broadcast {
             event,
             payload,
             except,
+            except_on: None,
             encoded: [OnceLock::new(), OnceLock::new()],
         }
+    }
+
+    /// The same broadcast, skipping subscriber `id` of node `node` too.
+    pub fn except_on(mut self, node: Arc<str>, id: SubscriberId) -> Self {
+        self.except_on = Some((node, id));
+        self
     }
 
     /// The frame for a serializer, encoded on first use and shared afterwards. `None` when
@@ -128,6 +138,26 @@ pub trait PubSub: Send + Sync {
     fn on_cluster(&self, _listener: Box<dyn ClusterListener>) -> bool {
         false
     }
+    /// Sends `data` to node `node` alone, in one order with this node's broadcasts (what
+    /// was published before it arrives before it); nothing on one node.
+    fn send_to(&self, _node: &str, _data: Vec<u8>) {}
+    /// Where what other nodes send this node ([`PubSub::send_to`]) goes, with the
+    /// cluster's events; set once. False on one node.
+    fn on_direct(&self, _listener: Box<dyn DirectListener>) -> bool {
+        false
+    }
+}
+
+/// What the channel layer hears of the cluster: messages sent to this node, nodes gone,
+/// the link back after an outage. Called on the link's task, in the order the messages
+/// were sent (and with the broadcasts around them): it must not block.
+pub trait DirectListener: Send + Sync {
+    /// `data`, sent to this node by node `origin`.
+    fn message(&self, origin: &str, data: &[u8]);
+    /// Node `node` is gone.
+    fn node_down(&self, node: &str);
+    /// The link came back after an outage: what was sent meanwhile is lost.
+    fn reconnected(&self);
 }
 
 /// What the layer above hears of the cluster (presence): called on the link's task, so it

@@ -7,17 +7,27 @@
 //! as locally), and the origin skips its own echo. One link, one worker, in order: a room's
 //! broadcasts reach every node in the order it made them.
 //!
+//! Each node also listens on a channel of its own (`cinder:n:<node>`) for what another node
+//! sends it alone ([`PubSub::send_to`]: the calls and answers of owned rooms); sent on the
+//! same link, it keeps its order with the broadcasts.
+//!
 //! The wire form (this adapter's own; Cinder nodes of one version talk to each other):
 //! `[1][origin length: u8][origin][kind: 0 JSON, 1 binary][event length: u16 BE][event]
-//! [payload]`, or `[1][origin length][origin][2][data]` for a replication message of the
-//! layer above (presence deltas, ordered with the broadcasts of the topic's channel). A message that does not parse is counted in `cluster_malformed` and dropped.
+//! [payload]`; kinds 4 and 5 are 0 and 1 with a subscriber of one node to skip after the
+//! kind (`[node length: u8][node][subscriber: u64 BE]`); `[1][origin length][origin][2]
+//! [data]` is a replication message of the layer above (presence deltas, ordered with the
+//! broadcasts of the topic's channel), and `[1][origin length][origin][3][data]` a message
+//! to one node. A message that does not parse is counted in `cluster_malformed` and
+//! dropped.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::{Broadcast, ClusterListener, LocalPubSub, PubSub, Subscriber, SubscriberId};
+use super::{
+    Broadcast, ClusterListener, DirectListener, LocalPubSub, PubSub, Subscriber, SubscriberId,
+};
 use crate::cluster::{Link, Listener};
 use crate::protocol::{self, Payload};
 use crate::stats::Stats;
@@ -26,6 +36,8 @@ use crate::stats::Stats;
 const TOPIC: &str = "cinder:t:";
 /// The channel prefix of a socket id.
 const SOCKET: &str = "cinder:s:";
+/// The channel prefix of a node's own channel.
+const NODE: &str = "cinder:n:";
 /// The wire form's version.
 const WIRE: u8 = 1;
 /// How long [`PubSub::ready`] waits for Redis at most.
@@ -39,6 +51,7 @@ pub struct RedisPubSub {
     local: Arc<LocalPubSub>,
     link: Arc<Link>,
     above: Arc<OnceLock<Box<dyn ClusterListener>>>,
+    direct: Arc<OnceLock<Box<dyn DirectListener>>>,
 }
 
 /// What the link hands the adapter.
@@ -46,6 +59,7 @@ struct Receiver {
     node: Arc<str>,
     local: Arc<LocalPubSub>,
     above: Arc<OnceLock<Box<dyn ClusterListener>>>,
+    direct: Arc<OnceLock<Box<dyn DirectListener>>>,
     stats: Arc<Stats>,
 }
 
@@ -69,6 +83,12 @@ impl Listener for Receiver {
                     above.replica(origin, topic, data);
                 }
             }
+            Some(Received::Direct { origin, data }) => {
+                if let Some(direct) = self.direct.get() {
+                    Stats::bump(&self.stats.cluster_received);
+                    direct.message(origin, data);
+                }
+            }
             Some(Received::Own) => {}
             None => Stats::bump(&self.stats.cluster_malformed),
         }
@@ -77,6 +97,9 @@ impl Listener for Receiver {
     fn node_down(&self, node: &str) {
         if let Some(above) = self.above.get() {
             above.node_down(node);
+        }
+        if let Some(direct) = self.direct.get() {
+            direct.node_down(node);
         }
     }
 
@@ -90,6 +113,9 @@ impl Listener for Receiver {
         if let Some(above) = self.above.get() {
             above.reconnected();
         }
+        if let Some(direct) = self.direct.get() {
+            direct.reconnected();
+        }
     }
 }
 
@@ -98,13 +124,20 @@ impl RedisPubSub {
     pub fn new(link: Arc<Link>, stats: Arc<Stats>) -> Arc<RedisPubSub> {
         let local = Arc::new(LocalPubSub::new());
         let above = Arc::new(OnceLock::new());
+        let direct = Arc::new(OnceLock::new());
         link.listen(Box::new(Receiver {
             node: link.node().clone(),
             local: local.clone(),
             above: above.clone(),
+            direct: direct.clone(),
             stats,
         }));
-        Arc::new(RedisPubSub { local, link, above })
+        Arc::new(RedisPubSub {
+            local,
+            link,
+            above,
+            direct,
+        })
     }
 }
 
@@ -120,6 +153,8 @@ enum Received<'a> {
         topic: &'a str,
         data: &'a [u8],
     },
+    /// A message to this node from node `origin`.
+    Direct { origin: &'a str, data: &'a [u8] },
     /// This node's own, already delivered.
     Own,
 }
@@ -128,6 +163,9 @@ enum Received<'a> {
 const JSON: u8 = 0;
 const BINARY: u8 = 1;
 const REPLICA: u8 = 2;
+const DIRECT: u8 = 3;
+/// Added to `JSON` or `BINARY`: a subscriber of one node is skipped.
+const EXCEPT_ON: u8 = 4;
 
 /// The wire form's header: the version, the origin node and the kind.
 fn header(node: &str, kind: u8, room: usize) -> Option<Vec<u8>> {
@@ -140,23 +178,35 @@ fn header(node: &str, kind: u8, room: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The wire form of a broadcast made on `node`.
-fn encode(node: &str, event: &str, payload: &Payload) -> Option<Vec<u8>> {
+/// The wire form of a broadcast made on `node`, skipping subscriber `except_on` of a node.
+fn encode(
+    node: &str,
+    event: &str,
+    payload: &Payload,
+    except_on: Option<&(Arc<str>, SubscriberId)>,
+) -> Option<Vec<u8>> {
     let event_len = u16::try_from(event.len()).ok()?;
     let (kind, body) = match payload {
         Payload::Json(raw) => (JSON, raw.get().as_bytes()),
         Payload::Binary(bytes) => (BINARY, &bytes[..]),
     };
-    let mut out = header(node, kind, 2 + event.len() + body.len())?;
+    let kind = kind + if except_on.is_some() { EXCEPT_ON } else { 0 };
+    let mut out = header(node, kind, 11 + event.len() + body.len())?;
+    if let Some((other, id)) = except_on {
+        out.push(u8::try_from(other.len()).ok()?);
+        out.extend_from_slice(other.as_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
+    }
     out.extend_from_slice(&event_len.to_be_bytes());
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(body);
     Some(out)
 }
 
-/// The wire form of a replication message made on `node`.
-fn encode_replica(node: &str, data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = header(node, REPLICA, data.len())?;
+/// The wire form of a replication message (`REPLICA`) or a message to one node
+/// (`DIRECT`) made on `node`.
+fn encode_data(node: &str, kind: u8, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = header(node, kind, data.len())?;
     out.extend_from_slice(data);
     Some(out)
 }
@@ -176,6 +226,13 @@ fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Receive
     if let Some(id) = channel.strip_prefix(SOCKET) {
         return Some(Received::Socket(id.to_owned()));
     }
+    if channel.strip_prefix(NODE) == Some(node) {
+        let (&DIRECT, data) = rest.split_first()? else {
+            return None;
+        };
+        let origin = std::str::from_utf8(origin).ok()?;
+        return Some(Received::Direct { origin, data });
+    }
     let topic = channel.strip_prefix(TOPIC)?;
     let (&kind, rest) = rest.split_first()?;
     if kind == REPLICA {
@@ -185,6 +242,19 @@ fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Receive
             data: rest,
         });
     }
+    let (kind, except, rest) = if kind >= EXCEPT_ON {
+        let (&len, rest) = rest.split_first()?;
+        let (other, rest) = rest.split_at_checked(len.into())?;
+        let (id, rest) = rest.split_at_checked(8)?;
+        let id = u64::from_be_bytes(id.try_into().ok()?);
+        (
+            kind - EXCEPT_ON,
+            (other == node.as_bytes()).then_some(id),
+            rest,
+        )
+    } else {
+        (kind, None, rest)
+    };
     let (event_len, rest) = rest.split_at_checked(2)?;
     let event_len = u16::from_be_bytes([event_len[0], event_len[1]]);
     let (event, body) = rest.split_at_checked(event_len.into())?;
@@ -198,7 +268,7 @@ fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Receive
         topic.into(),
         event,
         payload,
-        None,
+        except,
     ))))
 }
 
@@ -220,7 +290,12 @@ impl PubSub for RedisPubSub {
     }
 
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
-        if let Some(wire) = encode(self.link.node(), &broadcast.event, &broadcast.payload) {
+        if let Some(wire) = encode(
+            self.link.node(),
+            &broadcast.event,
+            &broadcast.payload,
+            broadcast.except_on.as_ref(),
+        ) {
             self.link
                 .publish(format!("{TOPIC}{}", broadcast.topic), wire);
         }
@@ -246,7 +321,7 @@ impl PubSub for RedisPubSub {
 
     fn disconnect(&self, socket_id: &str) -> usize {
         let event = protocol::event::DISCONNECT;
-        if let Some(wire) = encode(self.link.node(), event, &Payload::empty()) {
+        if let Some(wire) = encode(self.link.node(), event, &Payload::empty(), None) {
             self.link.publish(format!("{SOCKET}{socket_id}"), wire);
         }
         self.local.disconnect(socket_id)
@@ -261,7 +336,7 @@ impl PubSub for RedisPubSub {
     }
 
     fn replicate(&self, topic: &str, data: Vec<u8>) {
-        if let Some(wire) = encode_replica(self.link.node(), &data) {
+        if let Some(wire) = encode_data(self.link.node(), REPLICA, &data) {
             self.link.publish(format!("{TOPIC}{topic}"), wire);
         }
     }
@@ -271,7 +346,7 @@ impl PubSub for RedisPubSub {
         topic: &str,
         data: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = usize> + Send>> {
-        let Some(wire) = encode_replica(self.link.node(), &data) else {
+        let Some(wire) = encode_data(self.link.node(), REPLICA, &data) else {
             return Box::pin(std::future::ready(0));
         };
         let heard = self
@@ -285,6 +360,19 @@ impl PubSub for RedisPubSub {
         let _ = self.above.set(listener);
         true
     }
+
+    fn send_to(&self, node: &str, data: Vec<u8>) {
+        if let Some(wire) = encode_data(self.link.node(), DIRECT, &data) {
+            self.link.publish(format!("{NODE}{node}"), wire);
+        }
+    }
+
+    fn on_direct(&self, listener: Box<dyn DirectListener>) -> bool {
+        if self.direct.set(listener).is_ok() {
+            self.link.subscribe(format!("{NODE}{}", self.link.node()));
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -294,7 +382,7 @@ mod tests {
     #[test]
     fn the_wire_form_round_trips_and_the_origin_skips_its_own() {
         let payload = Payload::json(r#"{"body":"hi"}"#.into()).expect("json");
-        let wire = encode("a", "new_message", &payload).expect("encodes");
+        let wire = encode("a", "new_message", &payload, None).expect("encodes");
         let Some(Received::Topic(b)) = received("b", b"cinder:t:room:1", &wire) else {
             panic!("a broadcast for node b")
         };
@@ -306,7 +394,7 @@ mod tests {
             Some(Received::Own)
         ));
         let binary = Payload::Binary(bytes::Bytes::from_static(&[0, 1, 255]));
-        let wire = encode("a", "frame", &binary).expect("encodes");
+        let wire = encode("a", "frame", &binary, None).expect("encodes");
         let Some(Received::Topic(b)) = received("b", b"cinder:t:t", &wire) else {
             panic!("a broadcast")
         };
@@ -315,14 +403,14 @@ mod tests {
 
     #[test]
     fn what_does_not_parse_is_refused_not_trusted() {
-        let wire = encode("a", "e", &Payload::empty()).expect("encodes");
+        let wire = encode("a", "e", &Payload::empty(), None).expect("encodes");
         for cut in 0..wire.len() {
             assert!(
                 received("b", b"cinder:t:x", &wire[..cut]).is_none(),
                 "cut at {cut}"
             );
         }
-        let mut bad_json = encode("a", "e", &Payload::empty()).expect("encodes");
+        let mut bad_json = encode("a", "e", &Payload::empty(), None).expect("encodes");
         bad_json.pop();
         assert!(received("b", b"cinder:t:x", &bad_json).is_none());
         let mut future = wire.clone();

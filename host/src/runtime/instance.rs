@@ -147,6 +147,10 @@ impl RoomLogic for PluginInstance {
         &self.version
     }
 
+    fn stateful(&self) -> bool {
+        self.state.is_some()
+    }
+
     fn budget(&mut self, budget: CallBudget) {
         self.store.data_mut().budget = Some(budget);
     }

@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use crate::channel::{Placement, SnapshotEvery};
 use crate::config::{Limits, MAX_PLUGIN_CALL_MS};
 use crate::protocol;
 
@@ -26,6 +27,14 @@ pub struct Manifest {
     /// Limits of this plugin's instances, instead of the server's defaults.
     #[serde(default)]
     pub limits: PluginLimits,
+    /// Where its rooms run on a cluster: `"owner"` (one instance per room for the
+    /// cluster, the default) or `"local"` (one per node with members).
+    #[serde(default)]
+    pub placement: Placement,
+    /// When an owned room saves its state for a takeover: `"message"` (after every
+    /// message) or milliseconds (at most this often; 1000 by default).
+    #[serde(default)]
+    pub snapshot_every: SnapshotEvery,
 }
 
 /// Per-plugin overrides of the server's plugin limits.
@@ -211,6 +220,41 @@ mod tests {
             intercept: vec![],
             description: String::new(),
             limits: PluginLimits::default(),
+            placement: Placement::default(),
+            snapshot_every: SnapshotEvery::default(),
+        }
+    }
+
+    #[test]
+    fn placement_and_snapshot_every_are_read_and_checked() {
+        let server = Limits::default();
+        let head = "name = \"c\"\nversion = \"1.0.0\"\ntopics = [\"c:*\"]\n";
+        let m = Manifest::parse(head, &server).expect("defaults");
+        assert_eq!(m.placement, Placement::Owner);
+        assert_eq!(
+            m.snapshot_every,
+            SnapshotEvery::Interval(std::time::Duration::from_secs(1))
+        );
+        let m = Manifest::parse(
+            &format!("{head}placement = \"local\"\nsnapshot_every = \"message\"\n"),
+            &server,
+        )
+        .expect("set");
+        assert_eq!(m.placement, Placement::Local);
+        assert_eq!(m.snapshot_every, SnapshotEvery::Message);
+        let m = Manifest::parse(&format!("{head}snapshot_every = 250\n"), &server).expect("ms");
+        assert_eq!(
+            m.snapshot_every,
+            SnapshotEvery::Interval(std::time::Duration::from_millis(250))
+        );
+        for bad in [
+            "placement = \"everywhere\"",
+            "snapshot_every = 0",
+            "snapshot_every = \"often\"",
+            "snapshot_every = 99999999999",
+        ] {
+            let err = Manifest::parse(&format!("{head}{bad}\n"), &server).expect_err(bad);
+            assert!(!err.to_string().contains('/'), "{bad}: {err}");
         }
     }
 
