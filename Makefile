@@ -115,6 +115,7 @@ bench: plugins redis-server
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 10000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench chat 1000 20000
 	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench cluster 10000 500 5000
+	CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) ./target/release/cinder-bench owned 2000
 
 # Fuzzing (not part of the suite): each target of host/fuzz (the frame decoders, connect
 # tokens, the plugin manifest) for FUZZ_SECS seconds with libFuzzer. Needs a nightly

@@ -28,7 +28,7 @@ use crate::stats::{median, millions};
 const DOWN_MS: &str = "1000";
 
 /// Redis's CPU time so far (user and system), in seconds.
-async fn redis_cpu(redis: &RedisServer) -> anyhow::Result<f64> {
+pub(crate) async fn redis_cpu(redis: &RedisServer) -> anyhow::Result<f64> {
     let info = redis
         .command(&["INFO", "cpu"])
         .await
@@ -44,9 +44,14 @@ async fn redis_cpu(redis: &RedisServer) -> anyhow::Result<f64> {
 
 /// Three nodes on `redis`, each up in the cluster.
 async fn three_nodes(redis: &RedisServer) -> anyhow::Result<Vec<Cinder>> {
+    nodes(redis, &["n1", "n2", "n3"]).await
+}
+
+/// Nodes named `ids` on `redis`, each seeing all of them (and no other) in the cluster.
+pub(crate) async fn nodes(redis: &RedisServer, ids: &[&str]) -> anyhow::Result<Vec<Cinder>> {
     let url = redis.url();
     let mut nodes = Vec::new();
-    for id in ["n1", "n2", "n3"] {
+    for id in ids {
         nodes.push(
             Cinder::start_with(&["--redis", &url, "--node-id", id, "--node-down-ms", DOWN_MS])
                 .await?,
@@ -59,7 +64,7 @@ async fn three_nodes(redis: &RedisServer) -> anyhow::Result<Vec<Cinder>> {
             let (_, stats) =
                 cinder_tests::admin_as(target.api, &target.admin_token, "GET", "/api/stats", None)
                     .await;
-            if stats["cluster"]["members"].as_array().map(Vec::len) == Some(3) {
+            if stats["cluster"]["members"].as_array().map(Vec::len) == Some(ids.len()) {
                 break;
             }
             anyhow::ensure!(

@@ -28,6 +28,12 @@
 //!                                    chat with each room's members on different nodes, the
 //!                                    time from kill -9 to the leave diff, Redis CPU per
 //!                                    delivery
+//! cinder-bench owned [CALLS]         rooms placed on an owner, on nodes sharing a redis-server
+//!                                    started here: sequential inc latency from the owner's
+//!                                    node and forwarded from another, for the counter placed
+//!                                    local (the baseline), owned saving every second and after
+//!                                    every message, with the CPU per message; kill -9 of the
+//!                                    owner: time to the new owner's first reply, and losses
 //! cinder-bench raw-server            the raw baseline: a tokio-tungstenite server that sends
 //!                                    every text frame it gets to every other connection
 //!
@@ -56,6 +62,7 @@ mod first_join;
 mod idle;
 mod neighbour;
 mod net;
+mod owned;
 mod proc;
 mod raw_server;
 mod reload;
@@ -69,7 +76,7 @@ use server::Flags;
 /// No run lasts longer.
 const LIMIT: Duration = Duration::from_secs(300);
 
-const USAGE: &str = "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | chat [ROOMS] [RATE] | cluster [SUBSCRIBERS] [ROOMS] [RATE] | raw-server";
+const USAGE: &str = "usage: cinder-bench idle [SOCKETS] | first-join [ROOMS] | neighbour [CALLS] | reload [ROOMS] | fanout [SUBSCRIBERS] | chat [ROOMS] [RATE] | cluster [SUBSCRIBERS] [ROOMS] [RATE] | owned [CALLS] | raw-server";
 const USAGE_FLAGS: &str = "idle, first-join, fanout and chat also take --target ws://HOST:PORT/socket [--api http://HOST:PORT] [--jwt-secret S] [--admin-token T] [--pid P]";
 
 /// Splits the command line into positional arguments and the `--target` flags (as
@@ -125,6 +132,9 @@ fn check(scenario: Option<&str>, flags: &Flags) -> anyhow::Result<()> {
         Some("cluster") => anyhow::bail!(
             "cluster is Cinder-only: it starts its own redis-server and three Cinder nodes, so it takes no --target"
         ),
+        Some("owned") => anyhow::bail!(
+            "owned is Cinder-only: it starts its own redis-server and Cinder nodes and uploads counter variants, so it takes no --target"
+        ),
         Some("raw-server") => {
             anyhow::bail!("raw-server is the baseline server: it takes no --target")
         }
@@ -157,6 +167,7 @@ fn main() -> anyhow::Result<()> {
                 Some("fanout") => fanout::run(&flags, count(10_000)).await,
                 Some("chat") => chat::run(&flags, count(1_000), second(20_000)).await,
                 Some("cluster") => cluster::run(count(10_000), second(500), third(5_000)).await,
+                Some("owned") => owned::run(count(2_000)).await,
                 Some("raw-server") => raw_server::run().await,
                 _ => anyhow::bail!("{USAGE}\n{USAGE_FLAGS}"),
             }

@@ -3,43 +3,11 @@
 // the API's push, `disconnect`, a node killed, Redis restarted, a version uploaded on one
 // node and served by another.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
-import { createConnection, createServer } from "node:net";
 import { join as joinPath } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Presence } from "phoenix";
-import { UPLOADS, api, apiBroadcast, connect, join, next, startServer, until, uploadPlugin } from "./helpers.mjs";
-
-/** A free loopback port. */
-function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => resolve(port)); });
-  });
-}
-
-/** Whether a redis-server answers PING on `port`. */
-function pong(port) {
-  return new Promise((resolve) => {
-    const c = createConnection({ port, host: "127.0.0.1" });
-    c.on("connect", () => c.write("PING\r\n"));
-    c.on("data", (d) => { c.destroy(); resolve(d.toString().startsWith("+PONG")); });
-    c.on("error", () => resolve(false));
-  });
-}
-
-/** A redis-server of this file's own on `port`, keeping nothing on disk. */
-async function startRedis(port) {
-  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
-  const exited = new Promise((resolve) => child.on("exit", resolve));
-  const deadline = Date.now() + 10000;
-  while (!(await pong(port))) {
-    if (Date.now() > deadline) throw new Error("redis-server did not answer");
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return { child, async stop() { child.kill("SIGKILL"); await exited; } };
-}
+import { UPLOADS, api, apiBroadcast, connect, freePort, join, next, startRedis, startServer, until, uploadPlugin } from "./helpers.mjs";
 
 let port;
 let redis;

@@ -3,6 +3,7 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
+import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join as joinPath } from "node:path";
 import { Socket } from "phoenix";
@@ -187,4 +188,34 @@ export async function uploadPlugin(server, manifest, wasm, { activate = true } =
     body: form,
   });
   return { status: res.status, body: await res.json() };
+}
+
+/** A free loopback port. */
+export function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => resolve(port)); });
+  });
+}
+
+/** Whether a redis-server answers PING on `port`. */
+function pong(port) {
+  return new Promise((resolve) => {
+    const c = createConnection({ port, host: "127.0.0.1" });
+    c.on("connect", () => c.write("PING\r\n"));
+    c.on("data", (d) => { c.destroy(); resolve(d.toString().startsWith("+PONG")); });
+    c.on("error", () => resolve(false));
+  });
+}
+
+/** A redis-server of the caller's own on `port`, keeping nothing on disk. */
+export async function startRedis(port) {
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  const exited = new Promise((resolve) => child.on("exit", resolve));
+  const deadline = Date.now() + 10000;
+  while (!(await pong(port))) {
+    if (Date.now() > deadline) throw new Error("redis-server did not answer");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { child, async stop() { child.kill("SIGKILL"); await exited; } };
 }

@@ -39,17 +39,27 @@ pub const ROOM_WAIT: Duration = Duration::from_secs(5);
 
 /// The room's subscription to its topic: fastlane broadcasts go to the room's feed, which
 /// every member reads; intercepted ones from elsewhere (the HTTP API) go to the room, which
-/// runs `handle_out` once per member. Decided once per broadcast, not once per member.
+/// runs `handle_out` once per member. Decided once per broadcast, not once per member. On a
+/// cluster, a broadcast of an owner older than one already heard is dropped (fencing).
 struct RoomSink {
     feed: Arc<Feed>,
     tx: mpsc::Sender<RoomMsg>,
     intercepts: Arc<[String]>,
     topic: Arc<str>,
     warnings: Arc<crate::limit::Warnings>,
+    /// The newest owner fence heard for the topic.
+    floor: Arc<AtomicU64>,
+    stats: Arc<Stats>,
 }
 
 impl Subscriber for RoomSink {
     fn deliver(&self, broadcast: &Arc<Broadcast>) {
+        if broadcast.fence != 0
+            && broadcast.fence < self.floor.fetch_max(broadcast.fence, Ordering::Relaxed)
+        {
+            Stats::bump(&self.stats.fenced);
+            return;
+        }
         if !self.intercepts.iter().any(|e| *e == broadcast.event) {
             self.feed.append(broadcast);
         } else if self
@@ -372,6 +382,7 @@ pub(super) fn start(
         queued: handle.queued.clone(),
         serving: handle.serving.clone(),
         fence: handle.fence.clone(),
+        floor: Arc::default(),
         members: HashMap::new(),
         remote_ids: HashMap::new(),
         proxied: HashMap::new(),
@@ -417,6 +428,8 @@ struct Room {
     queued: Arc<AtomicUsize>,
     serving: Arc<AtomicBool>,
     fence: Arc<AtomicU64>,
+    /// The newest owner fence heard for the topic: older owners' broadcasts are dropped.
+    floor: Arc<AtomicU64>,
     members: HashMap<MemberId, Member>,
     /// Members on other nodes (by node and channel id there) in a room this node owns.
     remote_ids: HashMap<(Arc<str>, MemberId), MemberId>,
@@ -632,6 +645,8 @@ impl Room {
             intercepts: self.route.intercepts.clone(),
             topic: self.topic.clone(),
             warnings: self.route.warnings.clone(),
+            floor: self.floor.clone(),
+            stats: self.node.stats.clone(),
         }))
     }
 
@@ -1072,7 +1087,8 @@ impl Room {
                     cascade.broadcast_bytes = cascade.broadcast_bytes.saturating_sub(payload.len());
                     let except = exclude_self.then_some(member);
                     let intercepted = self.route.intercepts.contains(&event);
-                    let mut b = Broadcast::new(self.topic.clone(), event, payload, except);
+                    let mut b = Broadcast::new(self.topic.clone(), event, payload, except)
+                        .fenced(self.lease_fence());
                     if let (true, Some(Out::Remote(remote))) =
                         (exclude_self, self.members.get(&member).map(|m| &m.out))
                     {

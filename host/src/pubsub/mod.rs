@@ -41,6 +41,9 @@ pub struct Broadcast {
     /// On a cluster, the subscriber of another node that must not receive it: a
     /// `broadcast_from` of a channel whose room runs on this node.
     pub except_on: Option<(Arc<str>, SubscriberId)>,
+    /// The fence of the owner that made it (a room owned for the cluster), 0 for any
+    /// other: a node drops broadcasts of an owner older than one it heard from.
+    pub fence: u64,
     encoded: [OnceLock<Option<Frame>>; 2],
 }
 
@@ -58,6 +61,7 @@ impl Broadcast {
             payload,
             except,
             except_on: None,
+            fence: 0,
             encoded: [OnceLock::new(), OnceLock::new()],
         }
     }
@@ -65,6 +69,12 @@ impl Broadcast {
     /// The same broadcast, skipping subscriber `id` of node `node` too.
     pub fn except_on(mut self, node: Arc<str>, id: SubscriberId) -> Self {
         self.except_on = Some((node, id));
+        self
+    }
+
+    /// The same broadcast, made by the owner of fence `fence`.
+    pub fn fenced(mut self, fence: u64) -> Self {
+        self.fence = fence;
         self
     }
 

@@ -13,8 +13,10 @@
 //!
 //! The wire form (this adapter's own; Cinder nodes of one version talk to each other):
 //! `[1][origin length: u8][origin][kind: 0 JSON, 1 binary][event length: u16 BE][event]
-//! [payload]`; kinds 4 and 5 are 0 and 1 with a subscriber of one node to skip after the
-//! kind (`[node length: u8][node][subscriber: u64 BE]`); `[1][origin length][origin][2]
+//! [payload]`; kinds 4 and 5 are 0 and 1 made by a room owned for the cluster, with its
+//! owner's fence and the subscriber of one node to skip after the kind (`[fence: u64 BE]
+//! [node length: u8][node][subscriber: u64 BE]`, node length 0 and no subscriber when none
+//! is skipped); `[1][origin length][origin][2]
 //! [data]` is a replication message of the layer above (presence deltas, ordered with the
 //! broadcasts of the topic's channel), and `[1][origin length][origin][3][data]` a message
 //! to one node. A message that does not parse is counted in `cluster_malformed` and
@@ -29,7 +31,7 @@ use super::{
     Broadcast, ClusterListener, DirectListener, LocalPubSub, PubSub, Subscriber, SubscriberId,
 };
 use crate::cluster::{Link, Listener};
-use crate::protocol::{self, Payload};
+use crate::protocol::Payload;
 use crate::stats::Stats;
 
 /// The channel prefix of a topic.
@@ -164,8 +166,9 @@ const JSON: u8 = 0;
 const BINARY: u8 = 1;
 const REPLICA: u8 = 2;
 const DIRECT: u8 = 3;
-/// Added to `JSON` or `BINARY`: a subscriber of one node is skipped.
-const EXCEPT_ON: u8 = 4;
+/// Added to `JSON` or `BINARY`: made by an owned room (a fence, maybe a subscriber of one
+/// node to skip).
+const OWNED: u8 = 4;
 
 /// The wire form's header: the version, the origin node and the kind.
 fn header(node: &str, kind: u8, room: usize) -> Option<Vec<u8>> {
@@ -178,24 +181,27 @@ fn header(node: &str, kind: u8, room: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The wire form of a broadcast made on `node`, skipping subscriber `except_on` of a node.
-fn encode(
-    node: &str,
-    event: &str,
-    payload: &Payload,
-    except_on: Option<&(Arc<str>, SubscriberId)>,
-) -> Option<Vec<u8>> {
+/// The wire form of broadcast `b` made on `node`.
+fn encode(node: &str, b: &Broadcast) -> Option<Vec<u8>> {
+    let (event, payload) = (&b.event, &b.payload);
     let event_len = u16::try_from(event.len()).ok()?;
     let (kind, body) = match payload {
         Payload::Json(raw) => (JSON, raw.get().as_bytes()),
         Payload::Binary(bytes) => (BINARY, &bytes[..]),
     };
-    let kind = kind + if except_on.is_some() { EXCEPT_ON } else { 0 };
-    let mut out = header(node, kind, 11 + event.len() + body.len())?;
-    if let Some((other, id)) = except_on {
-        out.push(u8::try_from(other.len()).ok()?);
-        out.extend_from_slice(other.as_bytes());
-        out.extend_from_slice(&id.to_be_bytes());
+    let owned = b.fence != 0 || b.except_on.is_some();
+    let kind = kind + if owned { OWNED } else { 0 };
+    let mut out = header(node, kind, 19 + event.len() + body.len())?;
+    if owned {
+        out.extend_from_slice(&b.fence.to_be_bytes());
+        match &b.except_on {
+            Some((other, id)) => {
+                out.push(u8::try_from(other.len()).ok().filter(|n| *n > 0)?);
+                out.extend_from_slice(other.as_bytes());
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            None => out.push(0),
+        }
     }
     out.extend_from_slice(&event_len.to_be_bytes());
     out.extend_from_slice(event.as_bytes());
@@ -242,18 +248,21 @@ fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Receive
             data: rest,
         });
     }
-    let (kind, except, rest) = if kind >= EXCEPT_ON {
+    let (kind, fence, except, rest) = if kind >= OWNED {
+        let (fence, rest) = rest.split_at_checked(8)?;
+        let fence = u64::from_be_bytes(fence.try_into().ok()?);
         let (&len, rest) = rest.split_first()?;
-        let (other, rest) = rest.split_at_checked(len.into())?;
-        let (id, rest) = rest.split_at_checked(8)?;
-        let id = u64::from_be_bytes(id.try_into().ok()?);
-        (
-            kind - EXCEPT_ON,
-            (other == node.as_bytes()).then_some(id),
-            rest,
-        )
+        if len == 0 {
+            (kind - OWNED, fence, None, rest)
+        } else {
+            let (other, rest) = rest.split_at_checked(len.into())?;
+            let (id, rest) = rest.split_at_checked(8)?;
+            let id = u64::from_be_bytes(id.try_into().ok()?);
+            let except = (other == node.as_bytes()).then_some(id);
+            (kind - OWNED, fence, except, rest)
+        }
     } else {
-        (kind, None, rest)
+        (kind, 0, None, rest)
     };
     let (event_len, rest) = rest.split_at_checked(2)?;
     let event_len = u16::from_be_bytes([event_len[0], event_len[1]]);
@@ -264,12 +273,9 @@ fn received<'a>(node: &str, channel: &'a [u8], data: &'a [u8]) -> Option<Receive
         BINARY => Payload::Binary(bytes::Bytes::copy_from_slice(body)),
         _ => return None,
     };
-    Some(Received::Topic(Arc::new(Broadcast::new(
-        topic.into(),
-        event,
-        payload,
-        except,
-    ))))
+    Some(Received::Topic(Arc::new(
+        Broadcast::new(topic.into(), event, payload, except).fenced(fence),
+    )))
 }
 
 impl PubSub for RedisPubSub {
@@ -290,12 +296,7 @@ impl PubSub for RedisPubSub {
     }
 
     fn publish(&self, broadcast: Arc<Broadcast>) -> usize {
-        if let Some(wire) = encode(
-            self.link.node(),
-            &broadcast.event,
-            &broadcast.payload,
-            broadcast.except_on.as_ref(),
-        ) {
+        if let Some(wire) = encode(self.link.node(), &broadcast) {
             self.link
                 .publish(format!("{TOPIC}{}", broadcast.topic), wire);
         }
@@ -320,8 +321,7 @@ impl PubSub for RedisPubSub {
     }
 
     fn disconnect(&self, socket_id: &str) -> usize {
-        let event = protocol::event::DISCONNECT;
-        if let Some(wire) = encode(self.link.node(), event, &Payload::empty(), None) {
+        if let Some(wire) = encode(self.link.node(), &super::disconnect(socket_id)) {
             self.link.publish(format!("{SOCKET}{socket_id}"), wire);
         }
         self.local.disconnect(socket_id)
@@ -379,22 +379,27 @@ impl PubSub for RedisPubSub {
 mod tests {
     use super::*;
 
+    fn broadcast(event: &str, payload: Payload) -> Broadcast {
+        Broadcast::new("t".into(), event.into(), payload, None)
+    }
+
     #[test]
     fn the_wire_form_round_trips_and_the_origin_skips_its_own() {
         let payload = Payload::json(r#"{"body":"hi"}"#.into()).expect("json");
-        let wire = encode("a", "new_message", &payload, None).expect("encodes");
+        let wire = encode("a", &broadcast("new_message", payload.clone())).expect("encodes");
         let Some(Received::Topic(b)) = received("b", b"cinder:t:room:1", &wire) else {
             panic!("a broadcast for node b")
         };
         assert_eq!(&*b.topic, "room:1");
         assert_eq!(b.event, "new_message");
         assert_eq!(b.payload, payload);
+        assert_eq!((b.fence, b.except), (0, None));
         assert!(matches!(
             received("a", b"cinder:t:room:1", &wire),
             Some(Received::Own)
         ));
         let binary = Payload::Binary(bytes::Bytes::from_static(&[0, 1, 255]));
-        let wire = encode("a", "frame", &binary, None).expect("encodes");
+        let wire = encode("a", &broadcast("frame", binary.clone())).expect("encodes");
         let Some(Received::Topic(b)) = received("b", b"cinder:t:t", &wire) else {
             panic!("a broadcast")
         };
@@ -402,15 +407,56 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_rooms_broadcast_carries_its_fence_and_the_member_to_skip() {
+        let owned = broadcast("count", Payload::empty()).fenced(7);
+        let wire = encode("a", &owned).expect("encodes");
+        let Some(Received::Topic(b)) = received("b", b"cinder:t:t", &wire) else {
+            panic!("a broadcast")
+        };
+        assert_eq!((b.fence, b.except), (7, None));
+        let from = broadcast("count", Payload::empty())
+            .fenced(8)
+            .except_on("b".into(), 42);
+        let wire = encode("a", &from).expect("encodes");
+        for (node, except) in [("b", Some(42)), ("c", None)] {
+            let Some(Received::Topic(b)) = received(node, b"cinder:t:t", &wire) else {
+                panic!("a broadcast")
+            };
+            assert_eq!((b.fence, b.except), (8, except), "at {node}");
+        }
+        for cut in 0..wire.len() {
+            assert!(
+                received("b", b"cinder:t:t", &wire[..cut]).is_none(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_to_one_node_reaches_that_node_only() {
+        let wire = encode_data("a", DIRECT, b"call").expect("encodes");
+        assert!(matches!(
+            received("b", b"cinder:n:b", &wire),
+            Some(Received::Direct {
+                origin: "a",
+                data: b"call"
+            })
+        ));
+        assert!(received("c", b"cinder:n:b", &wire).is_none());
+        let broadcast = encode("a", &broadcast("e", Payload::empty())).expect("encodes");
+        assert!(received("b", b"cinder:n:b", &broadcast).is_none());
+    }
+
+    #[test]
     fn what_does_not_parse_is_refused_not_trusted() {
-        let wire = encode("a", "e", &Payload::empty(), None).expect("encodes");
+        let wire = encode("a", &broadcast("e", Payload::empty())).expect("encodes");
         for cut in 0..wire.len() {
             assert!(
                 received("b", b"cinder:t:x", &wire[..cut]).is_none(),
                 "cut at {cut}"
             );
         }
-        let mut bad_json = encode("a", "e", &Payload::empty(), None).expect("encodes");
+        let mut bad_json = wire.clone();
         bad_json.pop();
         assert!(received("b", b"cinder:t:x", &bad_json).is_none());
         let mut future = wire.clone();

@@ -137,6 +137,8 @@ impl Room {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.fence
             .store(lease.fence(), std::sync::atomic::Ordering::Relaxed);
+        self.floor
+            .fetch_max(lease.fence(), std::sync::atomic::Ordering::Relaxed);
         let end = self.run_owner(&leases, &lease, snapshot, rx, inbox).await;
         self.serving
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -378,6 +380,8 @@ impl Room {
             Stats::bump(&node.stats.owner_forwarded);
             node.pubsub.send_to(owner, call.encode());
         };
+        self.floor
+            .fetch_max(fence, std::sync::atomic::Ordering::Relaxed);
         // The channels that joined an earlier owner join this one.
         for (member, joining) in &self.proxied {
             let Some((pending, msg_ref)) = self.node.proxies.point(*member, fence) else {
@@ -685,7 +689,8 @@ impl Room {
         }
     }
 
-    fn lease_fence(&self) -> u64 {
+    /// The fence of the room's lease while this node owns it, else 0.
+    pub(super) fn lease_fence(&self) -> u64 {
         self.owned.as_ref().map_or(0, |o| o.lease.fence())
     }
 
