@@ -320,3 +320,116 @@ async fn a_killed_owners_room_moves_to_a_survivor_losing_at_most_its_snapshot_in
     );
     survivor.stop().await;
 }
+
+/// The next frame of `event` that `c` gets, skipping others.
+async fn next_event(c: &mut Client, event: &str) -> Value {
+    loop {
+        let frame = c.recv().await;
+        if frame[3] == event {
+            return frame[4].clone();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_broadcast_from_of_an_owned_room_reach_the_right_members_on_each_node() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
+    // The presence example, placed on an owner under another name.
+    let manifest = std::fs::read_to_string(cinder_tests::test_plugins_dir().join("presence.toml"))
+        .expect("make plugins")
+        .replace("name = \"presence\"", "name = \"roster\"")
+        .replace("presence:*", "roster:*")
+        .replace("placement = \"local\"", "placement = \"owner\"");
+    let wasm = std::fs::read(cinder_tests::test_plugins_dir().join("presence.wasm"))
+        .expect("make plugins");
+    let (status, up) = cinder_tests::upload(a.addr, &manifest, &wasm, true).await;
+    assert_eq!(status, 201, "{up}");
+    let topic = "roster:room";
+    let mut alice = member(&a, "alice", topic).await;
+    let state = next_event(&mut alice, "presence_state").await;
+    assert!(state.get("alice").is_some(), "{state}");
+
+    // bob joins on b: his join runs on a, which tracks him and pushes him the state.
+    let mut bob = member(&b, "bob", topic).await;
+    let state = next_event(&mut bob, "presence_state").await;
+    let mut keys: Vec<&String> = state.as_object().expect("a map").keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["alice", "bob"], "{state}");
+    // alice gets bob's join diff (tracked during his join), then broadcast_from's
+    // user_joined; bob does not hear himself.
+    let diff = next_event(&mut alice, "presence_diff").await;
+    assert!(diff["joins"].get("bob").is_some(), "{diff}");
+    assert_eq!(
+        next_event(&mut alice, "user_joined").await["user_id"],
+        "bob"
+    );
+    let _carol = member(&b, "carol", topic).await;
+    assert_eq!(
+        next_event(&mut bob, "user_joined").await["user_id"],
+        "carol",
+        "bob's first user_joined is carol's, not his own"
+    );
+
+    // bob leaves: terminate runs on a, his entry leaves everywhere.
+    bob.send(json!(["1", "l", topic, "phx_leave", {}])).await;
+    let (mut left, mut gone) = (false, false);
+    while !(left && gone) {
+        let frame = alice.recv().await;
+        match frame[3].as_str() {
+            Some("user_left") => left |= frame[4]["user_id"] == "bob",
+            Some("presence_diff") => gone |= frame[4]["leaves"].get("bob").is_some(),
+            _ => {}
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_messages_count_against_the_senders_rate_limit_on_its_own_node() {
+    let redis = RedisServer::start().await;
+    let a = node(&redis, "a").await;
+    let url = redis.url();
+    let b = cinder_tests::TestServer::start_with(move |c| {
+        c.redis_url = Some(url);
+        c.node_id = Some("b".into());
+        c.node_down_ms = 10_000;
+        c.limits.messages_per_sec = 1;
+        c.limits.message_burst = 10;
+    })
+    .await;
+    until("b's link is up", || async {
+        stats(b.addr).await["cluster"]["redis"] == "up"
+    })
+    .await;
+    let topic = "counter:limited";
+    let mut on_a = member(&a, "1", topic).await;
+    let mut flooder = member(&b, "2", topic).await;
+    send_incs(&mut flooder, topic, "f", 200).await;
+    assert_eq!(flooder.close_code().await, 1008, "cut for its rate on b");
+    // What b let through reached the owner; nothing past the limit did.
+    let count = loop {
+        let frame = {
+            on_a.send(json!(["1", "g", topic, "get", {}])).await;
+            loop {
+                let frame = on_a.recv().await;
+                if frame[3] == "phx_reply" && frame[1] == "g" {
+                    break frame;
+                }
+            }
+        };
+        let count = frame[4]["response"]["count"].as_u64().expect("a count");
+        if count > 0 {
+            break count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        count <= 12,
+        "{count} incs passed a burst of 10 (the join took one)"
+    );
+    assert!(counter(&stats(b.addr).await, "rate_limited") >= 1);
+    a.stop().await;
+    b.stop().await;
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::remote::Relay;
+use super::remote::{RemoteMsg, Wire};
 use super::room::{self, Node, ROOM_WAIT, RoomHandle, RoomMsg, SwapResult};
 use super::{Route, Router};
 use crate::config::Limits;
@@ -17,7 +17,7 @@ use crate::lease::Leases;
 use crate::limit::Warnings;
 use crate::presence::Tracker;
 use crate::protocol::reason;
-use crate::pubsub::PubSub;
+use crate::pubsub::{DirectListener, PubSub};
 use crate::stats::Stats;
 
 /// The live rooms of this node and what they need: routing, PubSub, limits.
@@ -196,6 +196,42 @@ async fn collect_swap(pending: &mut PendingSwaps, results: &mut Vec<(Arc<str>, S
             Ok(Ok(result)) => results.push((topic, result)),
             Ok(Err(_)) => {}
             Err(_) => results.push((topic, SwapResult::Pending)),
+        }
+    }
+}
+
+/// Hears what other nodes send this one, and the cluster's events, for the node's rooms.
+pub struct Relay {
+    node: std::sync::Weak<Node>,
+}
+
+impl Relay {
+    fn new(node: std::sync::Weak<Node>) -> Self {
+        Relay { node }
+    }
+}
+
+impl DirectListener for Relay {
+    fn message(&self, origin: &str, data: &[u8]) {
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        match Wire::decode(data) {
+            Some(Wire::ToMember(answer)) => node.proxies.answer(answer, &node.stats),
+            Some(Wire::ToOwner(call)) => node.call(origin.into(), call),
+            None => Stats::bump(&node.stats.cluster_malformed),
+        }
+    }
+
+    fn node_down(&self, gone: &str) {
+        if let Some(node) = self.node.upgrade() {
+            node.tell_rooms(|| RemoteMsg::NodeDown(gone.into()));
+        }
+    }
+
+    fn reconnected(&self) {
+        if let Some(node) = self.node.upgrade() {
+            node.tell_rooms(|| RemoteMsg::Reconnected);
         }
     }
 }

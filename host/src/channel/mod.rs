@@ -7,15 +7,17 @@
 //! [`Outbound`] items into the socket's bounded queue; it knows nothing of axum or
 //! WebSockets.
 //!
+//! Bottom up (each file imports only those before it):
 //! - `feed`: a room's fastlane broadcasts, read by each member at its own cursor.
 //! - `outbound`: the socket's queue, bounded in bytes, and the order shared with feeds.
-//! - `hub`: the live rooms of the node, started on first join, moved on hot reload.
+//! - `remote`: what nodes tell each other about owned rooms, and this node's channels whose
+//!   room runs on another node.
 //! - `room`: the room actor, one per live topic, and what the rooms of a node share; and
 //!   (`room::owned`), on a cluster, the rooms of plugins placed on an owner: one instance
 //!   per room for the whole cluster, on the node holding the room's lease, to which the
 //!   room actor of every other node with members forwards.
-//! - `remote`: what nodes tell each other about owned rooms, and this node's channels whose
-//!   room runs on another node.
+//! - `hub`: the live rooms of the node, started on first join, moved on hot reload; what
+//!   other nodes send this one, handed to its rooms.
 //! - `session`: one socket's channels.
 
 mod feed;
@@ -41,8 +43,8 @@ use crate::protocol::{Payload, Status};
 use crate::pubsub::SubscriberId;
 
 pub use hub::Hub;
+pub use hub::Relay;
 pub use outbound::{Outbound, OutboundRx, OutboundTx, Overflow, Slowness, outbound_queue};
-pub use remote::Relay;
 pub use room::{ROOM_WAIT, SwapResult};
 pub use session::{Next, Session};
 
@@ -159,6 +161,22 @@ pub struct Unavailable {
     pub reason: &'static str,
     /// What happened.
     pub detail: String,
+}
+
+/// How a join ended, as the session needs to know.
+enum JoinResult {
+    /// Joined, reading the room's feed from here; the room (or, for a room run by another
+    /// node, the owner's answer) already queued the ok reply (before any broadcast the
+    /// cursor reads).
+    Joined(feed::Cursor),
+    /// Refused by the plugin, with its reply.
+    Refused(Payload),
+    /// The plugin failed in `join`.
+    Crashed,
+    /// No instance could be made, for this reason.
+    Unavailable(&'static str),
+    /// The room was closing; ask the hub again.
+    Retry,
 }
 
 /// The result of a plugin call.

@@ -20,16 +20,14 @@
 //! that does not parse is counted in `cluster_malformed` and dropped.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::MemberId;
 use super::feed::Feed;
 use super::outbound::{Outbound, OutboundTx};
-use super::room::{JoinResult, Node};
+use super::{JoinResult, MemberId};
 use crate::protocol::{Payload, Status, reason};
-use crate::pubsub::DirectListener;
 use crate::stats::Stats;
 
 /// What a member's node asks the owner of `topic`; `member` is the channel's id on the
@@ -475,7 +473,7 @@ impl Proxies {
     }
 
     /// Applies an owner's answer, on the link's task.
-    fn answer(&self, answer: ToMember, stats: &Stats) {
+    pub(super) fn answer(&self, answer: ToMember, stats: &Stats) {
         let mut channels = self.lock();
         let member = match &answer {
             ToMember::Joined { member, .. }
@@ -588,42 +586,6 @@ impl Proxies {
             ToMember::Moved { .. } => {
                 let _ = proxied.room.send(RemoteMsg::Moved);
             }
-        }
-    }
-}
-
-/// Hears what other nodes send this one, and the cluster's events, for the node's rooms.
-pub struct Relay {
-    node: Weak<Node>,
-}
-
-impl Relay {
-    pub(super) fn new(node: Weak<Node>) -> Self {
-        Relay { node }
-    }
-}
-
-impl DirectListener for Relay {
-    fn message(&self, origin: &str, data: &[u8]) {
-        let Some(node) = self.node.upgrade() else {
-            return;
-        };
-        match Wire::decode(data) {
-            Some(Wire::ToMember(answer)) => node.proxies.answer(answer, &node.stats),
-            Some(Wire::ToOwner(call)) => node.call(origin.into(), call),
-            None => Stats::bump(&node.stats.cluster_malformed),
-        }
-    }
-
-    fn node_down(&self, gone: &str) {
-        if let Some(node) = self.node.upgrade() {
-            node.tell_rooms(|| RemoteMsg::NodeDown(gone.into()));
-        }
-    }
-
-    fn reconnected(&self) {
-        if let Some(node) = self.node.upgrade() {
-            node.tell_rooms(|| RemoteMsg::Reconnected);
         }
     }
 }

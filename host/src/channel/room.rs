@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::feed::{Cursor, Feed};
+use super::feed::Feed;
 use super::outbound::{Outbound, OutboundTx, Slowness};
 use super::remote::{Proxies, RemoteMsg, ToMember, ToOwner};
 use super::{
     CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome, InfoOutcome,
-    JoinOutcome, MemberId, Placement, RoomLogic, Route, Router,
+    JoinOutcome, JoinResult, MemberId, Placement, RoomLogic, Route, Router,
 };
 use crate::config::Limits;
 use crate::lease::Leases;
@@ -223,21 +223,6 @@ pub(super) enum RoomMsg {
         next: Result<Box<dyn RoomLogic>, String>,
         done: oneshot::Sender<SwapResult>,
     },
-}
-
-/// How a join ended, as the session needs to know.
-pub(super) enum JoinResult {
-    /// Joined, reading the room's feed from here; the room already queued the ok reply
-    /// (before any broadcast the cursor reads).
-    Joined(Cursor),
-    /// Refused by the plugin, with its reply.
-    Refused(Payload),
-    /// The plugin failed in `join`.
-    Crashed,
-    /// No instance could be made, for this reason.
-    Unavailable(&'static str),
-    /// The room was closing; ask the hub again.
-    Retry,
 }
 
 /// What every room of the node shares: the directory of live rooms (which the hub keeps

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::JoinResult;
 use super::feed::Cursor;
 use super::hub::Hub;
 use super::outbound::{Outbound, OutboundRx, OutboundTx};
-use super::room::{JoinResult, ROOM_WAIT, RoomHandle, RoomMsg};
+use super::room::{ROOM_WAIT, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
 use crate::presence::Account;
 use crate::protocol::{self, Frame, Message, Payload, Status, Vsn, event, reason};

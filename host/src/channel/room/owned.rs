@@ -23,12 +23,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{
-    Flow, Held, JoinResult, Joining, Member, Out, RemoteOut, Room, RoomMsg, Served, SwapResult,
-    notify_down,
+    Flow, Held, Joining, Member, Out, RemoteOut, Room, RoomMsg, Served, SwapResult, notify_down,
 };
 use crate::channel::remote::{Proxied, RemoteMsg, ToMember, ToOwner};
 use crate::channel::{
-    CallBudget, CallError, ChannelSocket, Handled, JoinOutcome, MemberId, RoomLogic, SnapshotEvery,
+    CallBudget, CallError, ChannelSocket, Handled, JoinOutcome, JoinResult, MemberId, RoomLogic,
+    SnapshotEvery,
 };
 use crate::lease::{Acquired, Lease, Leases, Saved, Snapshot};
 use crate::protocol::{self, Payload, reason};
