@@ -19,6 +19,7 @@
 //!   the payload the channel first joined with; its reply is not sent).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -85,7 +86,8 @@ impl Room {
         inbox: &mut mpsc::UnboundedReceiver<RemoteMsg>,
     ) -> super::End {
         self.open().await;
-        let mut gone: Option<Arc<str>> = None;
+        // The lease (by fence) of an owner taken for gone, and since when.
+        let mut gone: Option<(u64, Instant)> = None;
         let mut first = true;
         loop {
             if !first && self.proxied.is_empty() {
@@ -99,15 +101,20 @@ impl Room {
                     self.drop_proxied(reason::CLUSTER_UNAVAILABLE);
                     return super::End::Unavailable(reason::CLUSTER_UNAVAILABLE);
                 }
-                Acquired::Held { node, left, .. } if gone.as_ref() == Some(&node) => {
-                    // The owner is gone but its lease has time left: wait it out.
+                Acquired::Held { fence, left, .. }
+                    if gone.is_some_and(|(f, since)| {
+                        f == fence && since.elapsed() < leases.ttl() + RETRY
+                    }) =>
+                {
+                    // The owner is gone but its lease has time left: wait it out. (Still
+                    // renewed a lease time later, it was not gone: forward to it again.)
                     tokio::time::sleep(left.clamp(RETRY, leases.ttl())).await;
                 }
                 Acquired::Held { node, fence, .. } => {
                     first = false;
                     match self.proxy(&node, fence, rx, inbox).await {
                         Proxy::Empty => return super::End::Retry,
-                        Proxy::Gone => gone = Some(node),
+                        Proxy::Gone => gone = Some((fence, Instant::now())),
                         Proxy::Moved => {
                             gone = None;
                             tokio::time::sleep(RETRY).await;
