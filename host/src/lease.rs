@@ -10,7 +10,8 @@
 //! - An owner counts its lease as valid for four fifths of the lease time after it *sent*
 //!   the renewal that Redis accepted (the key expires a full lease time after Redis got it,
 //!   later still), on the monotonic clock, which goes on while a process is stopped. A room
-//!   checks before it acts; a lease past its time is renewed (one round trip) or given up.
+//!   checks before it acts; a lease past its time is renewed (one round trip), and a room
+//!   that cannot renew it steps down.
 //!   A node stopped past its lease (SIGSTOP, a long pause) therefore finds its lease expired
 //!   when it runs again and does not act on the room, whoever took it meanwhile.
 //! - `cinder:snap:<topic>` is a hash (`fence`, `seq`, `version`, `state`) written only by
@@ -42,7 +43,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const RENEW_BATCH: usize = 256;
 
 /// Takes the lease of a room if nobody else holds it: `{1, fence, version, state}` (the
-/// snapshot's fields, nil when there is none) or `{0, holder, fence, ms left}`.
+/// snapshot's fields, nil when there is none) or `{0, holder, fence, ms left}`. The fence is
+/// above `ARGV[3]`, the newest the caller heard of, even if Redis lost its counter.
 const ACQUIRE: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held then
@@ -52,6 +54,10 @@ if held then
   end
 end
 local fence = redis.call('INCR', KEYS[3])
+if fence <= tonumber(ARGV[3]) then
+  fence = tonumber(ARGV[3]) + 1
+  redis.call('SET', KEYS[3], fence)
+end
 redis.call('SET', KEYS[1], fence .. ' ' .. ARGV[1], 'PX', ARGV[2])
 local snap = redis.call('HMGET', KEYS[2], 'version', 'state')
 return {1, fence, snap[1], snap[2]}
@@ -235,8 +241,9 @@ impl Leases {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the lease of `topic` if nobody else holds it.
-    pub async fn acquire(&self, topic: &Arc<str>) -> Acquired {
+    /// Takes the lease of `topic` if nobody else holds it, with a fence above `heard` (the
+    /// newest fence the caller heard of for the topic).
+    pub async fn acquire(&self, topic: &Arc<str>, heard: u64) -> Acquired {
         let Some(mut conn) = self.conn() else {
             return Acquired::Unreachable;
         };
@@ -248,7 +255,8 @@ impl Leases {
             .key(format!("{SNAPSHOT}{topic}"))
             .key(FENCE)
             .arg(&**self.node())
-            .arg(ttl);
+            .arg(ttl)
+            .arg(heard);
         let call = invocation.invoke_async::<Vec<redis::Value>>(&mut conn);
         let Ok(Ok(answer)) = tokio::time::timeout(COMMAND_TIMEOUT, call).await else {
             return Acquired::Unreachable;
@@ -342,6 +350,14 @@ impl Leases {
     pub fn release(self: &Arc<Self>, lease: &Arc<Lease>) {
         let (leases, lease) = (self.clone(), lease.clone());
         tokio::spawn(async move { leases.give_up(&lease, false).await });
+    }
+
+    /// Lets `lease` go without ending the room (this node cannot serve it now): its key is
+    /// deleted if it is still this node's, the room's snapshot stays for the next owner.
+    /// Returns at once.
+    pub fn let_go(self: &Arc<Self>, lease: &Arc<Lease>) {
+        let (leases, lease) = (self.clone(), lease.clone());
+        tokio::spawn(async move { leases.give_up(&lease, true).await });
     }
 
     /// Hands `lease` over (this node stops): its key is deleted if it is still this node's,

@@ -163,10 +163,10 @@ async fn a_stale_lease_holder_is_fenced_out_of_saves_and_renewals() {
     })
     .await;
     let topic: Arc<str> = "counter:fenced".into();
-    let Acquired::Won(old, None) = a.acquire(&topic).await else {
+    let Acquired::Won(old, None) = a.acquire(&topic, 0).await else {
         panic!("a takes a free lease, with no snapshot")
     };
-    let Acquired::Held { node, fence, .. } = b.acquire(&topic).await else {
+    let Acquired::Held { node, fence, .. } = b.acquire(&topic, 0).await else {
         panic!("b finds it held")
     };
     assert_eq!((&*node, fence), ("a", old.fence()));
@@ -176,7 +176,7 @@ async fn a_stale_lease_holder_is_fenced_out_of_saves_and_renewals() {
     redis
         .command(&["DEL", &format!("cinder:lease:{topic}")])
         .await;
-    let Acquired::Won(new, Some(snapshot)) = b.acquire(&topic).await else {
+    let Acquired::Won(new, Some(snapshot)) = b.acquire(&topic, 0).await else {
         panic!("b takes the expired lease with its snapshot")
     };
     assert!(new.fence() > old.fence());
@@ -216,6 +216,13 @@ async fn a_stale_lease_holder_is_fenced_out_of_saves_and_renewals() {
             && !exists(&redis, &format!("cinder:snap:{topic}")).await
     })
     .await;
+
+    // A Redis that lost the fencing counter still gives a fence above the newest heard.
+    redis.command(&["DEL", "cinder:fence"]).await;
+    let Acquired::Won(after, _) = a.acquire(&topic, new.fence()).await else {
+        panic!("a takes the released lease")
+    };
+    assert!(after.fence() > new.fence());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,4 +439,41 @@ async fn forwarded_messages_count_against_the_senders_rate_limit_on_its_own_node
     assert!(counter(&stats(b.addr).await, "rate_limited") >= 1);
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_after_the_owner_is_taken_for_gone_waits_out_its_lease_and_takes_the_room() {
+    let redis = RedisServer::start().await;
+    // A long lease beside a quick heartbeat would be the same: the gap between "gone" and
+    // "lease expired" is what this test joins in.
+    let owner = process_node(&redis, "owner", "3000").await;
+    let survivor = node_with(&redis, "survivor", 3000).await;
+    let topic = "counter:late";
+    let mut far = socket_to(owner.addr, "1").await;
+    let joined = far.join("1", topic, json!({})).await;
+    assert_eq!(joined[4]["status"], "ok", "{joined}");
+    for i in 1..=3 {
+        assert_eq!(
+            inc(&mut far, topic, &format!("i{i}")).await,
+            json!({"count": i})
+        );
+    }
+    owner.kill().await;
+    until("the survivor takes the owner for gone", || async {
+        stats(survivor.addr).await["cluster"]["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 1)
+    })
+    .await;
+    // The room starts on the survivor only now: it must not forward to the dead owner.
+    let mut late = survivor.client("2").await;
+    let joined = late.join("1", topic, json!({})).await;
+    assert_eq!(joined[4]["status"], "ok", "{joined}");
+    assert_eq!(
+        joined[4]["response"],
+        json!({"count": 3}),
+        "taken over from the last save"
+    );
+    assert_eq!(inc(&mut late, topic, "after").await, json!({"count": 4}));
+    survivor.stop().await;
 }

@@ -134,7 +134,8 @@ impl Hub {
     }
 
     /// This node stops: every room it owns for the cluster saves its state and gives its
-    /// lease up, so the next owner takes it over at once and loses nothing. At most
+    /// lease up, so the next owner takes it over at once from its last state (calls already
+    /// on their way to this node get `Moved` and are not applied). At most
     /// [`ROOM_WAIT`].
     pub async fn hand_off(&self) {
         let rooms: Vec<RoomHandle> = self
@@ -225,7 +226,14 @@ impl DirectListener for Relay {
 
     fn node_down(&self, gone: &str) {
         if let Some(node) = self.node.upgrade() {
+            node.down(gone, true);
             node.tell_rooms(|| RemoteMsg::NodeDown(gone.into()));
+        }
+    }
+
+    fn node_up(&self, up: &str) {
+        if let Some(node) = self.node.upgrade() {
+            node.down(up, false);
         }
     }
 

@@ -10,9 +10,10 @@
 //! (the join answer gives the channel its place in the room's feed there), never queued
 //! behind the room's mailbox.
 //!
-//! Every answer carries the owner's fence (the fencing number of its lease): a member's
-//! node drops answers from an owner older than the one it forwards to, so a stale owner
-//! cannot reach a channel that moved on.
+//! Every answer but `Moved` carries the owner's fence (the fencing number of its lease): a
+//! member's node drops answers from an owner older than the one it forwards to, so a stale
+//! owner cannot reach a channel that moved on. (`Moved` only makes the member's node ask
+//! Redis who owns the room: from anyone, it costs a lookup, and several at once cost one.)
 //!
 //! The wire form (Cinder nodes of one version talk to each other): a tag, then the fields
 //! in order; numbers are u64 big-endian, strings and bodies u32 length-prefixed, optional
@@ -60,6 +61,12 @@ pub(super) enum ToOwner {
         member: MemberId,
         reason: String,
     },
+    /// Every channel of the sending node in the room (after it joined them to this owner
+    /// again): the owner forgets the others (their leave was lost).
+    Members {
+        topic: Arc<str>,
+        members: Vec<MemberId>,
+    },
 }
 
 impl ToOwner {
@@ -67,15 +74,8 @@ impl ToOwner {
         match self {
             ToOwner::Join { topic, .. }
             | ToOwner::In { topic, .. }
-            | ToOwner::Leave { topic, .. } => topic,
-        }
-    }
-
-    pub(super) fn member(&self) -> MemberId {
-        match self {
-            ToOwner::Join { member, .. }
-            | ToOwner::In { member, .. }
-            | ToOwner::Leave { member, .. } => *member,
+            | ToOwner::Leave { topic, .. }
+            | ToOwner::Members { topic, .. } => topic,
         }
     }
 }
@@ -124,6 +124,7 @@ pub(super) enum ToMember {
 const JOIN: u8 = 1;
 const IN: u8 = 2;
 const LEAVE: u8 = 3;
+const MEMBERS: u8 = 4;
 const JOINED: u8 = 11;
 const REFUSED: u8 = 12;
 const REPLY: u8 = 13;
@@ -270,6 +271,13 @@ impl ToOwner {
             } => {
                 w.u8(LEAVE).str(topic).u64(*member).str(reason);
             }
+            ToOwner::Members { topic, members } => {
+                // One per channel of the node in the room: bounded by its channel limits.
+                w.u8(MEMBERS).str(topic).u64(members.len() as u64);
+                for member in members {
+                    w.u64(*member);
+                }
+            }
         }
         w.0
     }
@@ -369,6 +377,17 @@ impl Wire {
                 member: r.u64()?,
                 reason: r.string()?,
             }),
+            MEMBERS => {
+                let topic = r.str()?.into();
+                let n = r.u64()?;
+                // Each takes 8 bytes: a count the message cannot hold is refused before
+                // anything is allocated for it.
+                if n > (r.0.len() / 8) as u64 {
+                    return None;
+                }
+                let members = (0..n).map(|_| r.u64()).collect::<Option<Vec<_>>>()?;
+                Wire::ToOwner(ToOwner::Members { topic, members })
+            }
             JOINED => Wire::ToMember(ToMember::Joined {
                 member: r.u64()?,
                 fence: r.u64()?,
@@ -505,6 +524,16 @@ impl Proxies {
                 let Some((done, _)) = proxied.pending.take() else {
                     return;
                 };
+                if done.is_closed() {
+                    // The socket stopped waiting (and told its client): undone at the owner.
+                    if let Some(gone) = channels.remove(&member) {
+                        let _ = gone.room.send(RemoteMsg::Gone {
+                            member,
+                            leave: true,
+                        });
+                    }
+                    return;
+                }
                 proxied.out.send(Outbound::Reply {
                     join_ref,
                     msg_ref,
@@ -621,6 +650,10 @@ mod tests {
                 member: 1,
                 reason: "left".into(),
             }),
+            Wire::ToOwner(ToOwner::Members {
+                topic: "t".into(),
+                members: vec![1, u64::MAX, 3],
+            }),
             Wire::ToMember(ToMember::Joined {
                 member: 1,
                 fence: 9,
@@ -666,5 +699,11 @@ mod tests {
             assert!(Wire::decode(&longer).is_none());
         }
         assert!(Wire::decode(&[99]).is_none());
+        // A count of members the message cannot hold allocates nothing.
+        let mut huge = vec![MEMBERS];
+        huge.extend_from_slice(&1u32.to_be_bytes());
+        huge.push(b't');
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(Wire::decode(&huge).is_none());
     }
 }

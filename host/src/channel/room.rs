@@ -238,6 +238,8 @@ pub(super) struct Node {
     pub(super) limits: Limits,
     pub(super) stats: Arc<Stats>,
     next_id: AtomicU64,
+    /// Nodes taken for gone (until they prove alive): a room does not forward to them.
+    gone: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Node {
@@ -259,32 +261,54 @@ impl Node {
             proxies: Proxies::default(),
             limits,
             stats,
-            next_id: AtomicU64::new(1),
+            // Ids differ from a previous run's: another node may still know this node's
+            // old channels by (node id, channel id) for a moment after a restart.
+            next_id: AtomicU64::new(u64::from(rand::random::<u32>()) << 32 | 1),
+            gone: Mutex::default(),
         }
+    }
+
+    /// Marks node `node` gone (or back).
+    pub(super) fn down(&self, node: &str, gone: bool) {
+        let mut set = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        if gone {
+            set.insert(node.into());
+        } else {
+            set.remove(node);
+        }
+    }
+
+    /// Whether node `node` is taken for gone.
+    pub(super) fn is_gone(&self, node: &str) -> bool {
+        self.gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(node)
     }
 
     /// A call from a channel on node `origin` for a room this node may own: into the
     /// room's inbox, or answered `Moved` when no room of the topic runs here.
     pub(super) fn call(&self, origin: Arc<str>, call: ToOwner) {
         let room = self.rooms().get(call.topic()).cloned();
-        let member = call.member();
-        let is_in = matches!(call, ToOwner::In { .. });
-        let is_leave = matches!(call, ToOwner::Leave { .. });
-        let moved = || {
-            if !is_leave {
-                self.pubsub
-                    .send_to(&origin, ToMember::Moved { member }.encode());
+        let moved = |call: &ToOwner| {
+            if let ToOwner::Join { member, .. } | ToOwner::In { member, .. } = call {
+                let moved = ToMember::Moved { member: *member };
+                self.pubsub.send_to(&origin, moved.encode());
             }
         };
         let Some(room) = room else {
-            return moved();
+            return moved(&call);
         };
-        if let ToOwner::In { msg_ref, .. } = &call {
+        let is_in = matches!(call, ToOwner::In { .. });
+        if let ToOwner::In {
+            member, msg_ref, ..
+        } = &call
+        {
             if room.queued.load(Ordering::Relaxed) >= self.limits.room_mailbox {
                 Stats::bump(&self.stats.owner_refused);
                 if msg_ref.is_some() {
                     let reply = ToMember::Reply {
-                        member,
+                        member: *member,
                         fence: room.fence.load(Ordering::Relaxed),
                         msg_ref: msg_ref.clone(),
                         status: Status::Error,
@@ -300,11 +324,11 @@ impl Node {
             origin: origin.clone(),
             call,
         };
-        if room.inbox.send(call).is_err() {
+        if let Err(mpsc::error::SendError(RemoteMsg::Call { call, .. })) = room.inbox.send(call) {
             if is_in {
                 room.queued.fetch_sub(1, Ordering::Relaxed);
             }
-            moved();
+            moved(&call);
         }
     }
 
@@ -512,6 +536,13 @@ impl Room {
             self.node.presence.close(&self.topic);
         }
         self.node.remove_room(&self.topic, self.id);
+        // Calls of other nodes' channels that came too late are told to ask again.
+        inbox.close();
+        while let Ok(msg) = inbox.try_recv() {
+            if let RemoteMsg::Call { origin, call } = msg {
+                self.refuse_call(&origin, &call);
+            }
+        }
         rx.close();
         while let Some(msg) = rx.recv().await {
             if let RoomMsg::Join { done, .. } = msg {
@@ -571,6 +602,10 @@ impl Room {
         let lease = self.owned.as_ref().map(|o| o.lease.clone());
         loop {
             let due = self.owned.as_ref().and_then(|o| o.due);
+            // An owned room without members lingers a moment: channels of other nodes may be
+            // on their way (joining again after a takeover).
+            let linger = (lease.is_some() && self.members.is_empty())
+                .then(|| tokio::time::Instant::now() + owned::LINGER);
             let input = tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => Input::Room(msg),
@@ -579,7 +614,12 @@ impl Room {
                 Some(msg) = inbox.recv() => Input::Remote(msg),
                 () = owned::until(due) => Input::Save,
                 () = owned::lost(lease.as_deref()) => Input::Lost,
+                () = owned::until(linger) => return Served::Ended,
             };
+            let ran = matches!(
+                input,
+                Input::Room(_) | Input::Remote(RemoteMsg::Call { .. } | RemoteMsg::NodeDown(_))
+            );
             if let Some(lease) = &lease
                 && (matches!(input, Input::Lost) || !self.still_owner(lease).await)
             {
@@ -597,7 +637,9 @@ impl Room {
             // broadcasts start, broadcasts at most one call's worth: a handle_out that
             // broadcasts what it intercepts cannot loop.
             self.cascade = CallBudget::full(&self.node.limits, 0);
-            self.gate = self.gated(&**logic).then(Vec::new);
+            // What an owned room's message causes leaves once the room knows it still owns
+            // the room (and, saving after every message, once the save stands).
+            self.gate = lease.is_some().then(Vec::new);
             let mut flow = match input {
                 Input::Room(msg) => self.handle(logic, msg).await,
                 Input::Remote(msg) => self.remote(&mut **logic, msg).await,
@@ -608,14 +650,14 @@ impl Room {
                 flow = self.handle_out(&mut **logic, &b).await;
             }
             self.pending_out.clear();
-            if !self.saved(logic, &mut flow).await {
+            if !self.saved(logic, &mut flow, ran).await {
                 return self.step_down(logic);
             }
             if self.ended(flow) {
                 return Served::Ended;
             }
             while self.timers.try_join_next().is_some() {}
-            if self.members.is_empty() {
+            if lease.is_none() && self.members.is_empty() {
                 return Served::Ended;
             }
         }
@@ -978,7 +1020,7 @@ impl Room {
                     tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
                 }
                 if let Some(m) = self.detach(member) {
-                    notify_down(member, &m, true);
+                    notify_down(&mut self.gate, member, &m, true);
                 }
                 Flow::Continue
             }
@@ -991,7 +1033,7 @@ impl Room {
         let Some(m) = self.detach(member) else {
             return Flow::Continue;
         };
-        notify_down(member, &m, false);
+        notify_down(&mut self.gate, member, &m, false);
         self.terminate(logic, member, &m, reason).await
     }
 
@@ -1110,11 +1152,16 @@ fn info_stop(_: &mut Room, _: MemberId, outcome: InfoOutcome) -> Option<String> 
     }
 }
 
-fn notify_down(id: MemberId, m: &Member, crashed: bool) {
-    m.out.send(Outbound::ChannelDown {
-        topic: m.socket.topic.clone(),
-        join_ref: m.socket.join_ref.clone(),
-        member: id,
-        crashed,
-    });
+/// Tells a member its channel ended (behind what the message held, if it holds any).
+fn notify_down(gate: &mut Option<Vec<Held>>, id: MemberId, m: &Member, crashed: bool) {
+    emit(
+        gate,
+        &m.out,
+        Outbound::ChannelDown {
+            topic: m.socket.topic.clone(),
+            join_ref: m.socket.join_ref.clone(),
+            member: id,
+            crashed,
+        },
+    );
 }

@@ -166,6 +166,8 @@ pub trait DirectListener: Send + Sync {
     fn message(&self, origin: &str, data: &[u8]);
     /// Node `node` is gone.
     fn node_down(&self, node: &str);
+    /// Node `node` is there (it joined, or was taken for gone and proved alive).
+    fn node_up(&self, node: &str);
     /// The link came back after an outage: what was sent meanwhile is lost.
     fn reconnected(&self);
 }

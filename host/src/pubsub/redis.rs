@@ -109,6 +109,9 @@ impl Listener for Receiver {
         if let Some(above) = self.above.get() {
             above.node_up(node);
         }
+        if let Some(direct) = self.direct.get() {
+            direct.node_up(node);
+        }
     }
 
     fn reconnected(&self) {

@@ -5,18 +5,27 @@
 //!
 //! - Won: it runs the instance (restored from the room's last snapshot, if any) and serves
 //!   the channels of every node; those of other nodes reach it as [`RemoteMsg::Call`]s and
-//!   are answered on their node ([`Out::Remote`]). Before each message it checks its lease
-//!   is still surely its own, and steps down (every member here gets `phx_error`, the
-//!   official client rejoins) when it is not. It saves the room's state after every
-//!   message (`snapshot_every = "message"`: what a message caused leaves the room only once
-//!   the save stands, so a fenced-out owner never shows anything) or at most every
-//!   interval.
+//!   are answered on their node ([`Out::Remote`]). Before each message, and again before
+//!   what the message caused (replies, pushes, broadcasts, channel ends) leaves the room,
+//!   it checks its lease is still surely its own; when it is not, nothing the message
+//!   caused leaves and the room steps down (every member here gets `phx_error`, the
+//!   official client rejoins). It saves the room's state after every message
+//!   (`snapshot_every = "message"`: what the message caused leaves only once the save
+//!   stands, and a fenced-out save lets nothing out) or at most every interval, in the
+//!   background. Join replies are not held: they leave as the join returns, before the
+//!   joined channel's place in the feed is taken. Without members it lingers
+//!   [`LINGER`] for channels of other nodes joining again after a takeover.
 //! - Held by another node: it forwards its channels' joins, messages and leaves there
 //!   (a proxy) and keeps the room's feed for its members. When that node is gone (its
-//!   heartbeat expired) or answers that it does not run the room, it asks again: it waits
-//!   out the gone owner's lease, then takes the room over or forwards to the new owner, its
-//!   channels joining there again without a word to their clients (`join` runs again with
-//!   the payload the channel first joined with; its reply is not sent).
+//!   heartbeat expired, now or before the room started) or answers that it does not run
+//!   the room, it asks again: it waits out the gone owner's lease (one lease time at most:
+//!   a lease still renewed then was not gone), then takes the room over or forwards to the
+//!   new owner, its channels joining there again without a word to their clients (`join`
+//!   runs again with the payload the channel first joined with; its reply is not sent),
+//!   and listing them, so that the owner forgets any whose leave was lost.
+//! - A node that cannot serve a room it just took (no instance could be made) or that
+//!   steps down lets the lease go and keeps the snapshot for the next owner; a room that
+//!   ends because it has no members deletes both.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +47,10 @@ use crate::stats::Stats;
 /// How long a room waits before it asks for the lease again after an owner said it does
 /// not run the room.
 const RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How long an owned room without members waits for channels of other nodes before it
+/// ends (after a takeover, theirs join again a round trip or two later).
+pub(super) const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// This node's hold on a room it owns.
 pub(super) struct Owned {
@@ -93,7 +106,8 @@ impl Room {
             if !first && self.proxied.is_empty() {
                 return super::End::Retry;
             }
-            match leases.acquire(&self.topic).await {
+            let heard = self.floor.load(std::sync::atomic::Ordering::Relaxed);
+            match leases.acquire(&self.topic, heard).await {
                 Acquired::Unreachable => {
                     if self.route.warnings.allow() {
                         tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "room owner unknown: Redis unreachable");
@@ -101,13 +115,17 @@ impl Room {
                     self.drop_proxied(reason::CLUSTER_UNAVAILABLE);
                     return super::End::Unavailable(reason::CLUSTER_UNAVAILABLE);
                 }
-                Acquired::Held { fence, left, .. }
-                    if gone.is_some_and(|(f, since)| {
-                        f == fence && since.elapsed() < leases.ttl() + RETRY
-                    }) =>
+                Acquired::Held { node, fence, left }
+                    if (self.node.is_gone(&node) || gone.is_some_and(|(f, _)| f == fence))
+                        && gone.is_none_or(|(f, since)| {
+                            f != fence || since.elapsed() < leases.ttl() + RETRY
+                        }) =>
                 {
                     // The owner is gone but its lease has time left: wait it out. (Still
                     // renewed a lease time later, it was not gone: forward to it again.)
+                    if gone.is_none_or(|(f, _)| f != fence) {
+                        gone = Some((fence, Instant::now()));
+                    }
                     tokio::time::sleep(left.clamp(RETRY, leases.ttl())).await;
                 }
                 Acquired::Held { node, fence, .. } => {
@@ -119,6 +137,9 @@ impl Room {
                             gone = None;
                             tokio::time::sleep(RETRY).await;
                         }
+                    }
+                    if self.settle(inbox) {
+                        return super::End::Retry;
                     }
                 }
                 Acquired::Won(lease, snapshot) => {
@@ -145,7 +166,7 @@ impl Room {
         self.fence
             .store(lease.fence(), std::sync::atomic::Ordering::Relaxed);
         self.floor
-            .fetch_max(lease.fence(), std::sync::atomic::Ordering::Relaxed);
+            .store(lease.fence(), std::sync::atomic::Ordering::Relaxed);
         let end = self.run_owner(&leases, &lease, snapshot, rx, inbox).await;
         self.serving
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -164,7 +185,7 @@ impl Room {
     ) -> super::End {
         // The plugin's version now: the room may have started under an older one.
         let Some(route) = self.node.router.route(&self.topic) else {
-            leases.release(lease);
+            leases.let_go(lease);
             self.drop_proxied(reason::PLUGIN_UNAVAILABLE);
             return super::End::Unavailable(reason::PLUGIN_UNAVAILABLE);
         };
@@ -172,7 +193,7 @@ impl Room {
         let mut logic = match self.instance().await {
             Ok(logic) => logic,
             Err(why) => {
-                leases.release(lease);
+                leases.let_go(lease);
                 self.drop_proxied(why);
                 return super::End::Unavailable(why);
             }
@@ -188,7 +209,7 @@ impl Room {
                         logic = match self.instance().await {
                             Ok(logic) => logic,
                             Err(why) => {
-                                leases.release(lease);
+                                leases.let_go(lease);
                                 self.drop_proxied(why);
                                 return super::End::Unavailable(why);
                             }
@@ -256,7 +277,7 @@ impl Room {
         let ids: Vec<MemberId> = self.members.keys().copied().collect();
         for id in ids {
             if let Some(member) = self.detach(id) {
-                notify_down(id, &member, true);
+                notify_down(&mut self.gate, id, &member, true);
             }
         }
         true
@@ -387,14 +408,24 @@ impl Room {
             Stats::bump(&node.stats.owner_forwarded);
             node.pubsub.send_to(owner, call.encode());
         };
+        // The lease in Redis is the authority: from now on, broadcasts of an owner older
+        // than this one are dropped (and, should Redis have lost its counter, this one's
+        // are not).
         self.floor
-            .fetch_max(fence, std::sync::atomic::Ordering::Relaxed);
-        // The channels that joined an earlier owner join this one.
-        for (member, joining) in &self.proxied {
-            let Some((pending, msg_ref)) = self.node.proxies.point(*member, fence) else {
-                continue;
-            };
-            forward(join_call(&self.topic, *member, joining, msg_ref, !pending));
+            .store(fence, std::sync::atomic::Ordering::Relaxed);
+        // The channels that joined an earlier owner join this one, and the owner forgets
+        // this node's channels it has that are not among them (their leave was lost).
+        if !self.proxied.is_empty() {
+            for (member, joining) in &self.proxied {
+                let Some((pending, msg_ref)) = self.node.proxies.point(*member, fence) else {
+                    continue;
+                };
+                forward(join_call(&self.topic, *member, joining, msg_ref, !pending));
+            }
+            forward(ToOwner::Members {
+                topic: self.topic.clone(),
+                members: self.proxied.keys().copied().collect(),
+            });
         }
         loop {
             tokio::select! {
@@ -412,7 +443,7 @@ impl Room {
                                 continue;
                             };
                             let joining = Joining { socket, payload };
-                            forward(join_call(&self.topic, member, &joining, msg_ref.clone(), false));
+                            // Listed before the join leaves: its answer may come at once.
                             self.node.proxies.add(member, Proxied {
                                 topic: self.topic.clone(),
                                 join_ref: joining.socket.join_ref.clone(),
@@ -420,8 +451,9 @@ impl Room {
                                 feed: self.feed.clone(),
                                 room,
                                 fence,
-                                pending: Some((done, msg_ref)),
+                                pending: Some((done, msg_ref.clone())),
                             });
+                            forward(join_call(&self.topic, member, &joining, msg_ref, false));
                             self.proxied.insert(member, joining);
                         }
                         RoomMsg::In { member, event, payload, msg_ref } => {
@@ -457,15 +489,7 @@ impl Room {
                     }
                 }
                 Some(msg) = inbox.recv() => match msg {
-                    RemoteMsg::Call { origin, call } => {
-                        if let ToOwner::In { .. } = call {
-                            self.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        if !matches!(call, ToOwner::Leave { .. }) {
-                            let moved = ToMember::Moved { member: call.member() };
-                            self.node.pubsub.send_to(&origin, moved.encode());
-                        }
-                    }
+                    RemoteMsg::Call { origin, call } => self.refuse_call(&origin, &call),
                     RemoteMsg::Gone { member, leave } => {
                         if self.proxied.remove(&member).is_some() && leave {
                             forward(ToOwner::Leave {
@@ -487,6 +511,39 @@ impl Room {
         }
     }
 
+    /// What came in for the room while it was forwarding to an owner it has just left:
+    /// news of that owner is old (one `Moved` per channel after a hand-off, say), calls of
+    /// other nodes are told to ask again, channels gone are forgotten. True when no
+    /// channel of this node is left.
+    fn settle(&mut self, inbox: &mut mpsc::UnboundedReceiver<RemoteMsg>) -> bool {
+        while let Ok(msg) = inbox.try_recv() {
+            match msg {
+                RemoteMsg::Call { origin, call } => self.refuse_call(&origin, &call),
+                RemoteMsg::Gone { member, .. } => {
+                    self.proxied.remove(&member);
+                }
+                RemoteMsg::Moved
+                | RemoteMsg::Reconnected
+                | RemoteMsg::NodeDown(_)
+                | RemoteMsg::HandOff(_) => {}
+            }
+        }
+        self.proxied.is_empty()
+    }
+
+    /// A call of a channel on node `origin` that this room does not serve: the channel's
+    /// node asks the cluster again.
+    pub(super) fn refuse_call(&self, origin: &Arc<str>, call: &ToOwner) {
+        if let ToOwner::In { .. } = call {
+            self.queued
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let ToOwner::Join { member, .. } | ToOwner::In { member, .. } = call {
+            let moved = ToMember::Moved { member: *member };
+            self.node.pubsub.send_to(origin, moved.encode());
+        }
+    }
+
     /// Whether this node may still act on the room: its lease is surely valid, or a
     /// renewal now says it is.
     pub(super) async fn still_owner(&self, lease: &Lease) -> bool {
@@ -503,49 +560,64 @@ impl Room {
     /// gets `phx_error` (the official client rejoins, reaching the new owner).
     pub(super) fn step_down(&mut self, _logic: &mut Box<dyn RoomLogic>) -> Served {
         Stats::bump(&self.node.stats.room_leases_lost);
-        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "room lease lost: another node owns the room now; its members here rejoin");
+        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, "room lease lost (another node owns the room, or this one cannot prove it owns it): its members here rejoin");
         self.gate = None;
+        if let Some(owned) = &self.owned {
+            // Still this node's in Redis (it could not renew in time): the next owner need
+            // not wait for it to expire, and takes the last snapshot.
+            owned.leases.let_go(&owned.lease);
+        }
         let ids: Vec<MemberId> = self.members.keys().copied().collect();
         for id in ids {
             if let Some(member) = self.detach(id) {
-                notify_down(id, &member, true);
+                notify_down(&mut self.gate, id, &member, true);
             }
         }
         Served::SteppedDown
     }
 
-    /// Whether what the next message causes is held until its save stands.
-    pub(super) fn gated(&self, logic: &dyn RoomLogic) -> bool {
-        matches!(&self.owned, Some(owned) if owned.every == SnapshotEvery::Message)
-            && logic.stateful()
-    }
-
-    /// After a message of an owned room: saving after every message, saves the state and
-    /// then lets out what the message caused; saving at an interval, schedules the next
-    /// save. False when the save was fenced out (the room must step down; nothing the
-    /// message caused leaves) or could not be made.
-    pub(super) async fn saved(&mut self, logic: &mut Box<dyn RoomLogic>, flow: &mut Flow) -> bool {
+    /// After a message of an owned room (`ran`: one that ran the plugin): saving after
+    /// every message, saves the state; saving at an interval, schedules the next save. Then,
+    /// if the room is still surely this node's, lets out what the message caused. False
+    /// when it is not (the save was fenced out or failed, or the lease is gone): nothing the
+    /// message caused leaves, and the room must step down.
+    pub(super) async fn saved(
+        &mut self,
+        logic: &mut Box<dyn RoomLogic>,
+        flow: &mut Flow,
+        ran: bool,
+    ) -> bool {
         let Some(held) = self.gate.take() else {
-            if let Some(owned) = &mut self.owned
-                && let SnapshotEvery::Interval(every) = owned.every
-                && owned.due.is_none()
-                && logic.stateful()
-            {
-                owned.due = Some(tokio::time::Instant::now() + every);
-            }
             return true;
         };
-        if matches!(flow, Flow::Continue) {
-            match self.save(logic).await {
-                Ok(Saved::Stored) => {}
-                Ok(Saved::Fenced | Saved::Unreachable) => return false,
-                Err(e) => {
-                    // The state after the message is lost with the instance: nothing
-                    // the message caused leaves.
-                    *flow = Flow::from_error(&e).unwrap_or(Flow::Crashed(e.to_string()));
-                    return true;
+        let Some(owned) = &mut self.owned else {
+            return true;
+        };
+        let lease = owned.lease.clone();
+        if ran && logic.stateful() {
+            match owned.every {
+                SnapshotEvery::Interval(every) => {
+                    if owned.due.is_none() {
+                        owned.due = Some(tokio::time::Instant::now() + every);
+                    }
                 }
+                SnapshotEvery::Message if matches!(flow, Flow::Continue) => {
+                    match self.save(logic).await {
+                        Ok(Saved::Stored) => {}
+                        Ok(Saved::Fenced | Saved::Unreachable) => return false,
+                        Err(e) => {
+                            // The state after the message is lost with the instance:
+                            // nothing the message caused leaves.
+                            *flow = Flow::from_error(&e).unwrap_or(Flow::Crashed(e.to_string()));
+                            return true;
+                        }
+                    }
+                }
+                SnapshotEvery::Message => {}
             }
+        }
+        if !self.still_owner(&lease).await {
+            return false;
         }
         for item in held {
             match item {
@@ -669,6 +741,17 @@ impl Room {
                             None => Flow::Continue,
                         }
                     }
+                    ToOwner::Members { members, .. } => {
+                        let listed: std::collections::HashSet<MemberId> =
+                            members.into_iter().collect();
+                        let stale: Vec<MemberId> = self
+                            .remote_ids
+                            .iter()
+                            .filter(|((n, id), _)| *n == origin && !listed.contains(id))
+                            .map(|(_, local)| *local)
+                            .collect();
+                        self.drop_members(logic, stale).await
+                    }
                 }
             }
             RemoteMsg::NodeDown(node) => {
@@ -679,21 +762,27 @@ impl Room {
                     .filter(|((n, _), _)| *n == node)
                     .map(|(_, local)| *local)
                     .collect();
-                for local in gone {
-                    if let Some(m) = self.detach(local) {
-                        let flow = self.terminate(logic, local, &m, reason::CLOSED).await;
-                        if !matches!(flow, Flow::Continue) {
-                            return flow;
-                        }
-                    }
-                }
-                Flow::Continue
+                self.drop_members(logic, gone).await
             }
             RemoteMsg::Gone { .. }
             | RemoteMsg::Moved
             | RemoteMsg::Reconnected
             | RemoteMsg::HandOff(_) => Flow::Continue,
         }
+    }
+
+    /// Ends these channels of other nodes (their node is gone, or they are no longer
+    /// there): `terminate` with `closed`, no notice.
+    async fn drop_members(&mut self, logic: &mut dyn RoomLogic, members: Vec<MemberId>) -> Flow {
+        for local in members {
+            if let Some(m) = self.detach(local) {
+                let flow = self.terminate(logic, local, &m, reason::CLOSED).await;
+                if !matches!(flow, Flow::Continue) {
+                    return flow;
+                }
+            }
+        }
+        Flow::Continue
     }
 
     /// The fence of the room's lease while this node owns it, else 0.
