@@ -606,15 +606,26 @@ impl Room {
             // on their way (joining again after a takeover).
             let linger = (lease.is_some() && self.members.is_empty())
                 .then(|| tokio::time::Instant::now() + owned::LINGER);
-            let input = tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(msg) => Input::Room(msg),
-                    None => return Served::Ended,
-                },
-                Some(msg) = inbox.recv() => Input::Remote(msg),
-                () = owned::until(due) => Input::Save,
-                () = owned::lost(lease.as_deref()) => Input::Lost,
-                () = owned::until(linger) => return Served::Ended,
+            let input = if lease.is_none() {
+                // A room of this node alone: its mailbox, and news of the cluster.
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(msg) => Input::Room(msg),
+                        None => return Served::Ended,
+                    },
+                    Some(msg) = inbox.recv() => Input::Remote(msg),
+                }
+            } else {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(msg) => Input::Room(msg),
+                        None => return Served::Ended,
+                    },
+                    Some(msg) = inbox.recv() => Input::Remote(msg),
+                    () = owned::until(due) => Input::Save,
+                    () = owned::lost(lease.as_deref()) => Input::Lost,
+                    () = owned::until(linger) => return Served::Ended,
+                }
             };
             let ran = matches!(
                 input,
