@@ -15,7 +15,7 @@ PY_VENV := target/py-venv
 # Versions the hot-reload tests upload at run time (not served at start).
 UPLOAD_DIR := target/test-uploads
 
-.PHONY: run test plugins rust-plugins lang-plugins wasm-target redis-server lint test-rust test-js bench fuzz
+.PHONY: run test plugins rust-plugins lang-plugins wasm-target redis-server chromium lint test-rust test-js bench fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -28,6 +28,15 @@ redis-server:
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	@command -v redis-server >/dev/null 2>&1 || \
 		{ echo "make test needs redis-server on PATH: install it with your system's package manager (Debian: apt-get install redis-server)"; exit 1; }
+
+# The browser tests drive Debian's Chromium with playwright-core (from npm, with the JS
+# tests' other dependencies): installed from the system's packages where it is missing.
+CHROMIUM ?= $(shell command -v chromium 2>/dev/null || echo /usr/bin/chromium)
+chromium:
+	@[ -x "$(CHROMIUM)" ] || ! command -v apt-get >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@[ -x "$(CHROMIUM)" ] || \
+		{ echo "make test needs Chromium for the browser tests: install it with your system's package manager (Debian: apt-get install chromium), or set CHROMIUM=/path/to/chromium"; exit 1; }
 
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
 # in $(PLUGIN_DIR), the Rust examples and the test plugins in $(TEST_PLUGIN_DIR), all of
@@ -89,10 +98,10 @@ test-rust: plugins redis-server
 
 # The binary is built with the workspace's features, as `cargo test --workspace` built
 # everything else, so nothing is compiled twice.
-test-js: plugins redis-server
+test-js: plugins redis-server chromium
 	$(CARGO) build --workspace --bins
 	cd tests/js && npm ci --no-audit --no-fund
-	cd tests/js && CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(JS_TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
+	cd tests/js && CHROMIUM=$(CHROMIUM) CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(JS_TEST_PLUGIN_DIR) node --test --test-concurrency=1 --test-timeout=60000 --test-force-exit
 
 # The whole suite.
 test: lint test-rust test-js

@@ -41,6 +41,8 @@ pub struct Admin {
     pub presence: Arc<Tracker>,
     /// The sockets, for how many are open.
     pub sockets: Arc<Sockets>,
+    /// The LongPoll sessions, for how many are live.
+    pub longpolls: Arc<crate::longpoll::LongPolls>,
     /// The connection slots, for how many are taken.
     pub connections: Arc<Slots>,
     /// The link to the cluster, on a cluster member.
@@ -58,6 +60,7 @@ impl Admin {
     fn gauges(&self) -> Gauges {
         Gauges {
             sockets: self.sockets.live(),
+            longpoll_sessions: self.longpolls.live(),
             connections: self.connections.open(),
             rooms: self.hub.room_count(),
             plugin_memory_bytes: self.runtime.plugin_memory(),
@@ -73,6 +76,7 @@ pub async fn index(State(app): State<Arc<Admin>>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "about": "Phoenix Channels server; channel logic runs in WebAssembly plugins",
         "socket": format!("{}{}", app.mount, protocol::WEBSOCKET_PATH),
+        "longpoll": format!("{}{}", app.mount, protocol::longpoll::PATH),
         "serializers": ["1.0.0", "2.0.0"],
         "plugins": app.registry.list(&app.hub).unwrap_or_default().into_iter().filter_map(|p| {
             Some(json!({ "name": p.name, "version": p.active?, "topics": p.topics, "description": p.description }))

@@ -70,7 +70,12 @@ pub struct ServeArgs {
     /// A cluster member without a heartbeat for this many milliseconds is down [default: 5000].
     #[arg(long, env = "CINDER_NODE_DOWN_MS")]
     pub node_down_ms: Option<u64>,
-    /// Socket mount path; the WebSocket is at `<mount>/websocket` [default: /socket].
+    /// Origins browsers may connect from, comma-separated (`https://example.com`,
+    /// `//example.com` for any scheme, `https://*.example.com` for subdomains) [default: any].
+    #[arg(long, env = "CINDER_CHECK_ORIGIN", value_delimiter = ',')]
+    pub check_origin: Option<Vec<String>>,
+    /// Socket mount path; the WebSocket is at `<mount>/websocket`, LongPoll at
+    /// `<mount>/longpoll` [default: /socket].
     #[arg(long)]
     pub mount: Option<String>,
     /// Close a socket that sent nothing for this many seconds [default: 60].
@@ -167,6 +172,16 @@ pub struct ServeArgs {
     /// [default: 604800].
     #[arg(long)]
     pub max_token_lifetime_secs: Option<u64>,
+    /// Sustained connects per second per client (its token's user, or its address)
+    /// [default: 20].
+    #[arg(long)]
+    pub connects_per_sec: Option<u32>,
+    /// Connects one client may make at once above the sustained rate [default: 100].
+    #[arg(long)]
+    pub connect_burst: Option<u32>,
+    /// How long a LongPoll request waits for messages, in milliseconds [default: 10000].
+    #[arg(long)]
+    pub longpoll_window_ms: Option<u64>,
 }
 
 /// Options of `cinder token`.
@@ -219,6 +234,7 @@ impl ServeArgs {
         set_opt(&mut config.redis_url, &a.redis_url);
         set_opt(&mut config.node_id, &a.node_id);
         set(&mut config.node_down_ms, &a.node_down_ms);
+        set(&mut config.check_origin, &a.check_origin);
         let l = &mut config.limits;
         set(&mut l.idle_timeout_secs, &a.idle_timeout_secs);
         set(&mut l.max_channels_per_socket, &a.max_channels_per_socket);
@@ -256,6 +272,9 @@ impl ServeArgs {
         set(&mut l.http_header_timeout_secs, &a.http_header_timeout_secs);
         set(&mut l.http_body_timeout_secs, &a.http_body_timeout_secs);
         set(&mut l.max_token_lifetime_secs, &a.max_token_lifetime_secs);
+        set(&mut l.connects_per_sec, &a.connects_per_sec);
+        set(&mut l.connect_burst, &a.connect_burst);
+        set(&mut l.longpoll_window_ms, &a.longpoll_window_ms);
     }
 }
 

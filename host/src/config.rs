@@ -98,6 +98,17 @@ pub struct Limits {
     /// Connect tokens valid for longer than this from now are refused: a token that never
     /// expires cannot be revoked by waiting.
     pub max_token_lifetime_secs: u64,
+    /// Sustained connects (WebSocket upgrades, LongPoll sessions) per second per client
+    /// (the token's user, or the address for tokens without one): far above a page that
+    /// reconnects with the JS client's backoff, far below a reconnect loop.
+    pub connects_per_sec: u32,
+    /// Connects a client may make at once above the sustained rate (a page with many tabs,
+    /// a node restart everybody reconnects to).
+    pub connect_burst: u32,
+    /// How long a LongPoll request waits for messages before it is answered empty
+    /// (Phoenix's `window_ms`); a session nobody polled for one and a half times as long
+    /// ends.
+    pub longpoll_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -133,6 +144,9 @@ impl Default for Limits {
             http_header_timeout_secs: 10,
             http_body_timeout_secs: 30,
             max_token_lifetime_secs: 7 * 86_400,
+            connects_per_sec: 20,
+            connect_burst: 100,
+            longpoll_window_ms: 10_000,
         }
     }
 }
@@ -146,6 +160,11 @@ impl Limits {
     /// The per-call time limit as a duration.
     pub fn plugin_call_time(&self) -> Duration {
         Duration::from_millis(self.plugin_call_ms)
+    }
+
+    /// The LongPoll window as a duration.
+    pub fn longpoll_window(&self) -> Duration {
+        Duration::from_millis(self.longpoll_window_ms)
     }
 }
 
@@ -176,6 +195,11 @@ pub struct Config {
     pub node_id: Option<String>,
     /// A member whose heartbeat is this old is down; members heartbeat five times as often.
     pub node_down_ms: u64,
+    /// Origins a browser may connect from (Phoenix's `check_origin`), such as
+    /// `https://example.com`, `//example.com` (any scheme), `https://*.example.com` (the
+    /// domain and its subdomains), with a port or without (any). Empty: any origin, for
+    /// development on loopback; a production server lists its sites.
+    pub check_origin: Vec<String>,
     /// Limits.
     pub limits: Limits,
 }
@@ -194,6 +218,7 @@ impl Default for Config {
             redis_url: None,
             node_id: None,
             node_down_ms: 5000,
+            check_origin: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -241,7 +266,20 @@ impl Config {
             "node_down_ms must be between 500 and 300000, got {}",
             self.node_down_ms
         );
+        for origin in &self.check_origin {
+            Origin::parse(origin)
+                .map_err(|why| anyhow::anyhow!("check_origin entry {origin:?}: {why}"))?;
+        }
         let l = &self.limits;
+        anyhow::ensure!(
+            l.connects_per_sec > 0 && l.connect_burst > 0,
+            "connects_per_sec and connect_burst must be positive"
+        );
+        anyhow::ensure!(
+            (1000..=60_000).contains(&l.longpoll_window_ms),
+            "longpoll_window_ms must be between 1000 and 60000, got {}",
+            l.longpoll_window_ms
+        );
         anyhow::ensure!(
             l.idle_timeout_secs > 0,
             "idle_timeout_secs must be positive"
@@ -270,6 +308,85 @@ impl Config {
             "plugin_memory_bytes must be at least 1 MiB"
         );
         Ok(())
+    }
+}
+
+/// One entry of `check_origin`: a scheme, a host and a port, each of which may be left
+/// open (`//host` is any scheme, no port is any port, `*.host` is the host and its
+/// subdomains).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: Option<String>,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    /// Parses `scheme://host[:port]` or `//host[:port]`; no path, query or credentials.
+    pub fn parse(text: &str) -> Result<Origin, &'static str> {
+        let (scheme, rest) = match text.split_once("//") {
+            Some(("", rest)) => (None, rest),
+            Some((scheme, rest)) => {
+                let scheme = scheme
+                    .strip_suffix(':')
+                    .filter(|s| {
+                        !s.is_empty()
+                            && s.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    })
+                    .ok_or("expected scheme://host or //host")?;
+                (Some(scheme.to_ascii_lowercase()), rest)
+            }
+            None => return Err("expected scheme://host or //host"),
+        };
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err("an origin has no path, query or credentials");
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+                let port = port
+                    .parse::<u16>()
+                    .map_err(|_| "the port is not a number")?;
+                (host, Some(port))
+            }
+            _ => (rest, None),
+        };
+        if host.is_empty() || host == "*." {
+            return Err("the host is empty");
+        }
+        Ok(Origin {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether a browser's `Origin` (parsed) is allowed by this entry.
+    pub fn allows(&self, origin: &Origin) -> bool {
+        let host = match self.host.strip_prefix("*.") {
+            Some(base) => {
+                origin.host == base
+                    || origin
+                        .host
+                        .strip_suffix(base)
+                        .is_some_and(|sub| sub.ends_with('.'))
+            }
+            None => origin.host == self.host,
+        };
+        host && self
+            .scheme
+            .as_ref()
+            .is_none_or(|s| origin.scheme.as_ref() == Some(s))
+            && self.port.is_none_or(|p| origin.port() == Some(p))
+    }
+
+    /// The port, or the scheme's default.
+    fn port(&self) -> Option<u16> {
+        self.port.or(match self.scheme.as_deref() {
+            Some("http" | "ws") => Some(80),
+            Some("https" | "wss") => Some(443),
+            _ => None,
+        })
     }
 }
 
@@ -358,6 +475,29 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_origin_entries_are_refused() {
+        for bad in [
+            "example.com",
+            "https://example.com/path",
+            "https://",
+            "ftp//x",
+            "//h:port",
+        ] {
+            assert!(Origin::parse(bad).is_err(), "accepted {bad:?}");
+        }
+        let config = Config {
+            check_origin: vec!["example.com".into()],
+            ..Config::default()
+        };
+        let err = config.validate().expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("check_origin entry \"example.com\""),
+            "{err}"
+        );
+    }
 
     #[test]
     fn generated_secrets_are_kept_in_the_data_dir() {

@@ -9,6 +9,7 @@
 //! - [`config`]: every setting and its default, the TOML file, validation, generated secrets.
 //! - [`logging`]: the log subscriber; records that plugins and clients cannot forge.
 //! - [`auth`]: connect tokens (JWT HS256): verification, minting, the identity a token gives.
+//! - [`connect`]: what a connect passes on either transport: origin, serializer, token, rate.
 //! - [`cluster`]: the link to the cluster's Redis: node id, the connection, outages, membership.
 //! - [`lease`]: room leases on a cluster (owner, fencing number, renewal) and room snapshots.
 //! - [`pubsub`]: topic fan-out, encoded once per serializer; socket ids apart; local or Redis.
@@ -21,6 +22,7 @@
 //!   delete, routing, the plugins dir and the watched dir.
 //! - [`deploy`]: plugin versions on a cluster: kept in Redis, announced, converged on by every node.
 //! - [`transport`]: the WebSocket endpoint and one task per socket.
+//! - [`longpoll`]: the LongPoll endpoint, one task per session, sessions reached from any node.
 //! - [`api`]: the HTTP API (server push, stats, plugin administration).
 //! - [`server`]: building the node, the router, the accept loop (connection cap, timeouts).
 //! - [`client`]: `cinder plugin ...`, the admin API from the command line.
@@ -36,10 +38,12 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod deploy;
 pub mod lease;
 pub mod limit;
 pub mod logging;
+pub mod longpoll;
 pub mod presence;
 pub mod protocol;
 pub mod pubsub;

@@ -129,6 +129,8 @@ pub mod reason {
     pub const CLUSTER_UNAVAILABLE: &str = "cluster unavailable";
     /// A binary reply or push to a socket whose serializer (V1) has no binary frames.
     pub const BINARY_NEEDS_V2: &str = "binary payloads need the V2 serializer";
+    /// A reply with a binary payload to a LongPoll session, whose answers are JSON text.
+    pub const BINARY_NEEDS_WEBSOCKET: &str = "binary payloads need a WebSocket";
     /// A reply the socket's serializer cannot carry for another reason (a topic too long
     /// for a binary frame).
     pub const UNENCODABLE: &str = "reply cannot be encoded for this socket";
@@ -233,6 +235,104 @@ pub mod presence {
         joins(&mut out);
         out.push_str(",\"leaves\":");
         leaves(&mut out);
+        out.push('}');
+        out
+    }
+}
+
+/// Phoenix's LongPoll transport as the official client speaks it: `GET <mount>/longpoll`
+/// polls (a first poll without a session token opens a session and is answered 410 with
+/// the token), `POST` sends a batch of messages, one per line. Every answer is HTTP 200
+/// with `{"status", "token", "messages"}` in the body; the client reads the status there.
+pub mod longpoll {
+    use super::{ProtocolError, Text, push_json_str};
+    use base64::Engine as _;
+
+    /// Path of the LongPoll transport under the socket mount.
+    pub const PATH: &str = "/longpoll";
+    /// The header carrying the session token (older clients send it as `token`).
+    pub const SESSION_HEADER: &str = "x-phoenix-longpoll-token";
+    /// The header carrying the connect token (the client's `authToken` option).
+    pub const AUTH_HEADER: &str = "x-phoenix-authtoken";
+    /// The content type of a batch: one message per line.
+    pub const NDJSON: &str = "application/x-ndjson";
+    /// The methods a preflight allows.
+    pub const ALLOW_METHODS: &str = "get, post, options";
+    /// How long a browser may keep a preflight's answer, in seconds.
+    pub const PREFLIGHT_MAX_AGE: u32 = 3600;
+    /// Messages of one batch that are read (the client sends at most 100); the lines past
+    /// it are ignored, as Phoenix ignores them.
+    pub const MAX_BATCH: usize = 100;
+
+    /// Messages in the answer.
+    pub const OK: u16 = 200;
+    /// No message within the window: poll again.
+    pub const NO_CONTENT: u16 = 204;
+    /// A new session (its token in the answer), or the session is gone: connect anew.
+    pub const GONE: u16 = 410;
+    /// The connect is refused (token, origin): the client stops until it reconnects.
+    pub const FORBIDDEN: u16 = 403;
+    /// Not now (connecting too often, no room for a session): the client retries with
+    /// its backoff. The client knows no other status, so 429 and 503 say this one.
+    pub const UNAVAILABLE: u16 = 500;
+
+    /// One message of a batch: a text frame (a line opening with `[`, or `{` for V1) or a
+    /// binary frame (any other line, base64).
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Line<'a> {
+        /// JSON text.
+        Text(&'a str),
+        /// The decoded bytes of a binary frame.
+        Binary(Vec<u8>),
+    }
+
+    /// The messages of a POST body: one per line of an `application/x-ndjson` batch (the
+    /// first [`MAX_BATCH`]), or the whole body as one text message otherwise (older
+    /// clients).
+    pub fn lines(body: &str, ndjson: bool) -> Result<Vec<Line<'_>>, ProtocolError> {
+        if !ndjson {
+            return Ok(vec![Line::Text(body)]);
+        }
+        let body = body.strip_suffix('\n').unwrap_or(body);
+        body.split('\n')
+            .take(MAX_BATCH)
+            .map(|line| {
+                let line = line.strip_suffix('\r').unwrap_or(line);
+                if line.starts_with(['[', '{']) {
+                    Ok(Line::Text(line))
+                } else {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(line)
+                        .map(Line::Binary)
+                        .map_err(|_| {
+                            ProtocolError::Malformed(
+                                "a batch line is neither a JSON frame nor base64".into(),
+                            )
+                        })
+                }
+            })
+            .collect()
+    }
+
+    /// The body of an answer: `{"status":..,"token":..,"messages":[..]}`, the token and
+    /// messages left out when there are none to give.
+    pub fn answer(status: u16, token: Option<&str>, messages: &[Text]) -> String {
+        let size: usize = messages.iter().map(|m| m.len() + 8).sum();
+        let mut out = String::with_capacity(64 + size);
+        out.push_str("{\"status\":");
+        out.push_str(&status.to_string());
+        if let Some(token) = token {
+            out.push_str(",\"token\":");
+            push_json_str(&mut out, token);
+            out.push_str(",\"messages\":[");
+            for (i, message) in messages.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json_str(&mut out, message.as_str());
+            }
+            out.push(']');
+        }
         out.push('}');
         out
     }
@@ -370,6 +470,11 @@ pub fn reason_payload(reason: &str) -> Payload {
 }
 
 /// A message from a client.
+///
+/// Its refs are in the socket's ref form, which the encoders take back: with V2 the ref's
+/// text (an integer is kept as its digits), with V1 the ref as JSON (`"1"` or `1`), so
+/// that a V1 reply echoes the ref as the client sent it, as Phoenix's V1 serializer does.
+/// [`ref_text`] turns either into text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     /// The join reference of the channel the message is for (V1 clients may omit it).
@@ -473,10 +578,13 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<Message, ProtocolError> {
     }
 }
 
-/// Decodes a binary frame (V2 only): a client push, kind 0.
+/// Decodes a binary frame: with V2 a client push, kind 0; with V1 JSON text, since
+/// Phoenix's V1 serializer reads a frame whatever its opcode (some clients send text as
+/// binary frames).
 pub fn decode_binary(vsn: Vsn, data: &[u8]) -> Result<Message, ProtocolError> {
     if vsn == Vsn::V1 {
-        return Err(ProtocolError::BinaryUnsupported);
+        let text = std::str::from_utf8(data).map_err(|_| ProtocolError::InvalidUtf8("frame"))?;
+        return decode_v1_text(text);
     }
     let (&kind, rest) = data.split_first().ok_or(ProtocolError::Truncated)?;
     if kind != 0 {
@@ -589,7 +697,18 @@ impl<'de> Deserialize<'de> for V2Frame {
     }
 }
 
+/// The first character of a frame that is not whitespace: what kind of JSON value it is.
+fn opens_with(text: &str, c: char) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with(c)
+}
+
 fn decode_v2_text(text: &str) -> Result<Message, ProtocolError> {
+    if opens_with(text, '{') {
+        return Err(ProtocolError::Malformed(
+            "V2 serializer expects an array frame; the client sent a V1 object (connect with vsn=1.0.0 to send objects)".into(),
+        ));
+    }
     let message = serde_json::from_str::<V2Frame>(text)
         .map(|f| f.0)
         .map_err(malformed)?;
@@ -607,25 +726,58 @@ fn within_depth(message: Message) -> Result<Message, ProtocolError> {
 }
 
 #[derive(Deserialize)]
-struct V1Frame {
+struct V1Frame<'a> {
     topic: String,
     event: String,
     payload: Box<RawValue>,
-    #[serde(rename = "ref", default)]
-    msg_ref: Option<Ref>,
-    #[serde(default)]
-    join_ref: Option<Ref>,
+    #[serde(rename = "ref", default, borrow)]
+    msg_ref: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    join_ref: Option<&'a RawValue>,
 }
 
 fn decode_v1_text(text: &str) -> Result<Message, ProtocolError> {
+    if opens_with(text, '[') {
+        return Err(ProtocolError::Malformed(
+            "V1 serializer expects an object frame; the client sent a V2 array (connect with vsn=2.0.0 to send arrays)".into(),
+        ));
+    }
     let f: V1Frame = serde_json::from_str(text).map_err(malformed)?;
     within_depth(Message {
-        join_ref: f.join_ref.and_then(|r| r.0),
-        msg_ref: f.msg_ref.and_then(|r| r.0),
+        join_ref: v1_ref(f.join_ref, "join_ref")?,
+        msg_ref: v1_ref(f.msg_ref, "ref")?,
         topic: f.topic,
         event: f.event,
         payload: Payload::Json(f.payload),
     })
+}
+
+/// A V1 ref in the socket's ref form: its JSON, a string re-encoded (so `"\u0031"` and
+/// `"1"` are one ref), a number as written; null is none. Other JSON is refused.
+fn v1_ref(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, ProtocolError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let json = raw.get();
+    match json.as_bytes().first() {
+        Some(b'n') => Ok(None),
+        Some(b'"') => {
+            let text: String = serde_json::from_str(json).map_err(malformed)?;
+            let mut out = String::with_capacity(text.len() + 2);
+            push_json_str(&mut out, &text);
+            Ok(Some(out))
+        }
+        Some(b'-' | b'0'..=b'9') => Ok(Some(json.to_owned())),
+        _ => Err(ProtocolError::Malformed(format!(
+            "{field} must be a string, a number or null"
+        ))),
+    }
+}
+
+/// A ref in the socket's ref form (see [`Message`]) as text: what a plugin is shown.
+pub fn ref_text(vsn: Vsn, r: &str) -> String {
+    match vsn {
+        Vsn::V2 => r.to_owned(),
+        Vsn::V1 => serde_json::from_str::<String>(r).unwrap_or_else(|_| r.to_owned()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -750,8 +902,9 @@ fn encode_v1_text(out: &Out<'_>) -> Frame {
     push_json_str(&mut buf, out.event);
     buf.push_str(",\"payload\":");
     push_json_body(&mut buf, &out.body);
+    // V1 refs are held as JSON (see [`Message`]): echoed as the client sent them.
     buf.push_str(",\"ref\":");
-    push_opt_str(&mut buf, out.msg_ref);
+    buf.push_str(out.msg_ref.unwrap_or("null"));
     buf.push('}');
     Frame::Text(Text::from(buf))
 }
@@ -1023,16 +1176,94 @@ mod tests {
             r#"{"topic":"room:lobby","event":"new_message","payload":{"body":"hi"},"ref":"2"}"#,
         )
         .expect("decodes");
-        assert_eq!((m.join_ref, m.msg_ref.as_deref()), (None, Some("2")));
+        assert_eq!((m.join_ref, m.msg_ref.as_deref()), (None, Some(r#""2""#)));
         assert_eq!(m.payload, json(r#"{"body":"hi"}"#));
         let m = decode_text(
             Vsn::V1,
             r#"{"topic":"t","event":"e","payload":{},"ref":null,"join_ref":"1"}"#,
         )
         .expect("decodes");
-        assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some("1"), None));
+        assert_eq!((m.join_ref.as_deref(), m.msg_ref), (Some(r#""1""#), None));
         assert!(decode_text(Vsn::V1, r#"{"topic":"t","event":"e"}"#).is_err());
-        assert!(decode_text(Vsn::V1, r#"["1","1","t","e",{}]"#).is_err());
+        assert!(
+            decode_text(
+                Vsn::V1,
+                r#"{"topic":"t","event":"e","payload":{},"ref":{}}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn v1_echoes_refs_as_the_client_sent_them() {
+        let m = decode_text(
+            Vsn::V1,
+            r#"{"topic":"t","event":"e","payload":{},"ref":1,"join_ref":"\u0032"}"#,
+        )
+        .expect("decodes");
+        assert_eq!(
+            (m.join_ref.as_deref(), m.msg_ref.as_deref()),
+            (Some(r#""2""#), Some("1"))
+        );
+        let reply = |r: &Message| {
+            text(
+                encode_reply(
+                    Vsn::V1,
+                    None,
+                    r.msg_ref.as_deref(),
+                    "t",
+                    Status::Ok,
+                    &Payload::empty(),
+                )
+                .expect("encodes"),
+            )
+        };
+        assert_eq!(
+            reply(&m),
+            r#"{"topic":"t","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":1}"#
+        );
+        let s = decode_text(
+            Vsn::V1,
+            r#"{"topic":"t","event":"e","payload":{},"ref":"1"}"#,
+        )
+        .expect("decodes");
+        assert!(reply(&s).ends_with(r#""ref":"1"}"#));
+        assert_eq!(ref_text(Vsn::V1, r#""2""#), "2");
+        assert_eq!(ref_text(Vsn::V1, "7"), "7");
+        assert_eq!(ref_text(Vsn::V2, "7"), "7");
+    }
+
+    #[test]
+    fn v1_reads_json_in_binary_frames() {
+        let m = decode_binary(
+            Vsn::V1,
+            br#"{"topic":"t","event":"e","payload":{},"ref":3}"#,
+        )
+        .expect("decodes");
+        assert_eq!((m.topic.as_str(), m.msg_ref.as_deref()), ("t", Some("3")));
+        assert_eq!(
+            decode_binary(Vsn::V1, &[0xff, 0]),
+            Err(ProtocolError::InvalidUtf8("frame"))
+        );
+    }
+
+    #[test]
+    fn a_frame_of_the_other_serializer_is_named() {
+        let Err(ProtocolError::Malformed(why)) = decode_text(Vsn::V1, r#" ["1","1","t","e",{}]"#)
+        else {
+            panic!("accepted a V2 array as V1")
+        };
+        assert!(
+            why.starts_with("V1 serializer expects an object frame; the client sent a V2 array"),
+            "{why}"
+        );
+        let Err(ProtocolError::Malformed(why)) = decode_text(Vsn::V2, r#"{"topic":"t"}"#) else {
+            panic!("accepted a V1 object as V2")
+        };
+        assert!(
+            why.starts_with("V2 serializer expects an array frame; the client sent a V1 object"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -1106,7 +1337,7 @@ mod tests {
         let f = encode_reply(
             Vsn::V1,
             Some("1"),
-            Some("2"),
+            Some(r#""2""#),
             "room:lobby",
             Status::Ok,
             &Payload::empty(),
@@ -1122,7 +1353,7 @@ mod tests {
             r#"{"topic":"t","event":"e","payload":[1],"ref":null}"#
         );
         assert_eq!(
-            text(encode_close(Vsn::V1, Some("9"), "t")),
+            text(encode_close(Vsn::V1, Some(r#""9""#), "t")),
             r#"{"topic":"t","event":"phx_close","payload":{},"ref":"9"}"#
         );
         let bin = Payload::Binary(Bytes::from_static(b"\x00\x01"));
@@ -1180,10 +1411,6 @@ mod tests {
             decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]),
             Err(ProtocolError::InvalidUtf8("join_ref"))
         );
-        assert_eq!(
-            decode_binary(Vsn::V1, &[0, 0, 0, 0, 0]),
-            Err(ProtocolError::BinaryUnsupported)
-        );
     }
 
     #[test]
@@ -1215,6 +1442,42 @@ mod tests {
         assert_eq!(Vsn::from_param(Some("1.0.0")), Ok(Vsn::V1));
         assert_eq!(Vsn::from_param(Some("2.0.0")), Ok(Vsn::V2));
         assert!(Vsn::from_param(Some("3.0.0")).is_err());
+    }
+
+    #[test]
+    fn longpoll_batches_split_into_text_and_binary_lines() {
+        use longpoll::{Line, lines};
+        let body = "[null,\"1\",\"phoenix\",\"heartbeat\",{}]\r\nAAEC\n{\"topic\":\"t\"}\n";
+        assert_eq!(
+            lines(body, true).expect("splits"),
+            [
+                Line::Text("[null,\"1\",\"phoenix\",\"heartbeat\",{}]"),
+                Line::Binary(vec![0, 1, 2]),
+                Line::Text("{\"topic\":\"t\"}"),
+            ]
+        );
+        assert_eq!(
+            lines("[1]\n[2]", false).expect("one"),
+            [Line::Text("[1]\n[2]")]
+        );
+        assert!(lines("not base64!", true).is_err());
+        let batch = (0..101)
+            .map(|n| format!("[{n}]"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let read = lines(&batch, true).expect("splits");
+        assert_eq!((read.len(), read.last()), (100, Some(&Line::Text("[99]"))));
+    }
+
+    #[test]
+    fn longpoll_answers_carry_messages_as_json_strings() {
+        let messages = [Text::from(r#"[null,null,"t","e",{"a":"\n"}]"#.to_owned())];
+        let body = longpoll::answer(200, Some("tok"), &messages);
+        let back: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(back["status"], 200);
+        assert_eq!(back["token"], "tok");
+        assert_eq!(back["messages"][0], r#"[null,null,"t","e",{"a":"\n"}]"#);
+        assert_eq!(longpoll::answer(410, None, &[]), r#"{"status":410}"#);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,9 +27,12 @@ use crate::api::{self, Admin};
 use crate::channel::Hub;
 use crate::cluster::Link;
 use crate::config::{Config, Limits, Secrets};
+use crate::connect::{Admission, Peer};
 use crate::deploy::Deploy;
 use crate::lease::Leases;
+use crate::limit::Connects;
 use crate::limit::Slots;
+use crate::longpoll::{self, LongPolls};
 use crate::pubsub::{LocalPubSub, PubSub, RedisPubSub};
 use crate::registry::Registry;
 use crate::runtime::Runtime;
@@ -137,11 +140,18 @@ pub async fn serve(
         .max_connections
         .unwrap_or_else(default_max_connections);
     let slots = Arc::new(Slots::new(max));
-    let sockets = Arc::new(Sockets::new(
-        hub.clone(),
+    let admission = Admission::new(
+        &config.check_origin,
         auth::Verifier::hs256(&secrets.jwt_secret, limits.max_token_lifetime_secs),
-        stop.subscribe(),
-    ));
+        Connects::new(limits.connects_per_sec, limits.connect_burst),
+    );
+    let sockets = Arc::new(Sockets::new(hub.clone(), admission, stop.subscribe()));
+    let longpolls = LongPolls::start(
+        sockets.clone(),
+        slots.clone(),
+        &secrets.jwt_secret,
+        link.clone(),
+    );
     let stats = hub.stats().clone();
     let admin = Arc::new(Admin {
         hub: hub.clone(),
@@ -149,6 +159,7 @@ pub async fn serve(
         runtime,
         presence: tracker,
         sockets: sockets.clone(),
+        longpolls: longpolls.clone(),
         connections: slots.clone(),
         cluster: link.clone(),
         deploy,
@@ -156,7 +167,15 @@ pub async fn serve(
         mount: config.mount.clone(),
     });
     let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
-    let router = router(admin, sockets, &socket_path, &limits);
+    let longpoll_path = format!("{}{}", config.mount, protocol::longpoll::PATH);
+    let router = router(
+        admin,
+        sockets,
+        longpolls,
+        &socket_path,
+        &longpoll_path,
+        &limits,
+    );
     tracing::info!(%addr, socket = %socket_path, max_connections = max, "cinder listening");
     // Scripts and tests wait for this line and read the address from it (the port may have
     // been 0): it comes once the plugins are loaded and requests are served.
@@ -184,11 +203,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// The routes: the socket, the landing page, and the admin API behind its token.
+/// The routes: the socket (WebSocket and LongPoll), the landing page, and the admin API
+/// behind its token.
 fn router(
     app: Arc<Admin>,
     sockets: Arc<Sockets>,
+    longpolls: Arc<LongPolls>,
     socket_path: &str,
+    longpoll_path: &str,
     limits: &Limits,
 ) -> axum::Router {
     let admin = axum::Router::new()
@@ -213,11 +235,15 @@ fn router(
     let socket = axum::Router::new()
         .route(socket_path, get(transport::websocket))
         .with_state(sockets);
+    let longpoll = axum::Router::new()
+        .route(longpoll_path, any(longpoll::endpoint))
+        .with_state(longpolls);
     axum::Router::new()
         .route("/", get(api::index))
         .merge(admin)
         .with_state(app)
         .merge(socket)
+        .merge(longpoll)
 }
 
 /// Refuses an admin API request without the admin token (401) before anything reads its
@@ -299,7 +325,7 @@ async fn accept(
     let stopping = door.stopping.clone();
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -324,6 +350,7 @@ async fn accept(
         let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(slot.clone());
+            request.extensions_mut().insert(Peer(peer));
             router.clone().oneshot(request)
         });
         let conn = http

@@ -66,8 +66,18 @@ counters! {
     plugin_memory_refused,
     /// Presence tracks and updates refused at a presence budget.
     presence_refused,
-    /// Connect attempts refused (a missing, bad or expired token).
+    /// Connect attempts refused (a missing, bad or expired token, an unknown serializer, an
+    /// origin not in `check_origin`).
     connects_refused,
+    /// Connect attempts refused because the client connected past `connects_per_sec`
+    /// (429).
+    connects_throttled,
+    /// LongPoll sessions started.
+    longpoll_sessions_started,
+    /// LongPoll sessions ended because nobody polled them for 1.5 `longpoll_window_ms`.
+    longpoll_sessions_expired,
+    /// LongPoll requests for a session of another node, forwarded to it.
+    longpoll_forwarded,
     /// Connections refused at `max_connections`.
     connections_refused,
     /// HTTP connections cut for sending their headers or body too slowly.
@@ -118,6 +128,8 @@ counters! {
 pub struct Gauges {
     /// Open WebSockets.
     pub sockets: usize,
+    /// Live LongPoll sessions.
+    pub longpoll_sessions: usize,
     /// Open connections (HTTP and WebSocket).
     pub connections: usize,
     /// Live rooms (plugin instances).

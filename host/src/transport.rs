@@ -31,36 +31,41 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 
-use crate::auth::Verifier;
 use crate::channel::Hub;
 use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
-use crate::limit::Bucket;
-use crate::limit::Slot;
+use crate::connect::{Admission, Peer, Refusal};
+use crate::limit::{RateLimit, SharedBucket, Slot};
 use crate::protocol::{self, Frame, Vsn, close};
 use crate::stats::Stats;
 
-/// What the sockets of a node share: the hub, the connect-token verifier, the shutdown
-/// signal, and how many are open.
+/// What the sockets of a node share: the hub, the rules a connect passes, the shutdown
+/// signal, how many are open, and how often a closed socket is logged.
 pub struct Sockets {
     hub: Arc<Hub>,
-    verifier: Verifier,
+    admission: Admission,
     shutdown: tokio::sync::watch::Receiver<bool>,
     live: AtomicUsize,
+    closes_logged: SharedBucket,
 }
 
+/// Sockets closed for a broken frame logged per second at most (the rest are counted in
+/// `malformed_frames` and `oversized_frames`).
+const CLOSES_LOGGED_PER_SEC: u32 = 5;
+
 impl Sockets {
-    /// Sockets joining `hub`'s rooms, authenticated by `verifier`, closed with 1012 once
+    /// Sockets joining `hub`'s rooms, admitted by `admission`, closed with 1012 once
     /// `shutdown` turns true.
     pub fn new(
         hub: Arc<Hub>,
-        verifier: Verifier,
+        admission: Admission,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Sockets {
             hub,
-            verifier,
+            admission,
             shutdown,
             live: AtomicUsize::new(0),
+            closes_logged: SharedBucket::per_sec(CLOSES_LOGGED_PER_SEC),
         }
     }
 
@@ -68,6 +73,53 @@ impl Sockets {
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
+
+    /// The hub the sockets join rooms of.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The rules a connect passes.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// The shutdown signal.
+    pub fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Logs that a client was cut off for what it sent (`why`), at most
+    /// [`CLOSES_LOGGED_PER_SEC`] a second: a client that reconnects and breaks again in a
+    /// loop must not flood the log.
+    pub fn log_refused_input(&self, peer: Option<Peer>, why: &str) {
+        if self.closes_logged.take() {
+            let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
+            tracing::warn!(%peer, reason = why, "client cut off for what it sent (logged at most {CLOSES_LOGGED_PER_SEC}/s)");
+        }
+    }
+
+    /// A refused connect: counted, logged at debug, answered with its status and reason.
+    pub fn refused(&self, refusal: &Refusal) {
+        match refusal {
+            Refusal::TooOften(_) => Stats::bump(&self.hub.stats().connects_throttled),
+            _ => Stats::bump(&self.hub.stats().connects_refused),
+        }
+        tracing::debug!(error = %refusal, "connect refused");
+    }
+}
+
+/// The answer to a refused WebSocket connect: its status, the reason, and when a client
+/// connecting too often may try again.
+fn refusal_response(app: &Sockets, refusal: &Refusal) -> Response {
+    app.refused(refusal);
+    let mut response = (refusal.status(), refusal.to_string()).into_response();
+    if let Refusal::TooOften(secs) = refusal {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+    }
+    response
 }
 
 /// An upgraded connection.
@@ -104,6 +156,7 @@ pub async fn websocket(
     State(app): State<Arc<Sockets>>,
     Query(params): Query<HashMap<String, String>>,
     slot: Option<axum::Extension<Slot>>,
+    peer: Option<axum::Extension<Peer>>,
     mut request: Request,
 ) -> Response {
     let key = match upgrade_key(&request) {
@@ -111,22 +164,22 @@ pub async fn websocket(
         Err((status, why)) => return (status, why).into_response(),
     };
     let headers = request.headers();
-    let vsn = match Vsn::from_param(params.get(protocol::VSN_PARAM).map(String::as_str)) {
-        Ok(vsn) => vsn,
-        Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
-    };
+    if let Err(refusal) = app.admission.check_origin(headers) {
+        return refusal_response(&app, &refusal);
+    }
     let token = params
         .get(protocol::TOKEN_PARAM)
         .cloned()
         .or_else(|| subprotocol_token(headers));
-    let identity = match app.verifier.verify(token.as_deref()) {
-        Ok(identity) => identity,
-        Err(e) => {
-            Stats::bump(&app.hub.stats().connects_refused);
-            tracing::debug!(error = %e, "connect refused");
-            return (StatusCode::FORBIDDEN, e.to_string()).into_response();
-        }
-    };
+    let peer = peer.map(|p| p.0);
+    let (vsn, identity) =
+        match app
+            .admission
+            .admit(&params, token.as_deref(), peer.map(|p| p.0.ip()))
+        {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal_response(&app, &refusal),
+        };
     let offers_phoenix = offered_protocols(headers).any(|p| p == protocol::SUBPROTOCOL);
     let limits = app.hub.limits();
     // tungstenite writes only control frames, each at once: data frames have their own
@@ -144,7 +197,7 @@ pub async fn websocket(
                 let _slot = slot;
                 let io = TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                run(ws, app, vsn, identity).await;
+                run(ws, app, vsn, identity, peer).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -365,7 +418,7 @@ impl End {
 }
 
 /// The end for a failed read: the client broke a limit or the WebSocket protocol.
-fn read_failure(e: WsError, app: &Sockets) -> End {
+fn read_failure(e: WsError, app: &Sockets, peer: Option<Peer>) -> End {
     let limits = app.hub.limits();
     let frame = match e {
         WsError::Capacity(_) => {
@@ -385,38 +438,10 @@ fn read_failure(e: WsError, app: &Sockets) -> End {
             None
         }
     };
+    if let Some(frame) = &frame {
+        app.log_refused_input(peer, &frame.reason);
+    }
     frame.map_or(End::Gone, End::ReadFailed)
-}
-
-/// A token bucket of client messages: `per_sec` sustained, `burst` at once. Past it,
-/// messages are refused; `burst` refusals in a row end the socket.
-struct RateLimit {
-    bucket: Bucket,
-    refused: u32,
-}
-
-impl RateLimit {
-    fn new(per_sec: u32, burst: u32) -> Self {
-        RateLimit {
-            bucket: Bucket::new(f64::from(per_sec), f64::from(burst)),
-            refused: 0,
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        if self.bucket.take() {
-            self.refused = 0;
-            true
-        } else {
-            self.refused += 1;
-            false
-        }
-    }
-
-    /// Whether the client kept sending through a whole burst of refusals.
-    fn exhausted(&self) -> bool {
-        f64::from(self.refused) >= self.bucket.burst()
-    }
 }
 
 struct LiveGuard(Arc<Sockets>);
@@ -426,7 +451,13 @@ impl Drop for LiveGuard {
     }
 }
 
-async fn run(mut ws: Ws, app: Arc<Sockets>, vsn: Vsn, identity: crate::auth::Identity) {
+async fn run(
+    mut ws: Ws,
+    app: Arc<Sockets>,
+    vsn: Vsn,
+    identity: crate::auth::Identity,
+    peer: Option<Peer>,
+) {
     use futures_util::{SinkExt as _, StreamExt as _};
     app.live.fetch_add(1, Ordering::Relaxed);
     let _live = LiveGuard(app.clone());
@@ -484,7 +515,7 @@ async fn run(mut ws: Ws, app: Arc<Sockets>, vsn: Vsn, identity: crate::auth::Ide
                 let decoded = match incoming {
                     None => break End::Gone,
                     Some(Ok(WsMessage::Close(_))) => break End::ClientClosed,
-                    Some(Err(e)) => break read_failure(e, &app),
+                    Some(Err(e)) => break read_failure(e, &app, peer),
                     Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
                     Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {
@@ -502,8 +533,9 @@ async fn run(mut ws: Ws, app: Arc<Sockets>, vsn: Vsn, identity: crate::auth::Ide
                     }
                     Err(e) => {
                         Stats::bump(&stats.malformed_frames);
-                        tracing::debug!(error = %e, "malformed frame: closing socket");
-                        break End::close(close::INVALID_DATA, &e.to_string());
+                        let why = e.to_string();
+                        app.log_refused_input(peer, &why);
+                        break End::close(close::INVALID_DATA, &why);
                     }
                 }
             }
@@ -583,16 +615,6 @@ mod tests {
             HeaderValue::from_static("phoenix"),
         );
         assert_eq!(subprotocol_token(&headers), None);
-    }
-
-    #[test]
-    fn the_rate_limit_allows_a_burst_then_refuses_then_gives_up() {
-        let mut rate = RateLimit::new(1, 3);
-        assert!((0..3).all(|_| rate.allow()));
-        assert!(!rate.allow());
-        assert!(!rate.exhausted());
-        assert!(!rate.allow() && !rate.allow());
-        assert!(rate.exhausted());
     }
 
     #[test]

@@ -219,3 +219,61 @@ export async function startRedis(port) {
   }
   return { child, async stop() { child.kill("SIGKILL"); await exited; } };
 }
+
+/**
+ * An HTTP proxy on a free loopback port in front of Cinder nodes (`targets`, their
+ * `http://host:port`), as a proxy that blocks WebSockets is: plain requests are forwarded,
+ * each to the next target in turn (no sticky sessions), and every upgrade request is
+ * refused. `files` maps paths it serves itself (a test page) to `{type, body}`. Resolves
+ * with `{url, hits, stop}`, `hits` counting requests per target.
+ */
+export async function startProxy(targets, { files = {} } = {}) {
+  const { createServer: createHttp, request } = await import("node:http");
+  const hits = targets.map(() => 0);
+  let turn = 0;
+  const server = createHttp((req, res) => {
+    const file = files[req.url.split("?")[0]];
+    if (file) {
+      res.writeHead(200, { "content-type": file.type });
+      res.end(file.body);
+      return;
+    }
+    const i = turn++ % targets.length;
+    hits[i] += 1;
+    const target = new URL(req.url, targets[i]);
+    const out = request(target, { method: req.method, headers: req.headers }, (answer) => {
+      res.writeHead(answer.statusCode, answer.headers);
+      answer.pipe(res);
+    });
+    out.on("error", () => { res.writeHead(502); res.end(); });
+    req.pipe(out);
+  });
+  server.on("upgrade", (_req, socket) => {
+    socket.end("HTTP/1.1 403 Forbidden\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+  });
+  const connections = new Set();
+  server.on("connection", (c) => { connections.add(c); c.on("close", () => connections.delete(c)); });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  return {
+    url: `http://127.0.0.1:${port}`,
+    hits,
+    async stop() {
+      for (const c of connections) c.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/**
+ * Debian's Chromium, headless, driven by playwright-core (`make test` installs both).
+ * Resolves with the browser; close it when done.
+ */
+export async function launchChromium() {
+  const { chromium } = await import("playwright-core");
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+}

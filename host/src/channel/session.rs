@@ -76,6 +76,9 @@ pub struct Session {
     out: OutboundTx,
     /// The socket's serializer.
     vsn: Vsn,
+    /// Whether the transport carries text only (LongPoll): binary payloads are refused as
+    /// they are to V1.
+    text_only: bool,
     channels: HashMap<Arc<str>, Joined>,
 }
 
@@ -107,8 +110,22 @@ impl Session {
             presence: Arc::default(),
             out,
             vsn,
+            text_only: false,
             channels: HashMap::new(),
         }
+    }
+
+    /// The session of a transport that carries text only (LongPoll's JSON answers): a
+    /// binary reply becomes an error reply, a binary push is dropped (both counted in
+    /// `undeliverable`).
+    pub fn text_only(mut self) -> Self {
+        self.text_only = true;
+        self
+    }
+
+    /// Whether binary frames cannot reach this session's client.
+    pub fn is_text_only(&self) -> bool {
+        self.text_only
     }
 
     fn reply(&self, msg: &Message, topic: Arc<str>, status: Status, payload: Payload) {
@@ -200,7 +217,11 @@ impl Session {
             presence: self.presence.clone(),
             id: self.socket_id.clone(),
             topic: topic.clone(),
-            join_ref: msg.join_ref.clone(),
+            // Plugins see a ref's text, whatever JSON a V1 client sent it as.
+            join_ref: msg
+                .join_ref
+                .as_deref()
+                .map(|r| protocol::ref_text(self.vsn, r)),
             assigns: self.assigns.clone(),
         };
         let mut outcome = JoinResult::Retry;
@@ -299,13 +320,17 @@ impl Session {
                 payload,
             } => {
                 let (join_ref, msg_ref) = (join_ref.as_deref(), msg_ref.as_deref());
-                return match protocol::encode_reply(
-                    vsn, join_ref, msg_ref, &topic, status, &payload,
-                ) {
+                let encoded = if self.text_only && matches!(payload, Payload::Binary(_)) {
+                    Err(None)
+                } else {
+                    protocol::encode_reply(vsn, join_ref, msg_ref, &topic, status, &payload)
+                        .map_err(Some)
+                };
+                return match encoded {
                     Ok(frame) => Some(frame),
                     Err(why) => {
                         Stats::bump(&self.hub.stats().undeliverable);
-                        undeliverable_reply(vsn, join_ref, msg_ref, &topic, &why)
+                        undeliverable_reply(vsn, join_ref, msg_ref, &topic, why.as_ref())
                     }
                 };
             }
@@ -427,19 +452,20 @@ fn is_stale(msg: &Message, current: &Option<String>) -> bool {
     msg.join_ref.is_some() && msg.join_ref != *current
 }
 
-/// A reply this socket's serializer cannot carry (a binary response to V1, a topic too
-/// long for a binary frame) answered with an error the client can read instead, so it
-/// does not wait for a reply that never comes.
+/// A reply this socket cannot carry (a binary response to V1 or over LongPoll, `why`
+/// `None`; a topic too long for a binary frame) answered with an error the client can read
+/// instead, so it does not wait for a reply that never comes.
 fn undeliverable_reply(
     vsn: Vsn,
     join_ref: Option<&str>,
     msg_ref: Option<&str>,
     topic: &str,
-    why: &protocol::ProtocolError,
+    why: Option<&protocol::ProtocolError>,
 ) -> Option<Frame> {
     let reason = match why {
-        protocol::ProtocolError::BinaryUnsupported => protocol::reason::BINARY_NEEDS_V2,
-        _ => protocol::reason::UNENCODABLE,
+        None => protocol::reason::BINARY_NEEDS_WEBSOCKET,
+        Some(protocol::ProtocolError::BinaryUnsupported) => protocol::reason::BINARY_NEEDS_V2,
+        Some(_) => protocol::reason::UNENCODABLE,
     };
     let payload = protocol::reason_payload(reason);
     protocol::encode_reply(vsn, join_ref, msg_ref, topic, Status::Error, &payload).ok()
