@@ -276,8 +276,8 @@ impl Config {
             "connects_per_sec and connect_burst must be positive"
         );
         anyhow::ensure!(
-            (1000..=60_000).contains(&l.longpoll_window_ms),
-            "longpoll_window_ms must be between 1000 and 60000, got {}",
+            (1000..=15_000).contains(&l.longpoll_window_ms),
+            "longpoll_window_ms must be between 1000 and 15000 (the official client gives up on a poll after 20 s), got {}",
             l.longpoll_window_ms
         );
         anyhow::ensure!(
@@ -342,23 +342,38 @@ impl Origin {
         if rest.contains(['/', '?', '#', '@']) {
             return Err("an origin has no path, query or credentials");
         }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
-                let port = port
-                    .parse::<u16>()
-                    .map_err(|_| "the port is not a number")?;
-                (host, Some(port))
+        // An IPv6 host is in brackets, and holds colons of its own.
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (inside, after) = v6.split_once(']').ok_or("an unclosed [ in the host")?;
+                let host = &rest[..inside.len() + 2];
+                match after {
+                    "" => (host, None),
+                    _ => (
+                        host,
+                        Some(after.strip_prefix(':').ok_or("junk after the host")?),
+                    ),
+                }
             }
-            _ => (rest, None),
+            None => match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
         };
-        if host.is_empty() || host == "*." {
+        let port = port
+            .map(|p| p.parse::<u16>().map_err(|_| "the port is not a number"))
+            .transpose()?;
+        if host.is_empty() || host == "*." || host == "[]" {
             return Err("the host is empty");
         }
-        Ok(Origin {
+        let mut origin = Origin {
             scheme,
             host: host.to_ascii_lowercase(),
             port,
-        })
+        };
+        // As Phoenix parses it: a scheme without a port means its default port.
+        origin.port = origin.port();
+        Ok(origin)
     }
 
     /// Whether a browser's `Origin` (parsed) is allowed by this entry.
@@ -377,10 +392,10 @@ impl Origin {
             .scheme
             .as_ref()
             .is_none_or(|s| origin.scheme.as_ref() == Some(s))
-            && self.port.is_none_or(|p| origin.port() == Some(p))
+            && self.port.is_none_or(|p| origin.port == Some(p))
     }
 
-    /// The port, or the scheme's default.
+    /// The port, or the scheme's default (none for `//host`: any port).
     fn port(&self) -> Option<u16> {
         self.port.or(match self.scheme.as_deref() {
             Some("http" | "ws") => Some(80),

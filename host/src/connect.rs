@@ -152,6 +152,14 @@ mod tests {
             "https://badexample.com"
         ));
         assert!(allowed(&["http://[::1]:4000"], "http://[::1]:4000"));
+        assert!(allowed(&["http://[::1]"], "http://[::1]"));
+        assert!(!allowed(&["http://[::1]"], "http://[::1]:4000"));
+        // A scheme without a port is its default port, as Phoenix reads it.
+        assert!(!allowed(
+            &["https://example.com"],
+            "https://example.com:8443"
+        ));
+        assert!(allowed(&["//example.com"], "https://example.com:8443"));
     }
 
     #[test]

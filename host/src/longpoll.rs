@@ -94,16 +94,16 @@ enum Wire {
         sid: Sid,
         ask: Ask,
     },
-    /// The answer to request `req` of the receiving node.
-    Answer { req: u64, answer: Answer },
+    /// The answer to request `req` of the receiving node, for session `sid`.
+    Answer { req: u64, sid: Sid, answer: Answer },
 }
 
 /// Where a session's answer goes.
 enum Reply {
     /// A request on this node.
     Local(oneshot::Sender<Answer>),
-    /// A request on node `node`, numbered `req` there.
-    Remote { node: Arc<str>, req: u64 },
+    /// A request for session `sid` on node `node`, numbered `req` there.
+    Remote { node: Arc<str>, req: u64, sid: Sid },
 }
 
 /// A request for a session.
@@ -123,8 +123,9 @@ pub struct LongPolls {
     /// every node of a cluster verifies every node's tokens).
     key: Vec<u8>,
     sessions: Mutex<HashMap<Sid, mpsc::Sender<Cmd>>>,
-    /// Requests forwarded to other nodes, by number: where their answers go.
-    asked: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
+    /// Requests forwarded to other nodes, by number: the session asked and where its
+    /// answers go.
+    asked: Mutex<HashMap<u64, (Sid, mpsc::Sender<Answer>)>>,
     next_req: AtomicU64,
     live: AtomicUsize,
 }
@@ -157,7 +158,9 @@ impl LongPolls {
             key,
             sessions: Mutex::default(),
             asked: Mutex::default(),
-            next_req: AtomicU64::new(0),
+            // A random start: a node that restarts under the same id does not take the
+            // answers meant for the requests of its previous run.
+            next_req: AtomicU64::new(rand::random::<u64>() >> 1),
             live: AtomicUsize::new(0),
         });
         if let Some(link) = link {
@@ -238,8 +241,8 @@ impl LongPolls {
     fn answer(&self, reply: Reply, answer: Answer) -> Option<Answer> {
         match reply {
             Reply::Local(tx) => tx.send(answer).err(),
-            Reply::Remote { node, req } => {
-                self.send(&node, &Wire::Answer { req, answer });
+            Reply::Remote { node, req, sid } => {
+                self.send(&node, &Wire::Answer { req, sid, answer });
                 None
             }
         }
@@ -252,7 +255,8 @@ impl LongPolls {
     }
 
     /// Asks session `sid` of `node` (this one or another) and waits for its answer:
-    /// within the window and a margin for a poll, `Gone` when nobody holds it.
+    /// `Gone` when nobody holds it, `Busy` when it holds it but did not answer in time (the
+    /// client retries; the session lives on).
     async fn ask(&self, node: &str, sid: Sid, ask: Ask) -> Answer {
         let wait = self.sockets.hub().limits().longpoll_window() + PUBSUB_TIMEOUT;
         if node == &*self.node {
@@ -260,7 +264,8 @@ impl LongPolls {
             self.ask_here(&sid, ask, Reply::Local(tx));
             return match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(answer)) => answer,
-                _ => Answer::Gone,
+                Ok(Err(_)) => Answer::Gone,
+                Err(_) => Answer::Busy,
             };
         }
         if self.link.is_none() {
@@ -272,7 +277,9 @@ impl LongPolls {
         self.asked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(req, tx);
+            .insert(req, (sid, tx));
+        // Forgotten however the request ends, its client gone included.
+        let _forget = Forget { polls: self, req };
         let from = self.node.to_string();
         self.send(
             node,
@@ -283,23 +290,16 @@ impl LongPolls {
                 ask,
             },
         );
-        let answer = async {
-            match tokio::time::timeout(PUBSUB_TIMEOUT, rx.recv()).await {
-                Ok(Some(Answer::Held)) => {}
-                Ok(Some(answer)) => return answer,
-                _ => return Answer::Gone,
-            }
-            match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(Some(answer)) => answer,
-                _ => Answer::Gone,
-            }
+        match tokio::time::timeout(PUBSUB_TIMEOUT, rx.recv()).await {
+            Ok(Some(Answer::Held)) => {}
+            Ok(Some(answer)) => return answer,
+            _ => return Answer::Gone,
         }
-        .await;
-        self.asked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&req);
-        answer
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => Answer::Gone,
+            Err(_) => Answer::Busy,
+        }
     }
 
     /// A message on this node's channel.
@@ -322,19 +322,21 @@ impl LongPolls {
                         &node,
                         &Wire::Answer {
                             req,
+                            sid,
                             answer: Answer::Held,
                         },
                     );
                 }
-                self.ask_here(&sid, ask, Reply::Remote { node, req });
+                self.ask_here(&sid, ask, Reply::Remote { node, req, sid });
             }
-            Ok(Wire::Answer { req, answer }) => {
+            Ok(Wire::Answer { req, sid, answer }) => {
                 let asked = self
                     .asked
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&req)
-                    .cloned();
+                    .filter(|(asked, _)| *asked == sid)
+                    .map(|(_, tx)| tx.clone());
                 if let Some(asked) = asked {
                     let _ = asked.try_send(answer);
                 }
@@ -373,7 +375,12 @@ impl LongPolls {
                 rx,
                 carried: Vec::new(),
             };
-            run.serve(cmds).await;
+            let mut cmds = run.serve(cmds).await;
+            // Requests that came while it ended are told it is gone, not left to time out.
+            cmds.close();
+            while let Ok(cmd) = cmds.try_recv() {
+                polls.answer(cmd.reply, Answer::Gone);
+            }
             polls
                 .sessions
                 .lock()
@@ -383,6 +390,22 @@ impl LongPolls {
             drop(slot);
         });
         self.sign(&self.node, &sid)
+    }
+}
+
+/// Removes a forwarded request from [`LongPolls::asked`] when it is dropped.
+struct Forget<'a> {
+    polls: &'a LongPolls,
+    req: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.polls
+            .asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.req);
     }
 }
 
@@ -421,7 +444,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    async fn serve(mut self, mut cmds: mpsc::Receiver<Cmd>) {
+    /// Serves the session until it ends; hands back its queue of requests.
+    async fn serve(mut self, mut cmds: mpsc::Receiver<Cmd>) -> mpsc::Receiver<Cmd> {
         let hub = self.polls.sockets.hub().clone();
         let limits = hub.limits().clone();
         let window = limits.longpoll_window();
@@ -509,6 +533,7 @@ impl Run<'_> {
             End::Closed => {}
         }
         self.session.close().await;
+        cmds
     }
 
     /// Answers a poll with `messages` (204 when there are none); what a poll that went
@@ -824,8 +849,9 @@ async fn read_body(polls: &LongPolls, body: Body) -> Result<String, (StatusCode,
         .map_err(|_| (StatusCode::BAD_REQUEST, "the batch is not UTF-8".to_owned()))
 }
 
-/// The largest batch: eight frames of the largest size (base64 included), as Phoenix
-/// reads about 8 MB.
+/// The largest batch: two frames of the largest size (one binary frame in base64 takes a
+/// third more). A batch for another node's session crosses Redis whole, beside the
+/// cluster's broadcasts, so it stays small.
 pub fn max_batch_bytes(max_frame_bytes: usize) -> usize {
-    max_frame_bytes.saturating_mul(8)
+    max_frame_bytes.saturating_mul(2)
 }

@@ -84,6 +84,33 @@ async fn v1_refs_come_back_as_the_client_sent_them() {
 }
 
 #[tokio::test]
+async fn a_v1_channel_that_crashes_or_stops_is_told_with_its_join_ref_as_sent() {
+    let server = TestServer::start().await;
+    let mut c = v1(&server, "1").await;
+    for (join_ref, event, end) in [
+        (json!("abc"), "panic", "phx_error"),
+        (json!(7), "stop", "phx_close"),
+    ] {
+        let topic = format!("bad:{event}");
+        c.send(json!({"topic": topic, "event": "phx_join", "payload": {}, "ref": 1, "join_ref": join_ref}))
+            .await;
+        assert_eq!(reply(&mut c).await["payload"]["status"], "ok");
+        c.send(
+            json!({"topic": topic, "event": event, "payload": {}, "ref": 2, "join_ref": join_ref}),
+        )
+        .await;
+        // Every frame is JSON (`recv` parses it); the channel's end carries its join ref.
+        let ended = loop {
+            let frame = c.recv().await;
+            if frame["event"] == end {
+                break frame;
+            }
+        };
+        assert_eq!(ended["ref"], join_ref, "{ended}");
+    }
+}
+
+#[tokio::test]
 async fn v1_json_in_binary_frames_is_read_as_text() {
     let server = TestServer::start().await;
     let mut c = v1(&server, "1").await;

@@ -347,13 +347,13 @@ impl Session {
             }
             Outbound::ChannelDown {
                 topic,
-                join_ref,
                 member,
                 crashed,
+                ..
             } => {
-                if !self.channel_down(&topic, member) {
-                    return None;
-                }
+                // The channel's join ref as this socket holds it (V1: the JSON the client
+                // sent), not the room's copy, which is its text.
+                let join_ref = self.channel_down(&topic, member)?;
                 Ok(if crashed {
                     protocol::encode_crash(vsn, join_ref.as_deref(), &topic)
                 } else {
@@ -370,15 +370,15 @@ impl Session {
         }
     }
 
-    /// The room ended a channel; returns whether the socket should tell the client (false
-    /// when the notice is about a channel this socket already replaced or left).
-    pub fn channel_down(&mut self, topic: &str, member: MemberId) -> bool {
+    /// The room ended a channel; returns the channel's join ref when the socket should tell
+    /// the client (`None` when the notice is about a channel this socket already replaced
+    /// or left).
+    pub fn channel_down(&mut self, topic: &str, member: MemberId) -> Option<Option<String>> {
         match self.channels.get(topic) {
             Some(joined) if joined.member == member => {
-                self.channels.remove(topic);
-                true
+                self.channels.remove(topic).map(|joined| joined.join_ref)
             }
-            _ => false,
+            _ => None,
         }
     }
 
