@@ -72,6 +72,61 @@ async function pollUntil(server, token, predicate) {
   return got;
 }
 
+// A page as an app writes it: the official browser build, room:lobby and a presence list.
+const PAGE = `<!doctype html><meta charset="utf-8"><title>LongPoll</title>
+<script src="/phoenix.js"></script>
+<script>
+  // Opens the official client as a page would, joins room:lobby and presence:browser.
+  window.start = async ({ url, token, longpoll, fallbackMs }) => {
+    const opts = { params: { token }, reconnectAfterMs: () => 50 };
+    if (longpoll) opts.transport = Phoenix.LongPoll;
+    if (fallbackMs) opts.longPollFallbackMs = fallbackMs;
+    const socket = new Phoenix.Socket(url, opts);
+    socket.connect();
+    window.got = [];
+    const lobby = socket.channel("room:lobby", {});
+    lobby.on("new_message", (m) => window.got.push(m.body));
+    const joined = (ch) => new Promise((ok, fail) => ch.join().receive("ok", ok).receive("error", fail).receive("timeout", () => fail("timeout")));
+    await joined(lobby);
+    const pc = socket.channel("presence:browser", {});
+    const presence = new Phoenix.Presence(pc);
+    window.keys = () => presence.list((k) => k).sort().join();
+    await joined(pc);
+    window.say = (body) => lobby.push("new_message", { body });
+    return socket.transport === Phoenix.LongPoll ? "LongPoll" : "WebSocket";
+  };
+</script>`;
+const PAGE_FILES = {
+  "/page.html": { type: "text/html", body: PAGE },
+  "/phoenix.js": { type: "text/javascript", body: PHOENIX_BROWSER_BUILD },
+};
+
+/**
+ * A Chromium page (from `proxy`) that chats, over `how`, with a Node client on
+ * `peerServer` and sees it in presence; the transport the page used.
+ */
+async function chat(browser, proxy, peerServer, how, user) {
+  const tab = await browser.newPage();
+  await tab.goto(`${proxy.url}/page.html`);
+  const transport = await tab.evaluate((args) => window.start(args), { ...how, token: mint(user) });
+  const peer = await connect(peerServer, `${user}-peer`);
+  const lobby = peer.channel("room:lobby", {});
+  const heard = [];
+  lobby.on("new_message", ({ body }) => heard.push(body));
+  await join(lobby);
+  const pc = watch(peer, "presence:browser");
+  await join(pc.channel);
+  await tab.waitForFunction((who) => window.keys().split(",").includes(who), `${user}-peer`);
+  await until(() => pc.keys().split(",").includes(user), 5000, "the page's user present");
+  lobby.push("new_message", { body: `hello ${user}` });
+  await tab.waitForFunction((body) => window.got.includes(body), `hello ${user}`);
+  await tab.evaluate((body) => window.say(body), `from ${user}`);
+  await until(() => heard.includes(`from ${user}`), 5000, "the peer hears the page");
+  await tab.close();
+  peer.disconnect();
+  return transport;
+}
+
 describe("LongPoll on one node", () => {
   let server;
   before(async () => { server = await startServer(["--longpoll-window-ms", "1000"]); });
@@ -217,6 +272,41 @@ describe("LongPoll on one node", () => {
   });
 });
 
+/**
+ * The official client with `longPollFallbackMs`, through `proxy` (which blocks WebSockets):
+ * it falls back, joins, chats with a WebSocket client on `peerServer` and sees presence.
+ */
+async function fallsBackAndChats(proxy, peerServer, user) {
+  const socket = new Socket(`${proxy.url.replace("http", "ws")}/socket`, {
+    params: { token: mint(user) },
+    longPollFallbackMs: 300,
+    reconnectAfterMs: () => 50,
+  });
+  lpSockets.add(socket);
+  socket.connect();
+  const lobby = socket.channel("room:lobby", {});
+  const topic = `presence:${user}`;
+  const v = watch(socket, topic);
+  assert.equal((await join(lobby)).status, "ok");
+  assert.equal(socket.transport, LongPoll, "the socket fell back to LongPoll");
+  await join(v.channel);
+  const bob = await connect(peerServer, `${user}-peer`);
+  const b = bob.channel("room:lobby", {});
+  await join(b);
+  const vb = watch(bob, topic);
+  await join(vb.channel);
+  await until(() => v.keys() === [user, `${user}-peer`].sort().join(), 8000, "presence over the fallback");
+  const heard = [];
+  lobby.on("new_message", ({ body }) => heard.push(body));
+  b.push("new_message", { body: `to ${user}` });
+  await until(() => heard.includes(`to ${user}`), 5000, "the fallback hears the peer");
+  const bobGets = next(b, "new_message");
+  lobby.push("new_message", { body: `from ${user}` });
+  assert.deepEqual(await bobGets, { body: `from ${user}` });
+  socket.disconnect();
+  bob.disconnect();
+}
+
 describe("LongPoll as the fallback when a proxy blocks WebSockets", () => {
   let server;
   let proxy;
@@ -227,36 +317,12 @@ describe("LongPoll as the fallback when a proxy blocks WebSockets", () => {
   after(async () => { await proxy.stop(); await server.stop(); });
 
   test("the official client with longPollFallbackMs falls back, joins, chats and gets presence", async () => {
-    const socket = new Socket(`${proxy.url.replace("http", "ws")}/socket`, {
-      params: { token: mint("fallback") },
-      longPollFallbackMs: 300,
-      reconnectAfterMs: () => 50,
-    });
-    lpSockets.add(socket);
-    socket.connect();
-    const lobby = socket.channel("room:lobby", {});
-    const v = watch(socket, "presence:fallback");
-    assert.equal((await join(lobby)).status, "ok");
-    assert.equal(socket.transport, LongPoll, "the socket fell back to LongPoll");
-    await join(v.channel);
-    const bob = await connect(server, "bob");
-    const b = bob.channel("room:lobby", {});
-    await join(b);
-    const vb = watch(bob, "presence:fallback");
-    await join(vb.channel);
-    await until(() => v.keys() === "bob,fallback", 5000, "presence over the fallback");
-    const got = next(lobby, "new_message");
-    b.push("new_message", { body: "to the fallback" });
-    assert.deepEqual(await got, { body: "to the fallback" });
-    const bobGets = next(b, "new_message");
-    lobby.push("new_message", { body: "from the fallback" });
-    assert.deepEqual(await bobGets, { body: "from the fallback" });
-    socket.disconnect();
-    bob.disconnect();
+    await fallsBackAndChats(proxy, server, "fallback");
   });
 });
 
 describe("LongPoll on two cluster nodes, requests alternating between them", () => {
+  let browser;
   let redis;
   let nodes;
   let proxy;
@@ -265,9 +331,10 @@ describe("LongPoll on two cluster nodes, requests alternating between them", () 
     redis = await startRedis(port);
     const member = (id) => ["--redis", `redis://127.0.0.1:${port}`, "--node-id", id, "--node-down-ms", "2000"];
     nodes = [await startServer(member("lp-a")), await startServer(member("lp-b"))];
-    proxy = await startProxy(nodes.map((n) => n.http));
+    proxy = await startProxy(nodes.map((n) => n.http), { files: PAGE_FILES });
   });
   after(async () => {
+    await browser?.close();
     await proxy.stop();
     for (const n of nodes) await n.stop();
     await redis.stop();
@@ -311,43 +378,29 @@ describe("LongPoll on two cluster nodes, requests alternating between them", () 
     alice.disconnect();
     bob.disconnect();
   });
+
+  test("as the fallback (WebSockets blocked), through both nodes", async () => {
+    await fallsBackAndChats(proxy, nodes[0], "cluster-fallback");
+  });
+
+  test("in Chromium: LongPoll alone and as the fallback, through both nodes", async () => {
+    browser = await launchChromium();
+    const url = `${proxy.url.replace("http", "ws")}/socket`;
+    const before = [...proxy.hits];
+    assert.equal(await chat(browser, proxy, nodes[1], { url, longpoll: true }, "chromium-cluster"), "LongPoll");
+    assert.equal(await chat(browser, proxy, nodes[0], { url, fallbackMs: 500 }, "chromium-cluster-fb"), "LongPoll");
+    assert.ok(proxy.hits.every((n, i) => n - before[i] > 3), `the page's requests went to both nodes: ${before} -> ${proxy.hits}`);
+  });
 });
 
 describe("LongPoll in Chromium", () => {
   let server;
   let proxy;
   let browser;
-  const page = `<!doctype html><meta charset="utf-8"><title>LongPoll</title>
-<script src="/phoenix.js"></script>
-<script>
-  // Opens the official client as a page would, joins room:lobby and presence:browser.
-  window.start = async ({ url, token, longpoll, fallbackMs }) => {
-    const opts = { params: { token }, reconnectAfterMs: () => 50 };
-    if (longpoll) opts.transport = Phoenix.LongPoll;
-    if (fallbackMs) opts.longPollFallbackMs = fallbackMs;
-    const socket = new Phoenix.Socket(url, opts);
-    socket.connect();
-    window.got = [];
-    const lobby = socket.channel("room:lobby", {});
-    lobby.on("new_message", (m) => window.got.push(m.body));
-    const joined = (ch) => new Promise((ok, fail) => ch.join().receive("ok", ok).receive("error", fail).receive("timeout", () => fail("timeout")));
-    await joined(lobby);
-    const pc = socket.channel("presence:browser", {});
-    const presence = new Phoenix.Presence(pc);
-    window.keys = () => presence.list((k) => k).sort().join();
-    await joined(pc);
-    window.say = (body) => lobby.push("new_message", { body });
-    return socket.transport === Phoenix.LongPoll ? "LongPoll" : "WebSocket";
-  };
-</script>`;
+
   before(async () => {
     server = await startServer();
-    proxy = await startProxy([server.http], {
-      files: {
-        "/page.html": { type: "text/html", body: page },
-        "/phoenix.js": { type: "text/javascript", body: PHOENIX_BROWSER_BUILD },
-      },
-    });
+    proxy = await startProxy([server.http], { files: PAGE_FILES });
     browser = await launchChromium();
   });
   after(async () => {
@@ -356,35 +409,13 @@ describe("LongPoll in Chromium", () => {
     await server.stop();
   });
 
-  /** A page that chats with a Node client `peer` over `how`; the transport it used. */
-  async function chat(how, user) {
-    const tab = await browser.newPage();
-    await tab.goto(`${proxy.url}/page.html`);
-    const transport = await tab.evaluate((args) => window.start(args), { ...how, token: mint(user) });
-    const peer = await connect(server, `${user}-peer`);
-    const lobby = peer.channel("room:lobby", {});
-    await join(lobby);
-    const pc = watch(peer, "presence:browser");
-    await join(pc.channel);
-    await tab.waitForFunction((who) => window.keys().split(",").includes(who), `${user}-peer`);
-    await until(() => pc.keys().split(",").includes(user), 5000, "the page's user present");
-    lobby.push("new_message", { body: `hello ${user}` });
-    await tab.waitForFunction((body) => window.got.includes(body), `hello ${user}`);
-    const peerGets = next(lobby, "new_message");
-    await tab.evaluate((body) => window.say(body), `from ${user}`);
-    assert.deepEqual(await peerGets, { body: `from ${user}` });
-    await tab.close();
-    peer.disconnect();
-    return transport;
-  }
-
   test("the LongPoll transport works cross-origin (CORS preflights in a real browser)", async () => {
     // The page comes from the proxy's origin; the socket is Cinder's own, another origin.
-    assert.equal(await chat({ url: server.socketUrl, longpoll: true }, "chromium-lp"), "LongPoll");
+    assert.equal(await chat(browser, proxy, server, { url: server.socketUrl, longpoll: true }, "chromium-lp"), "LongPoll");
   });
 
   test("with WebSockets blocked by the proxy, longPollFallbackMs falls back to LongPoll", async () => {
     const url = `${proxy.url.replace("http", "ws")}/socket`;
-    assert.equal(await chat({ url, fallbackMs: 500 }, "chromium-fallback"), "LongPoll");
+    assert.equal(await chat(browser, proxy, server, { url, fallbackMs: 500 }, "chromium-fallback"), "LongPoll");
   });
 });
