@@ -177,7 +177,7 @@ impl LongPolls {
 
     fn sign(&self, node: &str, sid: &Sid) -> String {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let mac = self.mac(node, sid);
+        let mac = self.mac(node, sid).finalize().into_bytes();
         format!(
             "{}.{}.{}",
             b64.encode(node),
@@ -186,32 +186,34 @@ impl LongPolls {
         )
     }
 
-    fn mac(&self, node: &str, sid: &Sid) -> Vec<u8> {
+    /// The MAC of a session token, before it is finalized or verified.
+    fn mac(&self, node: &str, sid: &Sid) -> Hmac<Sha256> {
         // HMAC takes a key of any length.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC keys may have any length"));
         mac.update(node.as_bytes());
         mac.update(b"\0");
         mac.update(sid);
-        mac.finalize().into_bytes().to_vec()
+        mac
     }
 
     /// The node and session a token names, if this cluster signed it.
     fn verify(&self, token: &str) -> Option<(String, Sid)> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        if token.len() > 512 {
+            return None;
+        }
         let mut parts = token.split('.');
         let (node, sid, mac) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || token.len() > 512 {
+        if parts.next().is_some() {
             return None;
         }
         let node = String::from_utf8(b64.decode(node).ok()?).ok()?;
         let sid: Sid = b64.decode(sid).ok()?.try_into().ok()?;
-        let mac = b64.decode(mac).ok()?;
-        let mut expected = Hmac::<Sha256>::new_from_slice(&self.key).ok()?;
-        expected.update(node.as_bytes());
-        expected.update(b"\0");
-        expected.update(&sid);
-        expected.verify_slice(&mac).ok()?;
+        // Compared in constant time.
+        self.mac(&node, &sid)
+            .verify_slice(&b64.decode(mac).ok()?)
+            .ok()?;
         Some((node, sid))
     }
 

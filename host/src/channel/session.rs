@@ -123,11 +123,6 @@ impl Session {
         self
     }
 
-    /// Whether binary frames cannot reach this session's client.
-    pub fn is_text_only(&self) -> bool {
-        self.text_only
-    }
-
     fn reply(&self, msg: &Message, topic: Arc<str>, status: Status, payload: Payload) {
         self.out.send(Outbound::Reply {
             join_ref: msg.join_ref.clone(),
