@@ -15,7 +15,7 @@ PY_VENV := target/py-venv
 # Versions the hot-reload tests upload at run time (not served at start).
 UPLOAD_DIR := target/test-uploads
 
-.PHONY: run test plugins rust-plugins lang-plugins wasm-target redis-server chromium lint test-rust test-js bench fuzz
+.PHONY: run test plugins rust-plugins lang-plugins wasm-target redis-server chromium promtool lint test-rust test-js bench fuzz
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -37,6 +37,18 @@ chromium:
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	@[ -x "$(CHROMIUM)" ] || \
 		{ echo "make test needs Chromium for the browser tests: install it with your system's package manager (Debian: apt-get install chromium), or set CHROMIUM=/path/to/chromium"; exit 1; }
+
+# The metrics test checks /metrics with promtool, Prometheus's own checker, taken from
+# Debian's prometheus package: the package is downloaded and only unpacked here (nothing
+# is installed, no service starts).
+PROMTOOL := $(CURDIR)/target/promtool/usr/bin/promtool
+promtool:
+	@[ -x "$(PROMTOOL)" ] || ! command -v apt-get >/dev/null 2>&1 || { \
+		mkdir -p target/promtool && cd target/promtool && \
+		{ apt-get download -qq prometheus 2>/dev/null || { $(SUDO) apt-get update -qq && apt-get download -qq prometheus; }; } && \
+		dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb usr/bin/prometheus; }
+	@[ -x "$(PROMTOOL)" ] || \
+		{ echo "make test needs promtool (Debian: apt-get download prometheus, then dpkg-deb -x it into target/promtool)"; exit 1; }
 
 # Builds every plugin once, then lays them out as <name>.wasm + <name>.toml: the examples
 # in $(PLUGIN_DIR), the Rust examples and the test plugins in $(TEST_PLUGIN_DIR), all of
@@ -92,9 +104,9 @@ lint:
 
 # Some tests run the binary as a process of its own (to limit its open files): it is built
 # first, with the workspace's features, as test-js builds it.
-test-rust: plugins redis-server
+test-rust: plugins redis-server promtool
 	$(CARGO) build --workspace --bins
-	CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
+	PROMTOOL=$(PROMTOOL) CINDER_BIN=$(CURDIR)/target/debug/cinder CINDER_TEST_PLUGINS=$(CURDIR)/$(TEST_PLUGIN_DIR) $(CARGO) test --workspace
 
 # The binary is built with the workspace's features, as `cargo test --workspace` built
 # everything else, so nothing is compiled twice.

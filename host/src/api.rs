@@ -1,7 +1,10 @@
-//! The HTTP API: the landing page at `/`, server push (`POST /api/broadcast`, Phoenix's
-//! `Endpoint.broadcast`), stats, and plugin administration under `/api/plugins` (upload,
-//! list, activate, roll back, delete). Everything but `/` needs the admin bearer token,
-//! checked before the body is read (the server runs `refusal` before any handler).
+//! The HTTP API: the landing document at `/`, server push (`POST /api/broadcast`, Phoenix's
+//! `Endpoint.broadcast`), stats, Prometheus metrics (`GET /metrics`), live rooms and a
+//! topic's presence, plugin administration under `/api/plugins` (upload, list, activate,
+//! roll back, delete), and the demo page's development token. Everything under `/api`
+//! needs the admin bearer token, checked before the body is read (the server runs
+//! `refusal` before any handler); `/metrics` takes the admin token or the metrics token;
+//! `/demo/token` answers only on a server whose connect secret was generated.
 
 use std::sync::Arc;
 
@@ -18,6 +21,7 @@ use crate::channel::Hub;
 use crate::cluster::Link;
 use crate::deploy::Deploy;
 use crate::limit::Slots;
+use crate::metrics::{self, Scrape};
 use crate::presence::Tracker;
 use crate::protocol::{self, Payload};
 use crate::pubsub::Broadcast;
@@ -51,6 +55,11 @@ pub struct Admin {
     pub deploy: Option<Arc<Deploy>>,
     /// The bearer token of the API.
     pub admin_token: String,
+    /// The token that reads `/metrics` only, if one is set.
+    pub metrics_token: Option<String>,
+    /// The connect secret, on a development server (generated secrets) only: the demo
+    /// page's tokens are minted with it.
+    pub dev_secret: Option<String>,
     /// Where the WebSocket is mounted.
     pub mount: String,
 }
@@ -69,8 +78,12 @@ impl Admin {
     }
 }
 
-/// `GET /`: what this server is and where its socket is.
-pub async fn index(State(app): State<Arc<Admin>>) -> Json<serde_json::Value> {
+/// `GET /`: what this server is and where its socket is; a browser (asking for HTML) gets
+/// the landing page, which links the demo and the admin page.
+pub async fn index(State(app): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    if crate::pages::wants_html(&headers) {
+        return crate::pages::landing();
+    }
     Json(json!({
         "name": "cinder",
         "version": env!("CARGO_PKG_VERSION"),
@@ -81,7 +94,9 @@ pub async fn index(State(app): State<Arc<Admin>>) -> Json<serde_json::Value> {
         "plugins": app.registry.list(&app.hub).unwrap_or_default().into_iter().filter_map(|p| {
             Some(json!({ "name": p.name, "version": p.active?, "topics": p.topics, "description": p.description }))
         }).collect::<Vec<_>>(),
+        "pages": { "demo": "/demo", "admin": "/admin" },
     }))
+    .into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -93,19 +108,198 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A 401 unless the request carries `Authorization: Bearer <admin token>`.
-pub(crate) fn refusal(app: &Admin, headers: &HeaderMap) -> Option<Response> {
-    let given = headers
+/// The bearer token a request carries.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if same(token.trim().as_bytes(), app.admin_token.as_bytes()) => None,
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// A 401 unless the request carries `Authorization: Bearer <admin token>`.
+pub(crate) fn refusal(app: &Admin, headers: &HeaderMap) -> Option<Response> {
+    match bearer(headers) {
+        Some(token) if same(token.as_bytes(), app.admin_token.as_bytes()) => None,
         Some(_) => Some(error(StatusCode::UNAUTHORIZED, "wrong admin token")),
         None => Some(error(
             StatusCode::UNAUTHORIZED,
             "missing admin token: send Authorization: Bearer <token>",
         )),
+    }
+}
+
+/// `GET /metrics`: every counter and gauge in the Prometheus text format, for the admin
+/// token or the metrics token.
+pub async fn metrics(State(app): State<Arc<Admin>>, headers: HeaderMap) -> Response {
+    let allowed = bearer(&headers).is_some_and(|token| {
+        same(token.as_bytes(), app.admin_token.as_bytes())
+            || app
+                .metrics_token
+                .as_ref()
+                .is_some_and(|m| same(token.as_bytes(), m.as_bytes()))
+    });
+    if !allowed {
+        let mut refused = error(
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <metrics token or admin token>",
+        );
+        refused.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return refused;
+    }
+    let g = app.gauges();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut gauges = vec![
+        (
+            "connections",
+            "Open connections (HTTP and WebSocket).",
+            count(g.connections),
+        ),
+        (
+            "rooms",
+            "Live rooms (plugin instances and rooms forwarding to their owner).",
+            count(g.rooms),
+        ),
+        (
+            "plugin_memory_bytes",
+            "Linear memory of every plugin instance.",
+            count(g.plugin_memory_bytes),
+        ),
+        (
+            "presence_bytes",
+            "Presence keys and metas held.",
+            count(g.presence_bytes),
+        ),
+    ];
+    if let Some(link) = &app.cluster {
+        gauges.push((
+            "cluster_redis_up",
+            "Whether the link to the cluster's Redis is up (1) or down (0).",
+            i64::from(link.is_up()),
+        ));
+        let members = link.members().await.len();
+        gauges.push((
+            "cluster_members",
+            "Cluster members whose heartbeat is current.",
+            count(members),
+        ));
+    }
+    let mut rooms = std::collections::BTreeMap::new();
+    for room in app.hub.rooms() {
+        *rooms
+            .entry((room.plugin.into(), room.version.into()))
+            .or_default() += 1;
+    }
+    let stats = app.hub.stats();
+    let text = stats.metrics.render(&Scrape {
+        counters: stats.described(),
+        gauges,
+        rooms: &rooms,
+    });
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Rooms a listing gives at most.
+const MAX_LISTED_ROOMS: usize = 500;
+
+/// Query of `GET /api/rooms`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomsQuery {
+    /// Only this plugin's rooms.
+    plugin: Option<String>,
+}
+
+/// `GET /api/rooms[?plugin=name]`: this node's live rooms, most channels first (at most
+/// 500; `total` says how many there are), with plugin, version and channels here.
+pub async fn rooms(State(app): State<Arc<Admin>>, Query(query): Query<RoomsQuery>) -> Response {
+    let mut rooms = app.hub.rooms();
+    if let Some(plugin) = &query.plugin {
+        rooms.retain(|r| &r.plugin == plugin);
+    }
+    rooms.sort_by(|a, b| {
+        b.members
+            .cmp(&a.members)
+            .then_with(|| a.topic.cmp(&b.topic))
+    });
+    let total = rooms.len();
+    rooms.truncate(MAX_LISTED_ROOMS);
+    Json(json!({ "total": total, "rooms": rooms })).into_response()
+}
+
+/// Query of `GET /api/presence`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceQuery {
+    /// The topic.
+    topic: String,
+}
+
+/// `GET /api/presence?topic=<topic>`: who is in the topic, as this node sees it, in the
+/// shape of Phoenix's `presence_state` (`{key: {"metas": [...]}}`).
+pub async fn presence(
+    State(app): State<Arc<Admin>>,
+    Query(query): Query<PresenceQuery>,
+) -> Response {
+    if query.topic.is_empty() || query.topic.len() > app.hub.limits().max_frame_bytes {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "topic must be given and not longer than max_frame_bytes",
+        );
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        app.presence.list_json(&query.topic),
+    )
+        .into_response()
+}
+
+/// Query of `GET /demo/token`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenQuery {
+    /// The user the token is for.
+    user: String,
+}
+
+/// Longest user name the development endpoint mints a token for.
+const MAX_DEV_USER: usize = 64;
+
+/// Lifetime of a development token.
+const DEV_TOKEN_SECS: u64 = 3600;
+
+/// `GET /demo/token?user=<name>`: a connect token for `user`, valid an hour, on a
+/// development server only (its connect secret was generated; 404 on any other).
+pub async fn dev_token(
+    State(app): State<Arc<Admin>>,
+    Query(query): Query<DevTokenQuery>,
+) -> Response {
+    let Some(secret) = &app.dev_secret else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "development tokens are off: this server was given its connect secret",
+        );
+    };
+    let user = query.user.trim();
+    if user.is_empty() || user.chars().count() > MAX_DEV_USER || user.chars().any(char::is_control)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("user must be 1 to {MAX_DEV_USER} characters, none of them control characters"),
+        );
+    }
+    let ttl = DEV_TOKEN_SECS.min(app.hub.limits().max_token_lifetime_secs);
+    match crate::auth::mint(secret, user, ttl) {
+        Ok(token) => {
+            Json(json!({ "token": token, "user_id": user, "expires_in": ttl })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("token not minted: {e}"),
+        ),
     }
 }
 

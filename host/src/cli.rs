@@ -47,6 +47,13 @@ pub struct ServeArgs {
     /// Bearer token of the HTTP API [default: generated, kept in the data dir].
     #[arg(long, env = "CINDER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Bearer token that reads `GET /metrics` only, for a Prometheus server (the admin
+    /// token reads it too) [default: none].
+    #[arg(long, env = "CINDER_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Log records as `text` lines or `json` objects (one per line) [default: text].
+    #[arg(long, env = "CINDER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     /// Directory for Cinder's own files [default: ./cinder-data].
     #[arg(long, env = "CINDER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -227,6 +234,8 @@ impl ServeArgs {
         set(&mut config.mount, &a.mount);
         set_opt(&mut config.jwt_secret, &a.jwt_secret);
         set_opt(&mut config.admin_token, &a.admin_token);
+        set_opt(&mut config.metrics_token, &a.metrics_token);
+        set(&mut config.log_format, &a.log_format);
         set(&mut config.data_dir, &a.data_dir);
         set_opt(&mut config.plugins_dir, &a.plugins_dir);
         set_opt(&mut config.watch, &a.watch);

@@ -168,6 +168,20 @@ impl Limits {
     }
 }
 
+/// Shortest `metrics_token` accepted: a guessable token would give the metrics away.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per record (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, with the record's span and fields, for log shippers.
+    Json,
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -180,6 +194,11 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// HTTP API bearer token; generated when unset.
     pub admin_token: Option<String>,
+    /// A second bearer token that reads `GET /metrics` and nothing else (for a Prometheus
+    /// server); the admin token reads it too.
+    pub metrics_token: Option<String>,
+    /// How log records are written: `text` (one line each) or `json` (one object each).
+    pub log_format: LogFormat,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Plugins directory, taken at start.
@@ -211,6 +230,8 @@ impl Default for Config {
             mount: "/socket".into(),
             jwt_secret: None,
             admin_token: None,
+            metrics_token: None,
+            log_format: LogFormat::Text,
             data_dir: PathBuf::from("cinder-data"),
             plugins_dir: None,
             watch: None,
@@ -266,6 +287,13 @@ impl Config {
             "node_down_ms must be between 500 and 300000, got {}",
             self.node_down_ms
         );
+        if self
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.trim().len() < MIN_TOKEN_LEN)
+        {
+            anyhow::bail!("metrics_token must be at least {MIN_TOKEN_LEN} characters");
+        }
         for origin in &self.check_origin {
             Origin::parse(origin)
                 .map_err(|why| anyhow::anyhow!("check_origin entry {origin:?}: {why}"))?;
@@ -412,6 +440,10 @@ pub struct Secrets {
     pub jwt_secret: String,
     /// HTTP API bearer token.
     pub admin_token: String,
+    /// Whether the connect secret was generated (none was given): a development server,
+    /// which mints connect tokens for its demo page (`GET /demo/token`).
+    #[serde(skip)]
+    pub generated: bool,
 }
 
 /// File in the data dir holding generated secrets.
@@ -438,6 +470,7 @@ impl Secrets {
                 Secrets {
                     jwt_secret: jwt_secret.clone(),
                     admin_token: admin_token.clone(),
+                    generated: false,
                 },
                 false,
             ));
@@ -448,6 +481,7 @@ impl Secrets {
                 let fresh = Secrets {
                     jwt_secret: random_token(),
                     admin_token: random_token(),
+                    generated: true,
                 };
                 let path = config.data_dir.join(SECRETS_FILE);
                 write_private(&path, &toml::to_string(&fresh)?)?;
@@ -458,6 +492,7 @@ impl Secrets {
             Secrets {
                 jwt_secret: config.jwt_secret.clone().unwrap_or(stored.jwt_secret),
                 admin_token: config.admin_token.clone().unwrap_or(stored.admin_token),
+                generated: config.jwt_secret.is_none(),
             },
             generated,
         ))

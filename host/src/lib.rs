@@ -4,6 +4,8 @@
 //! # Layout
 //! Bottom up: each module imports only modules listed before it (docs/design.md).
 //! - [`protocol`]: Phoenix frames in and out (V1 JSON, V2 JSON, V2 binary), every protocol string. Pure.
+//! - [`metrics`]: the Prometheus families (labelled by plugin version, transport), their
+//!   handles, the exposition text.
 //! - [`stats`]: the counters of every limit hit, and the gauges.
 //! - [`limit`]: token buckets, the host's warnings about a plugin, the connection slots.
 //! - [`config`]: every setting and its default, the TOML file, validation, generated secrets.
@@ -23,7 +25,9 @@
 //! - [`deploy`]: plugin versions on a cluster: kept in Redis, announced, converged on by every node.
 //! - [`transport`]: the WebSocket endpoint and one task per socket.
 //! - [`longpoll`]: the LongPoll endpoint, one task per session, sessions reached from any node.
-//! - [`api`]: the HTTP API (server push, stats, plugin administration).
+//! - [`pages`]: the web pages (landing, demo chat, admin) and their assets, in the binary.
+//! - [`api`]: the HTTP API (server push, stats, metrics, rooms, presence, plugin
+//!   administration, the demo's development tokens).
 //! - [`server`]: building the node, the router, the accept loop (connection cap, timeouts).
 //! - [`client`]: `cinder plugin ...`, the admin API from the command line.
 //! - [`cli`]: the command line: subcommands, flags, environment, into a [`config::Config`].
@@ -44,6 +48,8 @@ pub mod lease;
 pub mod limit;
 pub mod logging;
 pub mod longpoll;
+pub mod metrics;
+pub mod pages;
 pub mod presence;
 pub mod protocol;
 pub mod pubsub;

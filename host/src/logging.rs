@@ -1,6 +1,7 @@
-//! The process's log output: the tracing subscriber (`RUST_LOG` filter, text records on
-//! stderr) and the writer under it, which escapes control characters so that no record
-//! can be forged. A plugin's log line, a client's topic or an error a plugin returns may
+//! The process's log output: the tracing subscriber (`RUST_LOG` filter, records on stderr
+//! as text lines or, with `--log-format json`, one JSON object per line with the record's
+//! span) and the writer under text records, which escapes control characters so that no
+//! record can be forged (JSON records escape them themselves). A plugin's log line, a client's topic or an error a plugin returns may
 //! carry newlines, carriage returns or terminal escapes; written raw, one such value could
 //! end a record and start a fake one (`ERROR cinder::runtime: plugin quarantined ...`).
 //! Here every record stays on its one line whatever its fields hold.
@@ -9,6 +10,14 @@ use std::io::{self, IsTerminal as _, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
 
+use crate::config::LogFormat;
+
+/// `RUST_LOG`, or `info`.
+fn filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
 /// The subscriber Cinder logs through, writing records to `writer`: `RUST_LOG` (default
 /// `info`), text records, control characters escaped. `ansi` colours the records (the
 /// escape sequences this module writes itself; a plugin's are escaped).
@@ -16,10 +25,8 @@ pub fn subscriber<W>(writer: W, ansi: bool) -> impl tracing::Subscriber + Send +
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_ansi(ansi)
         .with_writer(Escaping {
             inner: writer,
@@ -28,11 +35,35 @@ where
         .finish()
 }
 
+/// The subscriber of `--log-format json`, writing to `writer`: `RUST_LOG` (default
+/// `info`), one JSON object per record with `timestamp`, `level`, `target`, the event's
+/// fields (`message` among them) at the top level, and `span`, the innermost span's name
+/// and fields (a plugin call's plugin, version, topic and export).
+pub fn json_subscriber<W>(writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_env_filter(filter())
+        .with_writer(writer)
+        .finish()
+}
+
 /// Logs to stderr for the rest of the process (stdout carries the listen address and
-/// generated secrets). Colours only on a terminal.
-pub fn init() {
-    let ansi = io::stderr().is_terminal();
-    if tracing::subscriber::set_global_default(subscriber(io::stderr, ansi)).is_err() {
+/// generated secrets). Text has colours only on a terminal.
+pub fn init(format: LogFormat) {
+    let installed = match format {
+        LogFormat::Text => {
+            let ansi = io::stderr().is_terminal();
+            tracing::subscriber::set_global_default(subscriber(io::stderr, ansi))
+        }
+        LogFormat::Json => tracing::subscriber::set_global_default(json_subscriber(io::stderr)),
+    };
+    if installed.is_err() {
         eprintln!("a log subscriber was already installed");
     }
 }

@@ -36,6 +36,7 @@ use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_que
 use crate::cluster::Link;
 use crate::connect::{Peer, Refusal};
 use crate::limit::{RateLimit, Slot, Slots};
+use crate::metrics::Transport;
 use crate::protocol::{self, Text, Vsn, close, longpoll};
 use crate::stats::Stats;
 use crate::transport::Sockets;
@@ -365,7 +366,11 @@ impl LongPolls {
         let hub = self.sockets.hub().clone();
         let (out, rx) = outbound_queue(Slowness::from_limits(hub.limits()));
         let session = Session::new(hub, identity.socket_id, identity.assigns, out, vsn).text_only();
-        Stats::bump(&self.sockets.hub().stats().longpoll_sessions_started);
+        let stats = self.sockets.hub().stats();
+        Stats::bump(&stats.longpoll_sessions_started);
+        let open = stats
+            .metrics
+            .socket_opened(Transport::LongPoll, vsn == Vsn::V2);
         self.live.fetch_add(1, Ordering::Relaxed);
         let polls = self.clone();
         tokio::spawn(async move {
@@ -389,7 +394,7 @@ impl LongPolls {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&sid);
             polls.live.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
+            drop((open, slot));
         });
         self.sign(&self.node, &sid)
     }
@@ -569,6 +574,9 @@ impl Run<'_> {
             match frame {
                 protocol::Frame::Text(text) => {
                     bytes += text.len();
+                    let metrics = &self.polls.sockets.hub().stats().metrics;
+                    metrics.deliveries_out.add(1);
+                    metrics.bytes_out.add(text.len() as u64);
                     messages.push(text);
                 }
                 // No binary frame fits a JSON answer (Phoenix's neither).
@@ -597,6 +605,11 @@ impl Run<'_> {
             (StatusCode::BAD_REQUEST.as_u16(), e.to_string())
         })?;
         for line in lines {
+            stats.metrics.messages_in.add(1);
+            stats.metrics.bytes_in.add(match &line {
+                longpoll::Line::Text(text) => text.len(),
+                longpoll::Line::Binary(data) => data.len(),
+            } as u64);
             let decoded = match &line {
                 longpoll::Line::Text(text) if text.len() <= max => {
                     protocol::decode_text(self.vsn, text)

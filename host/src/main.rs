@@ -33,9 +33,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    cinder::logging::init();
-    raise_open_file_limit();
     let config = args.config()?;
+    cinder::logging::init(config.log_format);
+    raise_open_file_limit();
     let (secrets, generated) = Secrets::resolve(&config)?;
     if config.jwt_secret.is_none() || config.admin_token.is_none() {
         let sample = cinder::auth::mint(&secrets.jwt_secret, "42", 86_400)?;

@@ -334,21 +334,23 @@ impl Tracker {
 
     /// A room of `topic` opens on this node: the topic is kept until [`Tracker::close`],
     /// and on a cluster the other nodes' entries are asked for and waited for (at most
-    /// [`SYNC_WAIT`]), so a member joining now is sent the whole topic.
-    pub async fn open(&self, topic: &Arc<str>) {
+    /// [`SYNC_WAIT`]), so a member joining now is sent the whole topic. Returns how long
+    /// it waited, when it asked other nodes.
+    pub async fn open(&self, topic: &Arc<str>) -> Option<std::time::Duration> {
         let cell = self.topic(topic);
         let ask = {
             let mut t = cell.lock().unwrap_or_else(|p| p.into_inner());
             t.open = true;
             t.synced_from.clear();
             if !self.replicating {
-                return;
+                return None;
             }
             serde_json::to_vec(&self.own_sync(&t, true)).unwrap_or_default()
         };
+        let asked = std::time::Instant::now();
         let others = self.pubsub.replicate_counted(topic, ask).await;
         if others == 0 {
-            return;
+            return None;
         }
         let all_synced = async {
             loop {
@@ -366,6 +368,7 @@ impl Tracker {
             }
         };
         let _ = tokio::time::timeout(SYNC_WAIT, all_synced).await;
+        Some(asked.elapsed())
     }
 
     /// The room of `topic` on this node ended (its members' entries left before): what

@@ -243,6 +243,7 @@ fn route_of(plugin: &Arc<Plugin>) -> Route {
         intercepts: plugin.intercepts().clone(),
         factory: plugin.clone(),
         warnings: plugin.warnings().clone(),
+        metrics: plugin.metrics().clone(),
         placement: plugin.manifest().placement,
         snapshot_every: plugin.manifest().snapshot_every,
     }

@@ -39,7 +39,7 @@ use crate::runtime::Runtime;
 use crate::stats::Stats;
 use crate::store::{PluginStore, Source};
 use crate::transport::{self, Sockets};
-use crate::{auth, cluster, presence, protocol};
+use crate::{auth, cluster, pages, presence, protocol};
 
 /// How long shutdown waits for sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -164,6 +164,8 @@ pub async fn serve(
         cluster: link.clone(),
         deploy,
         admin_token: secrets.admin_token,
+        metrics_token: config.metrics_token.clone(),
+        dev_secret: secrets.generated.then(|| secrets.jwt_secret.clone()),
         mount: config.mount.clone(),
     });
     let socket_path = format!("{}{}", config.mount, protocol::WEBSOCKET_PATH);
@@ -203,8 +205,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// The routes: the socket (WebSocket and LongPoll), the landing page, and the admin API
-/// behind its token.
+/// The routes: the socket (WebSocket and LongPoll), the landing page, the demo and admin
+/// pages, the metrics, and the admin API behind its token.
 fn router(
     app: Arc<Admin>,
     sockets: Arc<Sockets>,
@@ -216,6 +218,8 @@ fn router(
     let admin = axum::Router::new()
         .route("/api/broadcast", post(api::broadcast))
         .route("/api/stats", get(api::stats))
+        .route("/api/rooms", get(api::rooms))
+        .route("/api/presence", get(api::presence))
         .route("/api/plugins/{name}/activate", post(api::activate))
         .route("/api/plugins/{name}/rollback", post(api::rollback))
         .route("/api/plugins/{name}", delete(api::delete_plugin))
@@ -240,6 +244,11 @@ fn router(
         .with_state(longpolls);
     axum::Router::new()
         .route("/", get(api::index))
+        .route("/metrics", get(api::metrics))
+        .route("/demo/token", get(api::dev_token))
+        .route("/demo", get(pages::demo))
+        .route("/admin", get(pages::admin))
+        .route("/assets/{name}", get(pages::asset))
         .merge(admin)
         .with_state(app)
         .merge(socket)

@@ -1,11 +1,15 @@
-//! Counters of what the server did and refused, for operators (`GET /api/stats`) and tests.
-//! Plain atomics, bumped where the event happens; no I/O here. Every limit in
-//! docs/limits.md has a counter here that says how often it was hit.
+//! Counters of what the server did and refused, for operators (`GET /api/stats`,
+//! `GET /metrics`) and tests. Plain atomics, bumped where the event happens; no I/O here.
+//! Every limit in docs/limits.md has a counter here that says how often it was hit. The
+//! Prometheus families with labels (per plugin version, per transport) are in
+//! [`Metrics`], which the counters travel with.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+
+use crate::metrics::Metrics;
 
 /// Declares the counters once: the struct and the list a snapshot reads.
 macro_rules! counters {
@@ -14,11 +18,22 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $($(#[doc = $doc])+ pub $name: AtomicU64,)+
+            /// The labelled Prometheus families.
+            pub metrics: Metrics,
         }
 
         impl Stats {
             fn counters(&self) -> BTreeMap<&'static str, u64> {
                 BTreeMap::from([$((stringify!($name), self.$name.load(Ordering::Relaxed)),)+])
+            }
+
+            /// Every counter with its doc comment, as `/metrics` exports them.
+            pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((
+                    stringify!($name),
+                    concat!($($doc),+).trim_ascii(),
+                    self.$name.load(Ordering::Relaxed),
+                ),)+]
             }
         }
     };

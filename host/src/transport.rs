@@ -35,6 +35,7 @@ use crate::channel::Hub;
 use crate::channel::{Next, Outbound, OutboundRx, Session, Slowness, outbound_queue};
 use crate::connect::{Admission, Peer, Refusal};
 use crate::limit::{RateLimit, SharedBucket, Slot};
+use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, Frame, Vsn, close};
 use crate::stats::Stats;
 
@@ -312,6 +313,8 @@ fn close(code: u16, reason: &str) -> Option<CloseFrame> {
 struct Outgoing {
     buf: Vec<u8>,
     sent: usize,
+    /// Frames put since the last count.
+    frames: u64,
 }
 
 impl Outgoing {
@@ -328,10 +331,11 @@ impl Outgoing {
         // Writing into a Vec does not fail.
         let _ = header.format(payload.len() as u64, &mut self.buf);
         self.buf.extend_from_slice(payload);
+        self.frames += 1;
     }
 
     /// Writes what is gathered; safe to cancel (the next call goes on where it stopped).
-    async fn write(&mut self, ws: &mut Ws) -> io::Result<()> {
+    async fn write(&mut self, ws: &mut Ws, metrics: &Metrics) -> io::Result<()> {
         use futures_util::SinkExt as _;
         // A control frame tungstenite could not finish (a pong to a client's ping, with the
         // socket's send buffer full) goes first: these frames must not land inside it.
@@ -344,6 +348,10 @@ impl Outgoing {
             }
         }
         self.sent = 0;
+        // Counted once per write, not per frame: the per-message path adds twice per
+        // batch.
+        metrics.deliveries_out.add(std::mem::take(&mut self.frames));
+        metrics.bytes_out.add(self.buf.len() as u64);
         if self.buf.capacity() > 2 * WRITE_BUFFER {
             // A large frame's memory goes back once it is written.
             self.buf = Vec::new();
@@ -361,13 +369,14 @@ async fn write_batch(
     out: &mut Outgoing,
     session: &mut Session,
     rx: &mut OutboundRx,
+    metrics: &Metrics,
 ) -> io::Result<bool> {
     for _ in 0..WRITE_BATCH {
         match session.next_ready(rx) {
             None => break,
             Some(Next::Broadcast(frame)) => out.put(frame),
             Some(Next::Queued(Outbound::Disconnect)) => {
-                out.write(ws).await?;
+                out.write(ws, metrics).await?;
                 return Ok(true);
             }
             Some(Next::Queued(item)) => {
@@ -377,10 +386,10 @@ async fn write_batch(
             }
         }
         if out.buf.len() >= WRITE_BUFFER {
-            out.write(ws).await?;
+            out.write(ws, metrics).await?;
         }
     }
-    out.write(ws).await.map(|()| false)
+    out.write(ws, metrics).await.map(|()| false)
 }
 
 /// Resolves once the server is shutting down.
@@ -486,6 +495,8 @@ async fn run(
     let mut rate = RateLimit::new(limits.messages_per_sec, limits.message_burst);
 
     let stats = app.hub.stats().clone();
+    let metrics = &stats.metrics;
+    let _open = metrics.socket_opened(Transport::WebSocket, vsn == Vsn::V2);
     let end = loop {
         if shutdown.has_changed().unwrap_or(true) {
             break End::close(close::RESTART, close::SERVER_RESTART);
@@ -500,7 +511,7 @@ async fn run(
                 // must still end it.
                 let written = tokio::select! {
                     biased;
-                    written = write_batch(&mut ws, &mut outgoing, &mut session, &mut rx) => written,
+                    written = write_batch(&mut ws, &mut outgoing, &mut session, &mut rx, metrics) => written,
                     () = &mut overflowed => break too_slow(&app),
                     () = &mut stop => break End::close(close::RESTART, close::SERVER_RESTART),
                 };
@@ -516,8 +527,16 @@ async fn run(
                     None => break End::Gone,
                     Some(Ok(WsMessage::Close(_))) => break End::ClientClosed,
                     Some(Err(e)) => break read_failure(e, &app, peer),
-                    Some(Ok(WsMessage::Text(text))) => protocol::decode_text(vsn, &text),
-                    Some(Ok(WsMessage::Binary(data))) => protocol::decode_binary(vsn, &data),
+                    Some(Ok(WsMessage::Text(text))) => {
+                        metrics.messages_in.add(1);
+                        metrics.bytes_in.add(text.len() as u64);
+                        protocol::decode_text(vsn, &text)
+                    }
+                    Some(Ok(WsMessage::Binary(data))) => {
+                        metrics.messages_in.add(1);
+                        metrics.bytes_in.add(data.len() as u64);
+                        protocol::decode_binary(vsn, &data)
+                    }
                     Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {
                         continue;
                     }
@@ -560,14 +579,14 @@ async fn run(
         if frame.is_some() && !slow {
             while session.next_ready_exists(&mut rx) {
                 if !matches!(
-                    write_batch(&mut ws, &mut outgoing, &mut session, &mut rx).await,
+                    write_batch(&mut ws, &mut outgoing, &mut session, &mut rx, metrics).await,
                     Ok(false)
                 ) {
                     break;
                 }
             }
         }
-        if outgoing.write(&mut ws).await.is_err() {
+        if outgoing.write(&mut ws, metrics).await.is_err() {
             return;
         }
         let read_failed = matches!(end, End::ReadFailed(_));

@@ -3,7 +3,8 @@
 //
 // - Joining `js:lobby` (or a numbered overflow lobby, `js:lobby-<n>`) is allowed; any other
 //   room is refused with {"reason":"unauthorized"}.
-// - `new_message` {"body"} is broadcast to the room as `new_message` {"body"}, through the
+// - `new_message` {"body"} is broadcast to the room as `new_message` {"body"} (the sender
+//   gets an `ok` reply, {}), through the
 //   fastlane (cinder.toml intercepts nothing). `handleOut` pushes an intercepted event as
 //   is; the tests run it with cinder-intercept.toml, which serves this component on
 //   `js-out:*` with `new_message` intercepted.
@@ -49,7 +50,7 @@ export const handler = {
         return reply("error", { reason: "new_message needs a string body" });
       }
       broadcast(NEW_MESSAGE, json({ body }));
-      return { outcome: { tag: "noreply" }, assigns: undefined };
+      return reply("ok", {});
     }
     if (event === "boom") {
       throw new Error("boom: the handler threw");

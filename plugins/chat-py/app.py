@@ -3,7 +3,8 @@
 
 - Joining `py:lobby` (or a numbered overflow lobby, `py:lobby-<n>`) is allowed; any other
   room is refused with `{"reason": "unauthorized"}`.
-- `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`, through the
+- `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}` (the sender
+  gets an `ok` reply, `{}`), through the
   fastlane (cinder.toml intercepts nothing). `handle_out` pushes an intercepted event as
   is; the tests run it with cinder-intercept.toml, which serves this component on
   `py-out:*` with `new_message` intercepted.
@@ -65,7 +66,7 @@ class Handler(exports.Handler):
             if not isinstance(body, str):
                 return reply(types.Status.ERROR, {"reason": "new_message needs a string body"})
             host.broadcast(NEW_MESSAGE, types.Payload_Json(json.dumps({"body": body})))
-            return types.InResult(outcome=types.InOutcome_Noreply(), assigns=None)
+            return reply(types.Status.OK, {})
         if event == "boom":
             raise RuntimeError("boom: the handler raised")
         return reply(types.Status.ERROR, {"reason": f"unknown event {event}"})

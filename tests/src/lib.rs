@@ -157,6 +157,7 @@ impl TestServer {
         let secrets = Secrets {
             jwt_secret: SECRET.into(),
             admin_token: ADMIN.into(),
+            generated: false,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cinder::serve(listener, config, secrets, async move {

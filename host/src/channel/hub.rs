@@ -20,6 +20,21 @@ use crate::protocol::reason;
 use crate::pubsub::{DirectListener, PubSub};
 use crate::stats::Stats;
 
+/// A live room, as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveRoom {
+    /// Its topic.
+    pub topic: String,
+    /// The plugin serving it.
+    pub plugin: String,
+    /// The version serving it.
+    pub version: String,
+    /// Its channels on this node.
+    pub members: usize,
+    /// Whether its instance runs on this node (false: it forwards to its owner).
+    pub here: bool,
+}
+
 /// The live rooms of this node and what they need: routing, PubSub, limits.
 pub struct Hub {
     node: Arc<Node>,
@@ -76,6 +91,25 @@ impl Hub {
     /// Number of live rooms.
     pub fn room_count(&self) -> usize {
         self.node.rooms().len()
+    }
+
+    /// Every live room of this node, with its plugin, version and channels here.
+    pub fn rooms(&self) -> Vec<LiveRoom> {
+        self.node
+            .rooms()
+            .iter()
+            .map(|(topic, r)| LiveRoom {
+                topic: topic.to_string(),
+                plugin: r.plugin.to_string(),
+                version: r
+                    .version
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .to_string(),
+                members: r.members.load(Ordering::Relaxed),
+                here: r.serving.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Number of live rooms of `plugin`.

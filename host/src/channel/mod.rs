@@ -289,6 +289,8 @@ pub struct Route {
     pub factory: Arc<dyn LogicFactory>,
     /// How often the host may warn about the plugin.
     pub warnings: Arc<Warnings>,
+    /// The version's counters (swap pauses).
+    pub metrics: Arc<crate::metrics::PluginMetrics>,
     /// Where its rooms run on a cluster.
     pub placement: Placement,
     /// How often an owned room's state is saved for the node that takes it over.

@@ -87,6 +87,64 @@ pub(super) struct RoomHandle {
     pub(super) serving: Arc<AtomicBool>,
     /// The fence of the room's lease while this node owns it.
     fence: Arc<AtomicU64>,
+    /// The room's channels on this node (joined or being forwarded), for listings.
+    pub(super) members: Arc<AtomicUsize>,
+    /// The version serving the room, for listings.
+    pub(super) version: Arc<Mutex<Arc<str>>>,
+}
+
+/// A room's channels by id, counted in its [`RoomHandle::members`] as they come and go.
+pub(super) struct Counted<V> {
+    map: HashMap<MemberId, V>,
+    count: Arc<AtomicUsize>,
+}
+
+impl<V> Counted<V> {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        Counted {
+            map: HashMap::new(),
+            count,
+        }
+    }
+
+    pub(super) fn insert(&mut self, id: MemberId, value: V) -> Option<V> {
+        let old = self.map.insert(id, value);
+        if old.is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        old
+    }
+
+    pub(super) fn remove(&mut self, id: &MemberId) -> Option<V> {
+        let value = self.map.remove(id);
+        if value.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        value
+    }
+
+    pub(super) fn drain(&mut self) -> std::collections::hash_map::Drain<'_, MemberId, V> {
+        self.count.fetch_sub(self.map.len(), Ordering::Relaxed);
+        self.map.drain()
+    }
+
+    pub(super) fn get_mut(&mut self, id: &MemberId) -> Option<&mut V> {
+        self.map.get_mut(id)
+    }
+}
+
+impl<V> std::ops::Deref for Counted<V> {
+    type Target = HashMap<MemberId, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl<V> Drop for Counted<V> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.map.len(), Ordering::Relaxed);
+    }
 }
 
 impl RoomHandle {
@@ -379,6 +437,8 @@ pub(super) fn start(
         queued: Arc::default(),
         serving: Arc::new(AtomicBool::new(!owned)),
         fence: Arc::default(),
+        members: Arc::default(),
+        version: Arc::new(Mutex::new(route.version.clone())),
     };
     rooms.insert(topic.clone(), handle.clone());
     let room = Room {
@@ -392,9 +452,10 @@ pub(super) fn start(
         serving: handle.serving.clone(),
         fence: handle.fence.clone(),
         floor: Arc::default(),
-        members: HashMap::new(),
+        members: Counted::new(handle.members.clone()),
         remote_ids: HashMap::new(),
-        proxied: HashMap::new(),
+        proxied: Counted::new(handle.members.clone()),
+        version: handle.version.clone(),
         owned: None,
         gate: None,
         pending_out: VecDeque::new(),
@@ -439,11 +500,13 @@ struct Room {
     fence: Arc<AtomicU64>,
     /// The newest owner fence heard for the topic: older owners' broadcasts are dropped.
     floor: Arc<AtomicU64>,
-    members: HashMap<MemberId, Member>,
+    members: Counted<Member>,
     /// Members on other nodes (by node and channel id there) in a room this node owns.
     remote_ids: HashMap<(Arc<str>, MemberId), MemberId>,
     /// This node's channels while the room runs on another node.
-    proxied: HashMap<MemberId, Joining>,
+    proxied: Counted<Joining>,
+    /// See [`RoomHandle::version`].
+    version: Arc<Mutex<Arc<str>>>,
     /// The lease and snapshots while this node owns the room.
     owned: Option<owned::Owned>,
     /// What the message being handled caused, held until its save stands (owned rooms
@@ -587,7 +650,9 @@ impl Room {
     async fn open(&mut self) {
         self.subscribe();
         self.node.pubsub.ready(&self.topic).await;
-        self.node.presence.open(&self.topic).await;
+        if let Some(waited) = self.node.presence.open(&self.topic).await {
+            self.node.stats.metrics.presence_synced(waited);
+        }
         self.opened = true;
     }
 
@@ -744,6 +809,7 @@ impl Room {
         self.set_route(route);
         Stats::bump(&self.node.stats.room_swaps);
         let pause = started.elapsed();
+        self.route.metrics.swapped(pause);
         tracing::debug!(plugin = %self.route.plugin, topic = %self.topic, from = %from, to = %self.route.version, pause_us = pause.as_micros() as u64, "room swapped");
         (SwapResult::Moved(pause), Flow::Continue)
     }
@@ -754,6 +820,7 @@ impl Room {
         if let Some(owned) = &mut self.owned {
             owned.every = route.snapshot_every;
         }
+        *self.version.lock().unwrap_or_else(|p| p.into_inner()) = route.version.clone();
         self.route = route;
         if intercepts_changed && let (Some(id), Some(sink)) = (self.room_sink, self.sink()) {
             // In one step: no broadcast is missed or seen twice in between.
@@ -966,11 +1033,9 @@ impl Room {
                 ..
             }) => (JoinResult::Refused(reply), Flow::Continue),
             Err(e) => {
-                if let CallError::Failed(why) = &e {
+                // The call logged its error in its span.
+                if let CallError::Failed(_) = &e {
                     Stats::bump(&self.node.stats.channel_errors);
-                    if self.route.warnings.allow() {
-                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %why, "join failed");
-                    }
                 }
                 (
                     JoinResult::Crashed,
@@ -1025,11 +1090,9 @@ impl Room {
                     Some(reason) => self.stop(logic, member, &reason).await,
                 }
             }
-            Err(CallError::Failed(e)) => {
+            // The call logged its error in its span.
+            Err(CallError::Failed(_)) => {
                 Stats::bump(&self.node.stats.channel_errors);
-                if self.route.warnings.allow() {
-                    tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %e, "plugin error: channel crashed");
-                }
                 if let Some(m) = self.detach(member) {
                     notify_down(&mut self.gate, member, &m, true);
                 }

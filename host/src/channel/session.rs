@@ -13,6 +13,7 @@ use super::hub::Hub;
 use super::outbound::{Outbound, OutboundRx, OutboundTx};
 use super::room::{ROOM_WAIT, RoomHandle, RoomMsg};
 use super::{ChannelSocket, MemberId};
+use crate::metrics::{ChannelGauge, JoinResult as JoinEnd};
 use crate::presence::Account;
 use crate::protocol::{self, Frame, Message, Payload, Status, Vsn, event, reason};
 use crate::pubsub::{Broadcast, Subscriber, SubscriberId};
@@ -38,6 +39,8 @@ struct Joined {
     room: RoomHandle,
     /// Where this channel is in its room's feed.
     feed: Cursor,
+    /// Counts the channel in the joined channels while it lives.
+    _counted: ChannelGauge,
 }
 
 impl Joined {
@@ -199,6 +202,7 @@ impl Session {
             old.leave(reason::DUPLICATE_JOIN).await;
         } else if self.channels.len() >= self.hub.limits().max_channels_per_socket {
             Stats::bump(&self.hub.stats().channels_refused);
+            self.hub.stats().metrics.joined(JoinEnd::Refused);
             return self.reply(
                 &msg,
                 topic,
@@ -258,6 +262,13 @@ impl Session {
                 break;
             }
         }
+        let metrics = &self.hub.stats().metrics;
+        metrics.joined(match (&outcome, &joined_room) {
+            (JoinResult::Joined(_), Some(_)) => JoinEnd::Ok,
+            (JoinResult::Refused(_), _) => JoinEnd::Refused,
+            (JoinResult::Crashed, _) => JoinEnd::Crashed,
+            _ => JoinEnd::Unavailable,
+        });
         match (outcome, joined_room) {
             (JoinResult::Joined(feed), Some(room)) => {
                 self.channels.insert(
@@ -267,6 +278,7 @@ impl Session {
                         member,
                         room,
                         feed,
+                        _counted: metrics.channel_joined(),
                     },
                 );
             }

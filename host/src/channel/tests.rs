@@ -174,6 +174,7 @@ fn socket_with(limits: Limits) -> Socket {
         intercepts: Arc::new([]),
         factory: plugin.clone(),
         warnings: Arc::new(Warnings::new(stats.clone())),
+        metrics: Arc::new(stats.metrics.plugin("fake", "1.0.0")),
         placement: Placement::Local,
         snapshot_every: SnapshotEvery::default(),
     };

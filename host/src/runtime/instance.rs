@@ -1,11 +1,14 @@
 //! One room's plugin instance ([`PluginInstance`]) and its store data ([`InstanceData`]):
 //! a [`RoomLogic`] call becomes a call of the component's export, its result an outcome and
-//! the effects its host calls recorded; a trap kills the instance.
+//! the effects its host calls recorded; a trap kills the instance. Each call runs in a
+//! `plugin_call` span (plugin, version, topic, export), is timed and counted in the
+//! version's [`PluginMetrics`], and its error or trap is logged inside the span.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tracing::Instrument as _;
 use wasmtime::Store;
 
 use super::NO_CHANNEL;
@@ -13,11 +16,12 @@ use super::bindings::cinder::channel::types as wit;
 use super::bindings::exports::cinder::channel::handler::Guest as HandlerExports;
 use super::bindings::exports::cinder::channel::state::Guest as StateExports;
 use super::data::{InstanceData, arm, wit_len};
-use super::trap::{Cause, trap_cause};
+use super::trap::{Cause, trap_cause, trap_kind};
 use crate::channel::{
     BoxFuture, CallBudget, CallError, CallResult, ChannelSocket, Effect, Handled, InOutcome,
     InfoOutcome, JoinOutcome, MemberId, RoomLogic,
 };
+use crate::metrics::{Export, PluginMetrics};
 use crate::presence::Account;
 use crate::protocol::{Payload, Status};
 use crate::stats::Stats;
@@ -97,16 +101,27 @@ pub(super) struct PluginInstance {
     pub(super) call_time: Duration,
     /// Why the instance can no longer be entered, once it trapped.
     pub(super) dead: Option<String>,
+    /// The version's counters.
+    pub(super) metrics: Arc<PluginMetrics>,
+    /// The export being called and when the call began.
+    pub(super) call: Option<(Export, Instant)>,
 }
 
 impl PluginInstance {
-    fn begin(&mut self, socket: &ChannelSocket) -> Result<(), CallError> {
-        self.begin_for(socket.channel, Some(socket.presence.clone()))
+    /// The span a call of `export` about `topic` runs in.
+    fn span(&self, export: Export, topic: &str) -> tracing::Span {
+        let plugin = &self.store.data().plugin;
+        tracing::info_span!("plugin_call", plugin = %plugin, version = %self.version, topic = %topic, export = export.name())
     }
 
-    /// Starts a call about `channel` (`NO_CHANNEL` for snapshot and restore).
+    fn begin(&mut self, export: Export, socket: &ChannelSocket) -> Result<(), CallError> {
+        self.begin_for(export, socket.channel, Some(socket.presence.clone()))
+    }
+
+    /// Starts a call of `export` about `channel` (`NO_CHANNEL` for snapshot and restore).
     fn begin_for(
         &mut self,
+        export: Export,
         channel: MemberId,
         account: Option<Arc<Account>>,
     ) -> Result<(), CallError> {
@@ -115,29 +130,48 @@ impl PluginInstance {
         }
         self.store.data_mut().begin(channel, account);
         arm(&mut self.store, self.call_time);
+        self.call = Some((export, Instant::now()));
         Ok(())
     }
 
-    /// Turns a call's result into outcome + effects; a trap kills the instance.
+    /// Turns a call's result into outcome + effects; a trap kills the instance. Counts
+    /// the call, and logs (at a bounded rate) an error or a trap in the call's span.
     fn finish<T>(
         &mut self,
         result: wasmtime::Result<Result<T, String>>,
     ) -> Result<(T, Vec<Effect>), CallError> {
+        if let Some((export, began)) = self.call.take() {
+            self.metrics.called(export, began.elapsed());
+        }
         let effects = std::mem::take(&mut self.store.data_mut().effects);
+        let data = self.store.data();
         match result {
             Ok(Ok(value)) => Ok((value, effects)),
-            Ok(Err(message)) => Err(CallError::Failed(message)),
-            Err(trap) => match trap_cause(&trap, self.call_time) {
-                Cause::Crashed(cause) => {
-                    self.dead = Some(cause.clone());
-                    Err(CallError::Crashed(cause))
+            Ok(Err(message)) => {
+                self.metrics.failed();
+                if data.warnings.allow() {
+                    tracing::warn!(error = %message, "plugin call returned an error");
                 }
-                Cause::Evicted(cause) => {
-                    Stats::bump(&self.store.data().stats.plugin_memory_refused);
-                    self.dead = Some(cause.clone());
-                    Err(CallError::Evicted(cause))
+                Err(CallError::Failed(message))
+            }
+            Err(trap) => {
+                self.metrics.trapped(trap_kind(&trap));
+                let cause = trap_cause(&trap, self.call_time);
+                if data.warnings.allow() {
+                    tracing::error!(cause = %cause.text(), "plugin call trapped: instance discarded");
                 }
-            },
+                match cause {
+                    Cause::Crashed(cause) => {
+                        self.dead = Some(cause.clone());
+                        Err(CallError::Crashed(cause))
+                    }
+                    Cause::Evicted(cause) => {
+                        Stats::bump(&data.stats.plugin_memory_refused);
+                        self.dead = Some(cause.clone());
+                        Err(CallError::Evicted(cause))
+                    }
+                }
+            }
         }
     }
 }
@@ -156,14 +190,19 @@ impl RoomLogic for PluginInstance {
     }
 
     fn snapshot(&mut self) -> BoxFuture<'_, Result<Vec<u8>, CallError>> {
-        Box::pin(async move {
-            self.begin_for(NO_CHANNEL, None)?;
-            let Some(state) = &self.state else {
-                return Ok(Vec::new());
-            };
-            let r = state.call_snapshot(&mut self.store).await;
-            self.finish(r.map(Ok)).map(|(bytes, _)| bytes)
-        })
+        let span = self.span(Export::Snapshot, &self.store.data().topic);
+        Box::pin(
+            async move {
+                self.begin_for(Export::Snapshot, NO_CHANNEL, None)?;
+                let Some(state) = &self.state else {
+                    self.call = None;
+                    return Ok(Vec::new());
+                };
+                let r = state.call_snapshot(&mut self.store).await;
+                self.finish(r.map(Ok)).map(|(bytes, _)| bytes)
+            }
+            .instrument(span),
+        )
     }
 
     fn restore<'a>(
@@ -171,16 +210,21 @@ impl RoomLogic for PluginInstance {
         snapshot: Vec<u8>,
         from_version: &'a str,
     ) -> BoxFuture<'a, Result<bool, CallError>> {
-        Box::pin(async move {
-            self.begin_for(NO_CHANNEL, None)?;
-            let Some(state) = &self.state else {
-                return Ok(false);
-            };
-            let r = state
-                .call_restore(&mut self.store, &snapshot, from_version)
-                .await;
-            self.finish(r).map(|((), _)| true)
-        })
+        let span = self.span(Export::Restore, &self.store.data().topic);
+        Box::pin(
+            async move {
+                self.begin_for(Export::Restore, NO_CHANNEL, None)?;
+                let Some(state) = &self.state else {
+                    self.call = None;
+                    return Ok(false);
+                };
+                let r = state
+                    .call_restore(&mut self.store, &snapshot, from_version)
+                    .await;
+                self.finish(r).map(|((), _)| true)
+            }
+            .instrument(span),
+        )
     }
 
     fn join<'a>(
@@ -188,35 +232,39 @@ impl RoomLogic for PluginInstance {
         payload: Payload,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<JoinOutcome>> {
-        Box::pin(async move {
-            self.begin(socket)?;
-            let max = self.store.data().limits.max_plugin_payload_bytes;
-            let r = self
-                .handler
-                .call_join(
-                    &mut self.store,
-                    &socket.topic,
-                    &to_wit_payload(payload),
-                    &to_wit_socket(socket),
-                )
-                .await;
-            let (outcome, effects) = self.finish(r)?;
-            match outcome {
-                wit::JoinOutcome::Ok(ok) => Ok(Handled {
-                    outcome: JoinOutcome::Ok(match ok.reply {
-                        Some(reply) => json_payload(reply, max)?,
-                        None => Payload::empty(),
+        let span = self.span(Export::Join, &socket.topic);
+        Box::pin(
+            async move {
+                self.begin(Export::Join, socket)?;
+                let max = self.store.data().limits.max_plugin_payload_bytes;
+                let r = self
+                    .handler
+                    .call_join(
+                        &mut self.store,
+                        &socket.topic,
+                        &to_wit_payload(payload),
+                        &to_wit_socket(socket),
+                    )
+                    .await;
+                let (outcome, effects) = self.finish(r)?;
+                match outcome {
+                    wit::JoinOutcome::Ok(ok) => Ok(Handled {
+                        outcome: JoinOutcome::Ok(match ok.reply {
+                            Some(reply) => json_payload(reply, max)?,
+                            None => Payload::empty(),
+                        }),
+                        assigns: check_assigns(ok.assigns)?,
+                        effects,
                     }),
-                    assigns: check_assigns(ok.assigns)?,
-                    effects,
-                }),
-                wit::JoinOutcome::Error(reply) => Ok(Handled {
-                    outcome: JoinOutcome::Refused(json_payload(reply, max)?),
-                    assigns: None,
-                    effects,
-                }),
+                    wit::JoinOutcome::Error(reply) => Ok(Handled {
+                        outcome: JoinOutcome::Refused(json_payload(reply, max)?),
+                        assigns: None,
+                        effects,
+                    }),
+                }
             }
-        })
+            .instrument(span),
+        )
     }
 
     fn handle_in<'a>(
@@ -225,38 +273,42 @@ impl RoomLogic for PluginInstance {
         payload: Payload,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InOutcome>> {
-        Box::pin(async move {
-            self.begin(socket)?;
-            let max = self.store.data().limits.max_plugin_payload_bytes;
-            let r = self
-                .handler
-                .call_handle_in(
-                    &mut self.store,
-                    event,
-                    &to_wit_payload(payload),
-                    &to_wit_socket(socket),
-                )
-                .await;
-            let (result, effects) = self.finish(r)?;
-            let reply = |r: wit::Reply| {
-                Ok::<_, CallError>((status(r.status), reply_payload(r.response, max)?))
-            };
-            let outcome = match result.outcome {
-                wit::InOutcome::Noreply => InOutcome::NoReply,
-                wit::InOutcome::Reply(r) => {
-                    let (s, p) = reply(r)?;
-                    InOutcome::Reply(s, p)
-                }
-                wit::InOutcome::Stop(stop) => {
-                    InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?)
-                }
-            };
-            Ok(Handled {
-                outcome,
-                assigns: check_assigns(result.assigns)?,
-                effects,
-            })
-        })
+        let span = self.span(Export::HandleIn, &socket.topic);
+        Box::pin(
+            async move {
+                self.begin(Export::HandleIn, socket)?;
+                let max = self.store.data().limits.max_plugin_payload_bytes;
+                let r = self
+                    .handler
+                    .call_handle_in(
+                        &mut self.store,
+                        event,
+                        &to_wit_payload(payload),
+                        &to_wit_socket(socket),
+                    )
+                    .await;
+                let (result, effects) = self.finish(r)?;
+                let reply = |r: wit::Reply| {
+                    Ok::<_, CallError>((status(r.status), reply_payload(r.response, max)?))
+                };
+                let outcome = match result.outcome {
+                    wit::InOutcome::Noreply => InOutcome::NoReply,
+                    wit::InOutcome::Reply(r) => {
+                        let (s, p) = reply(r)?;
+                        InOutcome::Reply(s, p)
+                    }
+                    wit::InOutcome::Stop(stop) => {
+                        InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?)
+                    }
+                };
+                Ok(Handled {
+                    outcome,
+                    assigns: check_assigns(result.assigns)?,
+                    effects,
+                })
+            }
+            .instrument(span),
+        )
     }
 
     fn handle_out<'a>(
@@ -265,20 +317,24 @@ impl RoomLogic for PluginInstance {
         payload: Payload,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
-        Box::pin(async move {
-            self.begin(socket)?;
-            let r = self
-                .handler
-                .call_handle_out(
-                    &mut self.store,
-                    event,
-                    &to_wit_payload(payload),
-                    &to_wit_socket(socket),
-                )
-                .await;
-            let (result, effects) = self.finish(r)?;
-            info_result(result, effects)
-        })
+        let span = self.span(Export::HandleOut, &socket.topic);
+        Box::pin(
+            async move {
+                self.begin(Export::HandleOut, socket)?;
+                let r = self
+                    .handler
+                    .call_handle_out(
+                        &mut self.store,
+                        event,
+                        &to_wit_payload(payload),
+                        &to_wit_socket(socket),
+                    )
+                    .await;
+                let (result, effects) = self.finish(r)?;
+                info_result(result, effects)
+            }
+            .instrument(span),
+        )
     }
 
     fn handle_info<'a>(
@@ -286,19 +342,23 @@ impl RoomLogic for PluginInstance {
         message: Payload,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, CallResult<InfoOutcome>> {
-        Box::pin(async move {
-            self.begin(socket)?;
-            let r = self
-                .handler
-                .call_handle_info(
-                    &mut self.store,
-                    &to_wit_payload(message),
-                    &to_wit_socket(socket),
-                )
-                .await;
-            let (result, effects) = self.finish(r)?;
-            info_result(result, effects)
-        })
+        let span = self.span(Export::HandleInfo, &socket.topic);
+        Box::pin(
+            async move {
+                self.begin(Export::HandleInfo, socket)?;
+                let r = self
+                    .handler
+                    .call_handle_info(
+                        &mut self.store,
+                        &to_wit_payload(message),
+                        &to_wit_socket(socket),
+                    )
+                    .await;
+                let (result, effects) = self.finish(r)?;
+                info_result(result, effects)
+            }
+            .instrument(span),
+        )
     }
 
     fn terminate<'a>(
@@ -306,14 +366,18 @@ impl RoomLogic for PluginInstance {
         reason: &'a str,
         socket: &'a ChannelSocket,
     ) -> BoxFuture<'a, Result<Vec<Effect>, CallError>> {
-        Box::pin(async move {
-            self.begin(socket)?;
-            let r = self
-                .handler
-                .call_terminate(&mut self.store, reason, &to_wit_socket(socket))
-                .await;
-            self.finish(r.map(Ok)).map(|((), effects)| effects)
-        })
+        let span = self.span(Export::Terminate, &socket.topic);
+        Box::pin(
+            async move {
+                self.begin(Export::Terminate, socket)?;
+                let r = self
+                    .handler
+                    .call_terminate(&mut self.store, reason, &to_wit_socket(socket))
+                    .await;
+                self.finish(r.map(Ok)).map(|((), effects)| effects)
+            }
+            .instrument(span),
+        )
     }
 }
 

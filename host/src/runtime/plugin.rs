@@ -21,7 +21,7 @@ use super::manifest::Manifest;
 use super::memory::{Limiter, NodeMemory};
 use super::output::LogTarget;
 use super::ticker::Ticker;
-use super::trap::{Cause, trap_cause};
+use super::trap::{Cause, trap_cause, trap_kind};
 use super::{
     HANDLER_INTERFACE, MAX_CORE_INSTANCES_PER_COMPONENT, MAX_MEMORIES_PER_COMPONENT, NO_CHANNEL,
     STATE_INTERFACE,
@@ -29,6 +29,7 @@ use super::{
 use crate::channel::{BoxFuture, CallBudget, LogicFactory, RoomLogic, Unavailable};
 use crate::config::Limits;
 use crate::limit::{SharedBucket, Warnings};
+use crate::metrics::PluginMetrics;
 use crate::presence::Tracker;
 use crate::protocol::reason;
 use crate::stats::Stats;
@@ -59,6 +60,7 @@ pub struct Plugin {
     log_limiter: Arc<SharedBucket>,
     warnings: Arc<Warnings>,
     memory: Arc<NodeMemory>,
+    metrics: Arc<PluginMetrics>,
 }
 
 /// What the engine hands a plugin it linked: the component ready to instantiate, and the
@@ -96,6 +98,7 @@ impl Plugin {
             .unwrap_or(limits.plugin_memory_bytes);
         let call_time =
             Duration::from_millis(manifest.limits.call_ms.unwrap_or(limits.plugin_call_ms));
+        let metrics = Arc::new(node.stats.metrics.plugin(&manifest.name, &manifest.version));
         Plugin {
             name: manifest.name.as_str().into(),
             version: manifest.version.as_str().into(),
@@ -117,7 +120,13 @@ impl Plugin {
             log_limiter: Arc::new(SharedBucket::per_sec(limits.plugin_log_lines_per_sec)),
             warnings: Arc::new(Warnings::new(node.stats.clone())),
             memory: node.memory.clone(),
+            metrics,
         }
+    }
+
+    /// The version's counters.
+    pub fn metrics(&self) -> &Arc<PluginMetrics> {
+        &self.metrics
     }
 
     /// The manifest.
@@ -296,34 +305,42 @@ impl LogicFactory for Plugin {
                 Err(e) => Err(e),
             };
             match loaded {
-                Ok((handler, state)) => Ok(Box::new(PluginInstance {
-                    store,
-                    handler,
-                    state,
-                    version: self.version.clone(),
-                    call_time: self.call_time,
-                    dead: None,
-                }) as Box<dyn RoomLogic>),
-                Err(e) => match trap_cause(&e, self.instantiate_time) {
-                    Cause::Evicted(why) => {
-                        Stats::bump(&self.stats.plugin_memory_refused);
-                        if self.warnings.allow() {
-                            tracing::warn!(plugin = %self.name, %topic, cause = %why, "no instance made: the node's plugin memory is used up");
+                Ok((handler, state)) => {
+                    self.metrics.instantiated();
+                    Ok(Box::new(PluginInstance {
+                        store,
+                        handler,
+                        state,
+                        version: self.version.clone(),
+                        call_time: self.call_time,
+                        dead: None,
+                        metrics: self.metrics.clone(),
+                        call: None,
+                    }) as Box<dyn RoomLogic>)
+                }
+                Err(e) => {
+                    self.metrics.trapped(trap_kind(&e));
+                    match trap_cause(&e, self.instantiate_time) {
+                        Cause::Evicted(why) => {
+                            Stats::bump(&self.stats.plugin_memory_refused);
+                            if self.warnings.allow() {
+                                tracing::warn!(plugin = %self.name, %topic, cause = %why, "no instance made: the node's plugin memory is used up");
+                            }
+                            Err(Unavailable {
+                                reason: reason::MEMORY_FULL,
+                                detail: why,
+                            })
                         }
-                        Err(Unavailable {
-                            reason: reason::MEMORY_FULL,
-                            detail: why,
-                        })
+                        Cause::Crashed(why) => {
+                            let detail = format!("instantiation failed: {why}");
+                            self.crashed(topic, &detail);
+                            Err(Unavailable {
+                                reason: reason::PLUGIN_UNAVAILABLE,
+                                detail,
+                            })
+                        }
                     }
-                    Cause::Crashed(why) => {
-                        let detail = format!("instantiation failed: {why}");
-                        self.crashed(topic, &detail);
-                        Err(Unavailable {
-                            reason: reason::PLUGIN_UNAVAILABLE,
-                            detail,
-                        })
-                    }
-                },
+                }
             }
         })
     }
@@ -347,6 +364,7 @@ impl LogicFactory for Plugin {
         {
             record.quarantined_until = Some(now + Duration::from_secs(self.limits.quarantine_secs));
             Stats::bump(&self.stats.quarantines);
+            self.metrics.quarantined();
             tracing::error!(
                 plugin = %self.name,
                 version = %self.version,

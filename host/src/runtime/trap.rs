@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::memory::{InstanceMemoryFull, NodeMemoryFull};
+use crate::metrics::TrapCause;
 
 /// Why a call or an instantiation trapped.
 pub(super) enum Cause {
@@ -14,10 +15,25 @@ pub(super) enum Cause {
 }
 
 impl Cause {
-    pub(super) fn text(self) -> String {
+    pub(super) fn text(&self) -> &str {
         match self {
             Cause::Crashed(why) | Cause::Evicted(why) => why,
         }
+    }
+}
+
+/// Why a call or an instantiation trapped, as the metrics count it.
+pub(super) fn trap_kind(e: &wasmtime::Error) -> TrapCause {
+    if e.downcast_ref::<NodeMemoryFull>().is_some() {
+        return TrapCause::NodeMemory;
+    }
+    if e.downcast_ref::<InstanceMemoryFull>().is_some() {
+        return TrapCause::MemoryCap;
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => TrapCause::Deadline,
+        Some(wasmtime::Trap::StackOverflow) => TrapCause::StackOverflow,
+        _ => TrapCause::Other,
     }
 }
 

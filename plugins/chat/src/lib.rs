@@ -4,7 +4,8 @@
 //!
 //! - Joining `room:lobby` (or a numbered overflow lobby, `room:lobby-<n>`) is allowed; any
 //!   other room is refused with `{"reason":"unauthorized"}`.
-//! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`.
+//! - `new_message` `{"body"}` is broadcast to the room as `new_message` `{"body"}`, and the
+//!   sender gets an `ok` reply (`{}`) once it is (the demo page clears its input on it).
 //! - `new_message` is not intercepted (see `cinder.toml`): the broadcast is encoded once
 //!   and written to every member (the fastlane), and `handle_out` is not called. To filter
 //!   or personalise each member's copy, list the event in `intercept` and override
@@ -53,7 +54,7 @@ impl Channel for Chat {
             NEW_MESSAGE => match payload.parse::<NewMessage>() {
                 Ok(msg) => {
                     broadcast(NEW_MESSAGE, json!({"body": msg.body}))?;
-                    Ok(InOutcome::NoReply)
+                    Ok(InOutcome::Reply(Reply::ok(json!({}))))
                 }
                 Err(_) => Ok(InOutcome::Reply(Reply::error(
                     json!({"reason": "new_message needs a string body"}),

@@ -416,7 +416,7 @@ impl Room {
         // The channels that joined an earlier owner join this one, and the owner forgets
         // this node's channels it has that are not among them (their leave was lost).
         if !self.proxied.is_empty() {
-            for (member, joining) in &self.proxied {
+            for (member, joining) in self.proxied.iter() {
                 let Some((pending, msg_ref)) = self.node.proxies.point(*member, fence) else {
                     continue;
                 };
@@ -860,11 +860,9 @@ impl Room {
                 ..
             }) => (reply, Flow::Continue),
             Err(e) => {
-                if let CallError::Failed(why) = &e {
+                // The call logged its error in its span.
+                if let CallError::Failed(_) = &e {
                     Stats::bump(&self.node.stats.channel_errors);
-                    if self.route.warnings.allow() {
-                        tracing::warn!(plugin = %self.route.plugin, topic = %self.topic, error = %why, "join failed");
-                    }
                 }
                 (
                     protocol::reason_payload(reason::JOIN_CRASHED),
