@@ -56,6 +56,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.listen, config.mount
         );
     }
+    if secrets.generated {
+        println!(
+            "  demo chat: http://{}/demo (this development server mints its tokens: set CINDER_JWT_SECRET to turn that off)",
+            config.listen
+        );
+    }
+    println!(
+        "Admin page: http://{}/admin (sign in with the admin token)",
+        config.listen
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -136,6 +136,8 @@ counters! {
     snapshot_failures,
     /// Forwarded messages refused because the owned room's inbox was full (`room busy`).
     owner_refused,
+    /// Intercepted broadcasts dropped because the room's mailbox was full (`room_mailbox`).
+    room_mailbox_drops,
 }
 
 /// What is in use now, beside the counters.

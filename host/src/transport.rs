@@ -348,10 +348,11 @@ impl Outgoing {
             }
         }
         self.sent = 0;
-        // Counted once per write, not per frame: the per-message path adds twice per
-        // batch.
-        metrics.deliveries_out.add(std::mem::take(&mut self.frames));
-        metrics.bytes_out.add(self.buf.len() as u64);
+        // Counted once per write, not per frame (framing included in the bytes).
+        if self.frames > 0 {
+            metrics.deliveries_out.add(std::mem::take(&mut self.frames));
+            metrics.bytes_out.add(self.buf.len() as u64);
+        }
         if self.buf.capacity() > 2 * WRITE_BUFFER {
             // A large frame's memory goes back once it is written.
             self.buf = Vec::new();

@@ -362,6 +362,15 @@ impl Client {
         }
     }
 
+    /// Asserts that nothing but replies (`phx_reply`, to what this client sent) arrives
+    /// for `ms` milliseconds.
+    pub async fn only_replies_for(&mut self, ms: u64) {
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while let Ok(frame) = tokio::time::timeout_at(end, self.recv()).await {
+            assert_eq!(frame[3], "phx_reply", "expected only replies, got {frame}");
+        }
+    }
+
     /// Asserts that nothing arrives for `ms` milliseconds.
     pub async fn silent_for(&mut self, ms: u64) {
         if let Ok(Some(Ok(msg))) =

@@ -1,12 +1,14 @@
 //! What an operator reads: `GET /metrics` (who may read it, that Prometheus's own
-//! `promtool` accepts it, that it counts what clients and plugins did), the admin API's
+//! `promtool` accepts it, that it counts what clients and plugins did, on one node and on
+//! a cluster member), the admin API's
 //! live rooms and presence, `--log-format json` with each plugin call's span, and the
 //! development token endpoint staying off on a server given its secrets.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use cinder_tests::{ADMIN, ServerProcess, TestServer, admin, admin_as, http_get};
+use cinder_tests::cluster::{member, node};
+use cinder_tests::{ADMIN, RedisServer, ServerProcess, TestServer, admin, admin_as, http_get};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 
@@ -207,6 +209,48 @@ async fn metrics_need_a_token_and_promtool_accepts_what_they_count() {
     // The admin token reads it too.
     assert_eq!(scrape(&server, ADMIN).await.0, 200);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_members_metrics_show_its_link_what_crossed_and_the_presence_sync() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "a").await, node(&redis, "b").await);
+    let _here_a = member(&a, "1", "presence:lobby").await;
+    // The topic opens on b after a holds an entry: b waits for a's full sync.
+    let _here_b = member(&b, "2", "presence:lobby").await;
+    let mut talk = member(&a, "3", "room:lobby").await;
+    let mut hear = member(&b, "4", "room:lobby").await;
+    talk.send(json!(["1", "m", "room:lobby", "new_message", {"body": "across"}]))
+        .await;
+    loop {
+        let frame = hear.recv().await;
+        if frame[3] == "new_message" {
+            break;
+        }
+    }
+    let (_, on_a) = scrape(&a, ADMIN).await;
+    let (_, on_b) = scrape(&b, ADMIN).await;
+    let at_least = |text: &str, series: &str, n: f64| {
+        let got = sample(text, series);
+        assert!(
+            got.is_some_and(|v| v >= n),
+            "{series} is {got:?}, want at least {n} in\n{text}"
+        );
+    };
+    for text in [&on_a, &on_b] {
+        assert_eq!(sample(text, "cinder_cluster_redis_up"), Some(1.0), "{text}");
+        assert_eq!(sample(text, "cinder_cluster_members"), Some(2.0), "{text}");
+        let (ok, said) = promtool(text).await;
+        assert!(
+            ok && said.trim().is_empty(),
+            "promtool check metrics: {said}\n{text}"
+        );
+    }
+    at_least(&on_a, "cinder_cluster_published_total", 1.0);
+    at_least(&on_b, "cinder_cluster_received_total", 1.0);
+    at_least(&on_b, "cinder_presence_sync_seconds_count", 1.0);
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]

@@ -46,6 +46,11 @@ async fn an_intercepted_broadcast_reaches_each_member_through_handle_out() {
     let (mut a, mut b) = two_members(&server, "room-out:lobby").await;
     a.send(json!(["1", "2", "room-out:lobby", "new_message", {"body": "hi"}]))
         .await;
+    // The sender's `ok` comes first: the intercepted broadcast is handled after the call.
+    assert_eq!(
+        a.recv().await,
+        json!(["1", "2", "room-out:lobby", "phx_reply", {"status": "ok", "response": {}}])
+    );
     // handle_out pushes each member's copy, so it carries that member's join_ref.
     assert_eq!(
         a.recv().await,
@@ -178,6 +183,10 @@ async fn duplicate_join_event_closes_existing_channel_after_the_new_reply() {
     assert_eq!(
         c.recv().await,
         json!([null, null, "room:lobby", "new_message", {"body": "x"}])
+    );
+    assert_eq!(
+        c.recv().await,
+        json!(["3", "4", "room:lobby", "phx_reply", {"status": "ok", "response": {}}])
     );
     // One copy: the closed channel is no longer subscribed.
     c.silent_for(100).await;

@@ -66,9 +66,11 @@ impl Subscriber for RoomSink {
             .tx
             .try_send(RoomMsg::Intercepted(broadcast.clone()))
             .is_err()
-            && self.warnings.allow()
         {
-            tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
+            Stats::bump(&self.stats.room_mailbox_drops);
+            if self.warnings.allow() {
+                tracing::warn!(topic = %self.topic, event = %broadcast.event, "room mailbox full: intercepted broadcast dropped");
+            }
         }
     }
 }

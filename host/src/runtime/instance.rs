@@ -26,6 +26,9 @@ use crate::presence::Account;
 use crate::protocol::{Payload, Status};
 use crate::stats::Stats;
 
+/// The target of the plugin call spans.
+const CALL_SPAN_TARGET: &str = "cinder::plugin_call";
+
 /// Largest assigns a channel may hold: the host keeps them per channel, so a plugin must not
 /// be able to grow them without bound.
 const MAX_ASSIGNS_BYTES: usize = 64 << 10;
@@ -108,10 +111,12 @@ pub(super) struct PluginInstance {
 }
 
 impl PluginInstance {
-    /// The span a call of `export` about `topic` runs in.
+    /// The span a call of `export` about `topic` runs in. Its target is
+    /// [`CALL_SPAN_TARGET`], so `RUST_LOG=info,cinder::plugin_call=off` turns the spans off
+    /// (about 0.1 µs a call with text logs) and leaves the records.
     fn span(&self, export: Export, topic: &str) -> tracing::Span {
         let plugin = &self.store.data().plugin;
-        tracing::info_span!("plugin_call", plugin = %plugin, version = %self.version, topic = %topic, export = export.name())
+        tracing::info_span!(target: CALL_SPAN_TARGET, "plugin_call", plugin = %plugin, version = %self.version, topic = %topic, export = export.name())
     }
 
     fn begin(&mut self, export: Export, socket: &ChannelSocket) -> Result<(), CallError> {
@@ -140,17 +145,26 @@ impl PluginInstance {
         &mut self,
         result: wasmtime::Result<Result<T, String>>,
     ) -> Result<(T, Vec<Effect>), CallError> {
-        if let Some((export, began)) = self.call.take() {
+        let export = self.call.take().map(|(export, began)| {
             self.metrics.called(export, began.elapsed());
-        }
+            export.name()
+        });
         let effects = std::mem::take(&mut self.store.data_mut().effects);
         let data = self.store.data();
+        // With the spans turned off, the records name the call themselves.
+        let unspanned = || {
+            tracing::Span::current().is_disabled().then(|| {
+                let export = export.unwrap_or_default();
+                format!("{} {} {} {export}", data.plugin, self.version, data.topic)
+            })
+        };
         match result {
             Ok(Ok(value)) => Ok((value, effects)),
             Ok(Err(message)) => {
                 self.metrics.failed();
                 if data.warnings.allow() {
-                    tracing::warn!(error = %message, "plugin call returned an error");
+                    let call = unspanned();
+                    tracing::warn!(error = %message, call, "plugin call returned an error");
                 }
                 Err(CallError::Failed(message))
             }
@@ -158,7 +172,8 @@ impl PluginInstance {
                 self.metrics.trapped(trap_kind(&trap));
                 let cause = trap_cause(&trap, self.call_time);
                 if data.warnings.allow() {
-                    tracing::error!(cause = %cause.text(), "plugin call trapped: instance discarded");
+                    let call = unspanned();
+                    tracing::error!(cause = %cause.text(), call, "plugin call trapped: instance discarded");
                 }
                 match cause {
                     Cause::Crashed(cause) => {
