@@ -30,13 +30,14 @@ export const tempDir = (prefix = "cinder-js-") => mkdtempSync(joinPath(tmpdir(),
 /**
  * Starts Cinder on 127.0.0.1:0 and resolves once it listens. Options: `dataDir` (kept on
  * stop when given), `plugins` (the plugins dir, or null for none), `cacheDir` (null for the
- * data dir's own cache).
+ * data dir's own cache), `generatedSecrets` (give no secrets: the server generates them,
+ * as `make run` does, and `adminToken` is the one it printed).
  */
-export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, cacheDir = SHARED_CACHE } = {}) {
+export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, cacheDir = SHARED_CACHE, generatedSecrets = false } = {}) {
   const ownData = dataDir === undefined;
   dataDir ??= tempDir();
-  const args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir,
-    "--jwt-secret", SECRET, "--admin-token", ADMIN, ...extraArgs];
+  const secrets = generatedSecrets ? [] : ["--jwt-secret", SECRET, "--admin-token", ADMIN];
+  const args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, ...secrets, ...extraArgs];
   if (plugins !== null) args.push("--plugins-dir", plugins);
   if (cacheDir !== null) args.push("--cache-dir", cacheDir);
   const child = spawn(
@@ -46,8 +47,8 @@ export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, 
   );
   let stderr = "";
   child.stderr.on("data", (d) => { stderr += d; });
+  let out = "";
   const addr = await new Promise((resolve, reject) => {
-    let out = "";
     // The first start compiles the Python and JS plugins (seconds); later ones hit the cache.
     const timer = setTimeout(() => reject(new Error(`server did not start: ${stderr}`)), 120000);
     child.stdout.on("data", (d) => {
@@ -58,8 +59,10 @@ export async function startServer(extraArgs = [], { dataDir, plugins = PLUGINS, 
     child.on("exit", (code) => { clearTimeout(timer); reject(new Error(`server exited ${code}: ${stderr}`)); });
   });
   const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+  const generated = out.match(/CINDER_ADMIN_TOKEN=(\S+)/);
   return {
     addr,
+    adminToken: generated ? generated[1] : ADMIN,
     http: `http://${addr}`,
     socketUrl: `ws://${addr}/socket`,
     child,
@@ -166,7 +169,7 @@ export function rawUpgrade(url, protocols) {
 
 /** An admin API call; resolves with `{status, body}` (the JSON answer, or null). */
 export async function api(server, method, path, body) {
-  const headers = { authorization: `Bearer ${ADMIN}` };
+  const headers = { authorization: `Bearer ${server.adminToken ?? ADMIN}` };
   if (body !== undefined) headers["content-type"] = "application/json";
   const res = await fetch(`${server.http}${path}`, {
     method,
@@ -184,7 +187,7 @@ export async function uploadPlugin(server, manifest, wasm, { activate = true } =
   form.append("wasm", new Blob([wasm]), "plugin.wasm");
   const res = await fetch(`${server.http}/api/plugins${activate ? "" : "?activate=false"}`, {
     method: "POST",
-    headers: { authorization: `Bearer ${ADMIN}` },
+    headers: { authorization: `Bearer ${server.adminToken ?? ADMIN}` },
     body: form,
   });
   return { status: res.status, body: await res.json() };
