@@ -187,12 +187,7 @@ pub async fn metrics(State(app): State<Arc<Admin>>, headers: HeaderMap) -> Respo
             count(members),
         ));
     }
-    let mut rooms = std::collections::BTreeMap::new();
-    for room in app.hub.rooms() {
-        *rooms
-            .entry((room.plugin.into(), room.version.into()))
-            .or_default() += 1;
-    }
+    let rooms = app.hub.rooms_by_version();
     let stats = app.hub.stats();
     let text = stats.metrics.render(&Scrape {
         counters: stats.described(),

@@ -287,12 +287,13 @@ impl Config {
             "node_down_ms must be between 500 and 300000, got {}",
             self.node_down_ms
         );
-        if self
-            .metrics_token
-            .as_ref()
-            .is_some_and(|t| t.trim().len() < MIN_TOKEN_LEN)
-        {
-            anyhow::bail!("metrics_token must be at least {MIN_TOKEN_LEN} characters");
+        if let Some(token) = &self.metrics_token {
+            // Compared byte for byte with what a scraper sends: a stray space or newline
+            // would refuse every scrape, so it is refused here, where it can be seen.
+            anyhow::ensure!(
+                token.len() >= MIN_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic()),
+                "metrics_token must be at least {MIN_TOKEN_LEN} printable characters, with no spaces"
+            );
         }
         for origin in &self.check_origin {
             Origin::parse(origin)
@@ -547,6 +548,25 @@ mod tests {
                 .contains("check_origin entry \"example.com\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_short_or_padded_metrics_token_is_refused() {
+        let with = |token: &str| Config {
+            metrics_token: Some(token.into()),
+            ..Config::default()
+        };
+        for bad in [
+            "short",
+            "metrics-token-for-prometheus\n",
+            " metrics-token-for-prometheus",
+        ] {
+            let err = with(bad).validate().expect_err("refused");
+            assert!(err.to_string().contains("metrics_token"), "{bad:?}: {err}");
+        }
+        with("metrics-token-for-prometheus")
+            .validate()
+            .expect("a long printable token");
     }
 
     #[test]

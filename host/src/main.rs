@@ -61,6 +61,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "  demo chat: http://{}/demo (this development server mints its tokens: set CINDER_JWT_SECRET to turn that off)",
             config.listen
         );
+        if !config.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.listen, "no CINDER_JWT_SECRET given and listening beyond loopback: anyone who reaches this server can mint connect tokens at /demo/token; give it a secret for any use but development");
+        }
     }
     println!(
         "Admin page: http://{}/admin (sign in with the admin token)",

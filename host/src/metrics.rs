@@ -171,11 +171,13 @@ impl TrapCause {
 pub enum JoinResult {
     /// Joined.
     Ok,
-    /// Refused by the plugin or by a limit (an error reply the client can act on).
+    /// Refused by the plugin, or by the host before any plugin is asked: no plugin for the
+    /// topic, a limit (channels per socket, rooms per node), the room busy.
     Refused,
     /// The plugin's `join` crashed (a trap or an error).
     Crashed,
-    /// No instance to ask: quarantined, out of plugin memory, no plugin, room busy.
+    /// The room has no instance to ask: its version quarantined or failing to
+    /// instantiate, the node out of plugin memory, an owned room that could not be placed.
     Unavailable,
 }
 

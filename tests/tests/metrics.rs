@@ -379,6 +379,26 @@ async fn json_logs_carry_the_plugin_calls_span() {
         json!({"name": "plugin_call", "plugin": "misbehave", "version": "0.1.0", "topic": "bad:json", "export": "handle-in"}),
         "{record}"
     );
+    // A check of what a call returned failing is the call's error too, logged in its span.
+    c.join("2", "bad:assigns", json!({})).await;
+    c.send(json!(["2", "a", "bad:assigns", "assign", {"bytes": 100_000}]))
+        .await;
+    c.recv().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        if let Some(line) = server.logged("assigns of").pop() {
+            break line;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no assigns record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let record: Value = serde_json::from_str(&record).expect("each record is one JSON object");
+    assert_eq!(
+        record["message"], "plugin call returned an error",
+        "{record}"
+    );
+    assert_eq!(record["span"]["topic"], "bad:assigns", "{record}");
+    assert_eq!(record["span"]["export"], "handle-in", "{record}");
     // Every line of the log is a JSON object.
     for line in server.logged("") {
         serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"));

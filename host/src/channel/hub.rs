@@ -2,7 +2,7 @@
 //! the [`Router`]), and moving every room of a plugin this node runs to another version
 //! (hot reload), each within [`ROOM_WAIT`]; a room whose owner is another node moves there.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -27,7 +27,8 @@ pub struct LiveRoom {
     pub topic: String,
     /// The plugin serving it.
     pub plugin: String,
-    /// The version serving it.
+    /// The version serving it (for a room that forwards to its owner on another node: the
+    /// version this node routes its topic to).
     pub version: String,
     /// Its channels on this node.
     pub members: usize,
@@ -93,23 +94,36 @@ impl Hub {
         self.node.rooms().len()
     }
 
-    /// Every live room of this node, with its plugin, version and channels here.
+    /// Every live room of this node, with its plugin, version and channels here. The
+    /// handles are copied out first: joins take the rooms' lock, so it is not held while
+    /// the listing's strings are built.
     pub fn rooms(&self) -> Vec<LiveRoom> {
-        self.node
+        let handles: Vec<(Arc<str>, RoomHandle)> = self
+            .node
             .rooms()
             .iter()
+            .map(|(topic, r)| (topic.clone(), r.clone()))
+            .collect();
+        handles
+            .into_iter()
             .map(|(topic, r)| LiveRoom {
                 topic: topic.to_string(),
                 plugin: r.plugin.to_string(),
-                version: r
-                    .version
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .to_string(),
+                version: r.version().to_string(),
                 members: r.members.load(Ordering::Relaxed),
                 here: r.serving.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// The live rooms of this node counted by plugin and version (what a scrape reads:
+    /// nothing is allocated per room).
+    pub fn rooms_by_version(&self) -> BTreeMap<(Arc<str>, Arc<str>), usize> {
+        let mut counts = BTreeMap::new();
+        for r in self.node.rooms().values() {
+            *counts.entry((r.plugin.clone(), r.version())).or_default() += 1;
+        }
+        counts
     }
 
     /// Number of live rooms of `plugin`.

@@ -91,8 +91,8 @@ pub(super) struct RoomHandle {
     fence: Arc<AtomicU64>,
     /// The room's channels on this node (joined or being forwarded), for listings.
     pub(super) members: Arc<AtomicUsize>,
-    /// The version serving the room, for listings.
-    pub(super) version: Arc<Mutex<Arc<str>>>,
+    /// The version serving the room, for listings (see [`RoomHandle::version`]).
+    version: Arc<Mutex<Arc<str>>>,
 }
 
 /// A room's channels by id, counted in its [`RoomHandle::members`] as they come and go.
@@ -153,6 +153,15 @@ impl RoomHandle {
     /// Asks the room to hand itself off (this node stops); false when it is gone.
     pub(super) fn hand_off(&self, done: oneshot::Sender<()>) -> bool {
         self.inbox.send(RemoteMsg::HandOff(done)).is_ok()
+    }
+
+    /// The version serving the room here; for a room that forwards to its owner on
+    /// another node, the version this node routes the topic to.
+    pub(super) fn version(&self) -> Arc<str> {
+        self.version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -2,7 +2,9 @@
 //! a [`RoomLogic`] call becomes a call of the component's export, its result an outcome and
 //! the effects its host calls recorded; a trap kills the instance. Each call runs in a
 //! `plugin_call` span (plugin, version, topic, export), is timed and counted in the
-//! version's [`PluginMetrics`], and its error or trap is logged inside the span.
+//! version's [`PluginMetrics`], and its error (its own, or a check of what it returned
+//! failing: a reply over the limit, assigns that are not an object) or its trap is logged
+//! inside the span.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,35 +67,34 @@ fn status(s: wit::Status) -> Status {
     }
 }
 
-/// Assigns returned by a plugin must be a JSON object.
-fn check_assigns(assigns: Option<String>) -> Result<Option<String>, CallError> {
+/// Assigns returned by a plugin must be a JSON object. Like the other checks of what a call
+/// returned, a failure is the call's error: counted and logged as one.
+fn check_assigns(assigns: Option<String>) -> Result<Option<String>, String> {
     match assigns {
         None => Ok(None),
-        Some(text) if text.len() > MAX_ASSIGNS_BYTES => Err(CallError::Failed(format!(
+        Some(text) if text.len() > MAX_ASSIGNS_BYTES => Err(format!(
             "assigns of {} bytes are over the limit of {MAX_ASSIGNS_BYTES}",
             text.len()
-        ))),
+        )),
         Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(serde_json::Value::Object(_)) => Ok(Some(text)),
-            _ => Err(CallError::Failed("assigns must be a JSON object".into())),
+            _ => Err("assigns must be a JSON object".into()),
         },
     }
 }
 
-fn json_payload(text: String, max: usize) -> Result<Payload, CallError> {
+fn json_payload(text: String, max: usize) -> Result<Payload, String> {
     reply_payload(wit::Payload::Json(text), max)
 }
 
 /// A reply from a plugin: valid JSON (or bytes) within the payload limit, else the channel
 /// crashes. The size is checked first.
-fn reply_payload(p: wit::Payload, max: usize) -> Result<Payload, CallError> {
+fn reply_payload(p: wit::Payload, max: usize) -> Result<Payload, String> {
     let len = wit_len(&p);
     if len > max {
-        return Err(CallError::Failed(format!(
-            "reply of {len} bytes is over the limit of {max}"
-        )));
+        return Err(format!("reply of {len} bytes is over the limit of {max}"));
     }
-    from_wit_payload(p).map_err(CallError::Failed)
+    from_wit_payload(p)
 }
 
 pub(super) struct PluginInstance {
@@ -261,22 +262,26 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let (outcome, effects) = self.finish(r)?;
-                match outcome {
-                    wit::JoinOutcome::Ok(ok) => Ok(Handled {
-                        outcome: JoinOutcome::Ok(match ok.reply {
-                            Some(reply) => json_payload(reply, max)?,
-                            None => Payload::empty(),
-                        }),
-                        assigns: check_assigns(ok.assigns)?,
-                        effects,
-                    }),
-                    wit::JoinOutcome::Error(reply) => Ok(Handled {
-                        outcome: JoinOutcome::Refused(json_payload(reply, max)?),
-                        assigns: None,
-                        effects,
-                    }),
-                }
+                let r = r.map(|r| {
+                    r.and_then(|outcome| match outcome {
+                        wit::JoinOutcome::Ok(ok) => Ok((
+                            JoinOutcome::Ok(match ok.reply {
+                                Some(reply) => json_payload(reply, max)?,
+                                None => Payload::empty(),
+                            }),
+                            check_assigns(ok.assigns)?,
+                        )),
+                        wit::JoinOutcome::Error(reply) => {
+                            Ok((JoinOutcome::Refused(json_payload(reply, max)?), None))
+                        }
+                    })
+                });
+                let ((outcome, assigns), effects) = self.finish(r)?;
+                Ok(Handled {
+                    outcome,
+                    assigns,
+                    effects,
+                })
             }
             .instrument(span),
         )
@@ -302,23 +307,28 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let (result, effects) = self.finish(r)?;
                 let reply = |r: wit::Reply| {
-                    Ok::<_, CallError>((status(r.status), reply_payload(r.response, max)?))
+                    Ok::<_, String>((status(r.status), reply_payload(r.response, max)?))
                 };
-                let outcome = match result.outcome {
-                    wit::InOutcome::Noreply => InOutcome::NoReply,
-                    wit::InOutcome::Reply(r) => {
-                        let (s, p) = reply(r)?;
-                        InOutcome::Reply(s, p)
-                    }
-                    wit::InOutcome::Stop(stop) => {
-                        InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?)
-                    }
-                };
+                let r = r.map(|r| {
+                    r.and_then(|result| {
+                        let outcome = match result.outcome {
+                            wit::InOutcome::Noreply => InOutcome::NoReply,
+                            wit::InOutcome::Reply(r) => {
+                                let (s, p) = reply(r)?;
+                                InOutcome::Reply(s, p)
+                            }
+                            wit::InOutcome::Stop(stop) => {
+                                InOutcome::Stop(stop.reason, stop.reply.map(reply).transpose()?)
+                            }
+                        };
+                        Ok((outcome, check_assigns(result.assigns)?))
+                    })
+                });
+                let ((outcome, assigns), effects) = self.finish(r)?;
                 Ok(Handled {
                     outcome,
-                    assigns: check_assigns(result.assigns)?,
+                    assigns,
                     effects,
                 })
             }
@@ -345,8 +355,13 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let (result, effects) = self.finish(r)?;
-                info_result(result, effects)
+                let ((outcome, assigns), effects) =
+                    self.finish(r.map(|r| r.and_then(info_result)))?;
+                Ok(Handled {
+                    outcome,
+                    assigns,
+                    effects,
+                })
             }
             .instrument(span),
         )
@@ -369,8 +384,13 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let (result, effects) = self.finish(r)?;
-                info_result(result, effects)
+                let ((outcome, assigns), effects) =
+                    self.finish(r.map(|r| r.and_then(info_result)))?;
+                Ok(Handled {
+                    outcome,
+                    assigns,
+                    effects,
+                })
             }
             .instrument(span),
         )
@@ -396,14 +416,10 @@ impl RoomLogic for PluginInstance {
     }
 }
 
-fn info_result(result: wit::InfoResult, effects: Vec<Effect>) -> CallResult<InfoOutcome> {
+fn info_result(result: wit::InfoResult) -> Result<(InfoOutcome, Option<String>), String> {
     let outcome = match result.outcome {
         wit::InfoOutcome::Noreply => InfoOutcome::NoReply,
         wit::InfoOutcome::Stop(reason) => InfoOutcome::Stop(reason),
     };
-    Ok(Handled {
-        outcome,
-        assigns: check_assigns(result.assigns)?,
-        effects,
-    })
+    Ok((outcome, check_assigns(result.assigns)?))
 }
