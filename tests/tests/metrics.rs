@@ -347,6 +347,22 @@ async fn development_tokens_are_off_on_a_server_given_its_secret() {
     server.stop().await;
 }
 
+/// The newest JSON log record of `server` holding `needle`, within 5 s.
+async fn json_record(server: &ServerProcess, needle: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        if let Some(line) = server.logged(needle).pop() {
+            break line;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no record with {needle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    serde_json::from_str(&line).expect("each record is one JSON object")
+}
+
 #[tokio::test]
 async fn json_logs_carry_the_plugin_calls_span() {
     let server = ServerProcess::start(1024, &["--log-format", "json"]).await;
@@ -359,15 +375,7 @@ async fn json_logs_carry_the_plugin_calls_span() {
     c.join("1", "bad:json", json!({})).await;
     c.send(json!(["1", "e", "bad:json", "error", {}])).await;
     c.recv().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let record = loop {
-        if let Some(line) = server.logged("plugin call returned an error").pop() {
-            break line;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no error record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let record: Value = serde_json::from_str(&record).expect("each record is one JSON object");
+    let record = json_record(&server, "plugin call returned an error").await;
     assert_eq!(record["level"], "WARN", "{record}");
     assert_eq!(
         record["message"], "plugin call returned an error",
@@ -384,15 +392,7 @@ async fn json_logs_carry_the_plugin_calls_span() {
     c.send(json!(["2", "a", "bad:assigns", "assign", {"bytes": 100_000}]))
         .await;
     c.recv().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let record = loop {
-        if let Some(line) = server.logged("assigns of").pop() {
-            break line;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no assigns record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let record: Value = serde_json::from_str(&record).expect("each record is one JSON object");
+    let record = json_record(&server, "assigns of").await;
     assert_eq!(
         record["message"], "plugin call returned an error",
         "{record}"

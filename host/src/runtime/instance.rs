@@ -190,6 +190,20 @@ impl PluginInstance {
             }
         }
     }
+
+    /// [`Self::finish`] for a handler export whose result, once checked, is an outcome and
+    /// the channel's new assigns.
+    fn handled<O>(
+        &mut self,
+        result: wasmtime::Result<Result<(O, Option<String>), String>>,
+    ) -> CallResult<O> {
+        let ((outcome, assigns), effects) = self.finish(result)?;
+        Ok(Handled {
+            outcome,
+            assigns,
+            effects,
+        })
+    }
 }
 
 impl RoomLogic for PluginInstance {
@@ -276,12 +290,7 @@ impl RoomLogic for PluginInstance {
                         }
                     })
                 });
-                let ((outcome, assigns), effects) = self.finish(r)?;
-                Ok(Handled {
-                    outcome,
-                    assigns,
-                    effects,
-                })
+                self.handled(r)
             }
             .instrument(span),
         )
@@ -325,12 +334,7 @@ impl RoomLogic for PluginInstance {
                         Ok((outcome, check_assigns(result.assigns)?))
                     })
                 });
-                let ((outcome, assigns), effects) = self.finish(r)?;
-                Ok(Handled {
-                    outcome,
-                    assigns,
-                    effects,
-                })
+                self.handled(r)
             }
             .instrument(span),
         )
@@ -355,13 +359,7 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let ((outcome, assigns), effects) =
-                    self.finish(r.map(|r| r.and_then(info_result)))?;
-                Ok(Handled {
-                    outcome,
-                    assigns,
-                    effects,
-                })
+                self.handled(r.map(|r| r.and_then(info_result)))
             }
             .instrument(span),
         )
@@ -384,13 +382,7 @@ impl RoomLogic for PluginInstance {
                         &to_wit_socket(socket),
                     )
                     .await;
-                let ((outcome, assigns), effects) =
-                    self.finish(r.map(|r| r.and_then(info_result)))?;
-                Ok(Handled {
-                    outcome,
-                    assigns,
-                    effects,
-                })
+                self.handled(r.map(|r| r.and_then(info_result)))
             }
             .instrument(span),
         )
